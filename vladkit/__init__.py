@@ -1,0 +1,17 @@
+"""vladkit: classical local-feature encodings (BoF, VLAD, Fisher vectors) for images."""
+
+__version__ = "0.1.0"
+
+from .features import SIFT, DenseSIFT, LocalFeatures, root_sift
+from .images import ImageReadError, list_images, read_image
+
+__all__ = [
+    "DenseSIFT",
+    "ImageReadError",
+    "LocalFeatures",
+    "SIFT",
+    "__version__",
+    "list_images",
+    "read_image",
+    "root_sift",
+]
