@@ -29,6 +29,8 @@ import math
 import cv2
 import numpy as np
 
+from .kernels import orientation_planes, sample_sift_descriptors
+
 __all__ = ["dense_grid", "dense_sift"]
 
 N_ORIENTATIONS = 8
@@ -66,26 +68,6 @@ def dense_grid(height, width, step, sizes):
     return grid
 
 
-def _orientation_planes(image):
-    """(h, w, 8) float32: gradient magnitude split linearly between orientation bins."""
-    gy, gx = np.gradient(image)
-    magnitude = np.hypot(gx, gy)
-    # y points down in the array, up in OpenCV's SIFT angle convention: negate gy.
-    angle = np.arctan2(-gy, gx)
-    position = np.mod(angle * (N_ORIENTATIONS / (2 * np.pi)), N_ORIENTATIONS)
-    lower = np.floor(position)
-    upper_weight = (position - lower).astype(np.float32)
-    lower = lower.astype(np.intp) % N_ORIENTATIONS
-    upper = (lower + 1) % N_ORIENTATIONS
-    height, width = image.shape
-    planes = np.zeros((height * width, N_ORIENTATIONS), dtype=np.float32)
-    pixel = np.arange(height * width)
-    # lower != upper at every pixel, so two plain assignments split the magnitude.
-    planes[pixel, lower.ravel()] = ((1 - upper_weight) * magnitude).ravel()
-    planes[pixel, upper.ravel()] = (upper_weight * magnitude).ravel()
-    return planes.reshape(height, width, N_ORIENTATIONS)
-
-
 def _window_weights(size):
     """Per-bin Gaussian window (VLFeat's flat-window approximation, averaged over the bin)."""
     t = np.arange(-size + 1, size, dtype=np.float64)
@@ -105,28 +87,17 @@ def _describe_size(image, size, xs, ys, smooth):
             image = cv2.GaussianBlur(
                 image, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REPLICATE
             )
-    planes = _orientation_planes(image)
+    planes = orientation_planes(image, N_ORIENTATIONS)
     triangle = ((size - np.abs(np.arange(-size + 1, size))) / size).astype(np.float32)
     pooled = cv2.sepFilter2D(planes, -1, triangle, triangle, borderType=cv2.BORDER_REPLICATE)
-    offsets = np.arange(N_SPATIAL) * size
-    rows = (ys[:, None] + offsets)[:, None, :, None]  # (ny, 1, 4, 1)
-    cols = (xs[:, None] + offsets)[None, :, None, :]  # (1, nx, 1, 4)
-    descriptors = pooled[rows, cols]  # (ny, nx, 4 rows, 4 cols, 8)
-    window = _window_weights(size)
-    descriptors *= (window[:, None] * window[None, :])[:, :, None]
-    return descriptors.reshape(len(ys) * len(xs), DESCRIPTOR_DIM)
-
-
-def _normalize(descriptors):
-    """Lowe's normalisation; returns the descriptors (norm 512) and their raw L2 norms."""
-    norms = np.linalg.norm(descriptors, axis=1)
-    descriptors /= (norms + np.float32(np.finfo(np.float32).eps))[:, None]
-    np.minimum(descriptors, CLAMP, out=descriptors)
-    renorms = np.linalg.norm(descriptors, axis=1)
-    descriptors *= (DESCRIPTOR_SCALE / (renorms + np.finfo(np.float32).eps))[:, None].astype(
-        np.float32
+    n = len(xs) * len(ys)
+    descriptors = np.empty((n, DESCRIPTOR_DIM), dtype=np.float32)
+    contrast = np.empty(n, dtype=np.float32)
+    sample_sift_descriptors(
+        pooled, xs, ys, size, N_SPATIAL,
+        _window_weights(size), CLAMP, DESCRIPTOR_SCALE, descriptors, contrast,
     )
-    return descriptors, norms
+    return descriptors, contrast
 
 
 def dense_sift(image, *, step=4, sizes=(4, 6, 8, 10), smooth=True):
@@ -156,18 +127,20 @@ def dense_sift(image, *, step=4, sizes=(4, 6, 8, 10), smooth=True):
     else:
         image = image.astype(np.float32, copy=False)
     height, width = image.shape
-    blocks, centres, bin_sizes = [], [], []
+    blocks, contrasts, centres, bin_sizes = [], [], [], []
     for size, (xs, ys) in zip(sizes, dense_grid(height, width, step, sizes)):
         if len(xs) == 0 or len(ys) == 0:
             continue
-        blocks.append(_describe_size(image, size, xs, ys, smooth))
+        descriptors, contrast = _describe_size(image, size, xs, ys, smooth)
+        blocks.append(descriptors)
+        contrasts.append(contrast)
         centre_x, centre_y = np.meshgrid(xs + 1.5 * size, ys + 1.5 * size)
         centres.append(np.stack([centre_x.ravel(), centre_y.ravel()], axis=1))
         bin_sizes.append(np.full(len(xs) * len(ys), size, dtype=np.float32))
     if not blocks:
         empty = np.zeros(0, dtype=np.float32)
         return np.zeros((0, DESCRIPTOR_DIM), np.float32), np.zeros((0, 2), np.float32), empty, empty
-    descriptors, contrast = _normalize(np.concatenate(blocks))
     positions = np.concatenate(centres).astype(np.float32)
-    return descriptors, positions, np.concatenate(bin_sizes), contrast.astype(np.float32)
+    return (np.concatenate(blocks), positions, np.concatenate(bin_sizes),
+            np.concatenate(contrasts))
 
