@@ -4,9 +4,21 @@ __version__ = "0.1.0"
 
 from .features import SIFT, DenseSIFT, LocalFeatures, root_sift
 from .images import ImageReadError, list_images, read_image
+from .vocabulary import (
+    DescriptorSampler,
+    GMMVocabulary,
+    KMeansVocabulary,
+    VocabularyFileError,
+    load_vocabulary,
+)
 
 __all__ = [
     "DenseSIFT",
+    "DescriptorSampler",
+    "GMMVocabulary",
+    "KMeansVocabulary",
+    "VocabularyFileError",
+    "load_vocabulary",
     "ImageReadError",
     "LocalFeatures",
     "SIFT",

@@ -1,0 +1,690 @@
+"""Visual vocabularies: k-means centers and diagonal Gaussian mixtures, and their files.
+
+A vocabulary is trained on a bounded sample of descriptors spread over the images
+(:class:`DescriptorSampler`), optionally after a PCA of the descriptors (Fisher vectors
+want it: VLFeat's presets reduce SIFT to 80 dimensions). Training is scikit-learn's
+(``KMeans``, ``MiniBatchKMeans``, ``GaussianMixture`` with diagonal covariances);
+assignment uses vladkit's BLAS kernels, shared with the encoders.
+
+Files are ``.npz`` archives holding plain arrays and one JSON metadata entry, read with
+``allow_pickle=False`` (loading a file from a stranger cannot run code), written
+atomically (a temporary file renamed into place) and byte-for-byte reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+import zipfile
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
+
+from . import __version__
+from .kernels import diagonal_gaussian_terms, log_posteriors, nearest_words, squared_distances, squared_norms
+
+__all__ = [
+    "DescriptorSampler",
+    "GMMVocabulary",
+    "KMeansVocabulary",
+    "VocabularyFileError",
+    "load_vocabulary",
+]
+
+FILE_FORMAT = "vladkit-vocabulary"
+FILE_FORMAT_VERSION = 1
+#: algorithm="auto" switches from Lloyd's KMeans to MiniBatchKMeans above this many samples.
+MINIBATCH_THRESHOLD = 500_000
+
+
+class VocabularyFileError(ValueError):
+    """A vocabulary file is not one vladkit can load (the message says why)."""
+
+
+# ------------------------------------------------------------------------- sampling
+
+
+def _descriptors_of(item, index):
+    """The (n, D) descriptor array of one image: a LocalFeatures or an array."""
+    descriptors = getattr(item, "descriptors", item)
+    descriptors = np.asarray(descriptors)
+    if descriptors.ndim != 2:
+        raise ValueError(
+            f"image {index}: descriptors must be a 2-D (n, D) array, got shape {descriptors.shape}"
+        )
+    if descriptors.dtype.kind not in "fiu":
+        raise TypeError(f"image {index}: descriptors must be numeric, got dtype {descriptors.dtype}")
+    return descriptors
+
+
+class DescriptorSampler:
+    """Draw a bounded, reproducible sample of descriptors, image by image.
+
+    Each image contributes at most ``ceil(max_descriptors / n_images)`` descriptors (and at
+    most ``max_per_image``), drawn without replacement by a generator seeded from
+    ``(seed, image index)``, so the sample does not depend on the order or batching in
+    which images arrive. Only the sample is kept: a dataset's descriptors never need to be
+    in memory at once.
+
+    Parameters
+    ----------
+    n_images : int
+    max_descriptors : int
+    max_per_image : int or None
+    seed : int
+    """
+
+    def __init__(self, n_images, max_descriptors, max_per_image=None, seed=0):
+        if n_images < 1:
+            raise ValueError("no images to sample descriptors from")
+        self.quota = math.ceil(max_descriptors / n_images)
+        if max_per_image is not None:
+            self.quota = min(self.quota, int(max_per_image))
+        self.max_descriptors = int(max_descriptors)
+        self.seed = int(seed)
+        self._parts = {}
+        self._dim = None
+
+    def add(self, index, descriptors):
+        """Take this image's share of ``descriptors`` ((n, D)); checks finiteness and D."""
+        descriptors = _descriptors_of(descriptors, index)
+        if len(descriptors) and self._dim is None:
+            self._dim = descriptors.shape[1]
+        if len(descriptors) and descriptors.shape[1] != self._dim:
+            raise ValueError(
+                f"image {index}: descriptors have dimension {descriptors.shape[1]}, "
+                f"earlier images {self._dim}"
+            )
+        if not np.all(np.isfinite(descriptors)):
+            raise ValueError(f"image {index}: descriptors contain NaN or inf")
+        if len(descriptors) > self.quota:
+            rng = np.random.default_rng([self.seed, index])
+            rows = np.sort(rng.choice(len(descriptors), self.quota, replace=False))
+            descriptors = descriptors[rows]
+        self._parts[index] = np.array(descriptors, copy=True)
+
+    def sample(self):
+        """The pooled sample, (n, D), in image order; at most ``max_descriptors`` rows."""
+        parts = [self._parts[i] for i in sorted(self._parts) if len(self._parts[i])]
+        if not parts:
+            raise ValueError(f"no descriptors in any of the {len(self._parts)} images")
+        pooled = np.concatenate(parts)
+        if len(pooled) > self.max_descriptors:
+            rng = np.random.default_rng([self.seed, -1])
+            pooled = pooled[np.sort(rng.choice(len(pooled), self.max_descriptors, replace=False))]
+        return pooled
+
+
+def _as_float(X):
+    X = np.asarray(X)
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float32)
+    return np.ascontiguousarray(X)
+
+
+# ------------------------------------------------------------------------ the models
+
+
+class _Vocabulary(BaseEstimator):
+    """Shared: sampling, PCA, validation, files. Subclasses train the words."""
+
+    _kind = None
+    _size_param = None
+    _word_arrays = ()
+
+    # -- fitting --------------------------------------------------------------------
+
+    def _seeds(self):
+        rng = check_random_state(self.random_state)
+        return int(rng.randint(2**31 - 1)), int(rng.randint(2**31 - 1))
+
+    def fit(self, X, y=None):
+        """Train the vocabulary on a sample of descriptors.
+
+        Parameters
+        ----------
+        X : list of LocalFeatures or of (n_i, D) arrays, or one (N, D) array
+            Descriptors per image (sampled at most ``max_descriptors`` in all, spread over
+            the images), or one pooled array (sampled uniformly).
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        sample_seed, _ = self._seeds()
+        pooled = isinstance(X, np.ndarray) and X.ndim == 2
+        if isinstance(X, np.ndarray) and not pooled:
+            raise ValueError(f"X must be a list of descriptor sets or one 2-D array, got shape {X.shape}")
+        sets = [X] if pooled else list(X)
+        # A pooled array is one "image" with no per-image cap.
+        sampler = DescriptorSampler(len(sets), self.max_descriptors,
+                                    None if pooled else self.max_per_image, sample_seed)
+        for index, item in enumerate(sets):
+            sampler.add(index, item)
+        return self.fit_sample(sampler.sample())
+
+    def fit_sample(self, sample):
+        """Train on an already drawn (N, D) sample (all of it): PCA, then the words."""
+        self._validate_params()
+        sample = _as_float(sample)
+        if sample.ndim != 2 or sample.shape[1] < 1:
+            raise ValueError(f"the descriptor sample must be 2-D (N, D), got shape {sample.shape}")
+        if not np.all(np.isfinite(sample)):
+            raise ValueError("descriptors contain NaN or inf")
+        n_words = getattr(self, self._size_param)
+        if len(sample) < n_words:
+            raise ValueError(
+                f"only {len(sample)} descriptors to train {self._size_param}={n_words} words; "
+                "use fewer words or more images"
+            )
+        _, model_seed = self._seeds()
+        self.descriptor_dim_ = sample.shape[1]
+        self._fit_pca(sample, model_seed)
+        projected = self.project(sample)
+        with threadpool_limits(limits=self._n_threads()):
+            self._fit_words(projected, model_seed)
+        self.n_training_descriptors_ = len(sample)
+        return self
+
+    def _n_threads(self):
+        if self.n_jobs is None:
+            return None
+        return self.n_jobs if self.n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + self.n_jobs)
+
+    def _fit_pca(self, sample, seed):
+        if self.pca is None:
+            self.pca_mean_ = self.pca_components_ = None
+            return
+        if self.pca > sample.shape[1]:
+            raise ValueError(f"pca={self.pca} exceeds the descriptor dimension {sample.shape[1]}")
+        mean = sample.mean(axis=0, dtype=np.float64)
+        centred = (sample - mean).astype(np.float64)
+        # Eigen-decomposition of the D x D covariance: exact, and cheap for D ~ 128.
+        covariance = centred.T @ centred / max(len(sample) - 1, 1)
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        order = np.argsort(eigenvalues)[::-1][: self.pca]
+        components = eigenvectors[:, order].T
+        # Deterministic signs (largest-magnitude entry of each component positive).
+        signs = np.sign(components[np.arange(len(components)), np.abs(components).argmax(axis=1)])
+        components *= signs[:, None]
+        if self.whiten:
+            scale = np.sqrt(np.maximum(eigenvalues[order], 0)) + 1e-12 * max(eigenvalues.max(), 1e-30)
+            components /= scale[:, None]
+        self.pca_mean_ = mean.astype(sample.dtype)
+        self.pca_components_ = components.astype(sample.dtype)
+
+    def project(self, descriptors):
+        """Descriptors in the vocabulary's space: ``(x - mean) @ components.T`` with PCA
+        (rows of ``components`` divided by the component's standard deviation when
+        ``whiten``), unchanged without.
+
+        Parameters
+        ----------
+        descriptors : (n, D) array
+
+        Returns
+        -------
+        (n, pca or D) array, float32 or float64 as the input (float32 for integers)
+        """
+        X = self._check_descriptors(descriptors)
+        if self.pca_components_ is None:
+            return X
+        components = self.pca_components_.astype(X.dtype, copy=False)
+        return (X - self.pca_mean_.astype(X.dtype, copy=False)) @ components.T
+
+    def _check_descriptors(self, descriptors):
+        check_is_fitted(self, "descriptor_dim_")
+        X = _as_float(descriptors)
+        if X.ndim != 2:
+            raise ValueError(f"descriptors must be a 2-D (n, D) array, got shape {X.shape}")
+        if X.shape[1] != self.descriptor_dim_:
+            raise ValueError(
+                f"descriptors have dimension {X.shape[1]} but this vocabulary was trained on "
+                f"dimension {self.descriptor_dim_}"
+            )
+        if not np.all(np.isfinite(X)):
+            raise ValueError("descriptors contain NaN or inf")
+        return X
+
+    @property
+    def n_words_(self):
+        """Number of visual words (clusters or mixture components)."""
+        return getattr(self, self._word_arrays[0]).shape[0]
+
+    @property
+    def dim_(self):
+        """Dimension of the words (after PCA)."""
+        return getattr(self, self._word_arrays[0]).shape[1]
+
+    # -- files ----------------------------------------------------------------------
+
+    def save(self, path):
+        """Write the vocabulary to ``path`` (.npz), atomically and reproducibly.
+
+        The archive holds the fitted arrays and a ``metadata`` JSON entry (kind, sizes,
+        dimensions, parameters, vladkit and format versions). Equal vocabularies give
+        byte-identical files.
+        """
+        check_is_fitted(self, "descriptor_dim_")
+        arrays = {name: getattr(self, name) for name in self._word_arrays}
+        if self.pca_components_ is not None:
+            arrays["pca_mean_"] = self.pca_mean_
+            arrays["pca_components_"] = self.pca_components_
+        metadata = {
+            "format": FILE_FORMAT,
+            "format_version": FILE_FORMAT_VERSION,
+            "kind": self._kind,
+            "n_words": int(self.n_words_),
+            "descriptor_dim": int(self.descriptor_dim_),
+            "dim": int(self.dim_),
+            "dtype": str(arrays[self._word_arrays[0]].dtype),
+            "n_training_descriptors": int(self.n_training_descriptors_),
+            "params": _jsonable(self.get_params()),
+            "vladkit_version": __version__,
+        }
+        metadata.update(self._extra_metadata())
+        arrays["metadata"] = np.array(json.dumps(metadata, sort_keys=True))
+        _write_npz_atomically(path, arrays)
+
+    def _extra_metadata(self):
+        return {}
+
+
+class KMeansVocabulary(_Vocabulary):
+    """k-means visual words (for BoF and VLAD).
+
+    Trained with scikit-learn on at most ``max_descriptors`` descriptors: ``KMeans``
+    (Lloyd, k-means++ initialisation) or, for large samples, ``MiniBatchKMeans``.
+
+    Parameters
+    ----------
+    n_clusters : int, default=64
+        Number of visual words K.
+    max_descriptors : int, default=200_000
+        Training sample size, spread evenly over the images.
+    max_per_image : int or None, default=None
+        Cap per image (on top of the even spread).
+    pca : int or None, default=None
+        Reduce descriptors to this many principal components first.
+    whiten : bool, default=False
+        Divide each principal component by its standard deviation.
+    algorithm : {"auto", "lloyd", "elkan", "minibatch"}, default="auto"
+        "auto" is Lloyd up to 500,000 samples and mini-batch above.
+    n_init : int, default=1
+        Restarts (the best inertia is kept).
+    max_iter : int, default=100
+        Lloyd iterations (VLFeat's default); for mini-batch, passes over the sample.
+    tol : float, default=1e-4
+        scikit-learn's convergence tolerance on center movement.
+    random_state : int, RandomState or None
+        Seeds the sampling and the clustering; an int gives byte-identical vocabularies.
+    n_jobs : int or None
+        Threads for the clustering (None: all cores).
+    descriptor_type : str or None
+        Free text saved in the file, e.g. ``"DenseSIFT(root=True)"``.
+
+    Attributes
+    ----------
+    centers_ : (n_clusters, dim) ndarray
+        The words, in the PCA space if ``pca``.
+    inertia_ : float
+        Sum of squared distances of the training sample to its nearest center.
+    n_iter_ : int
+    pca_mean_, pca_components_ : ndarrays or None
+    descriptor_dim_ : int
+        Dimension of the descriptors the vocabulary accepts.
+    """
+
+    _kind = "kmeans"
+    _size_param = "n_clusters"
+    _word_arrays = ("centers_",)
+
+    def __init__(self, n_clusters=64, *, max_descriptors=200_000, max_per_image=None, pca=None,
+                 whiten=False, algorithm="auto", n_init=1, max_iter=100, tol=1e-4,
+                 random_state=None, n_jobs=None, descriptor_type=None):
+        self.n_clusters = n_clusters
+        self.max_descriptors = max_descriptors
+        self.max_per_image = max_per_image
+        self.pca = pca
+        self.whiten = whiten
+        self.algorithm = algorithm
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+        self.descriptor_type = descriptor_type
+
+    def _validate_params(self):
+        _check_positive_int(self, "n_clusters", "max_descriptors", "n_init", "max_iter")
+        _check_common(self)
+        if self.algorithm not in ("auto", "lloyd", "elkan", "minibatch"):
+            raise ValueError(f"algorithm must be 'auto', 'lloyd', 'elkan' or 'minibatch', got {self.algorithm!r}")
+
+    def _fit_words(self, X, seed):
+        algorithm = self.algorithm
+        if algorithm == "auto":
+            algorithm = "minibatch" if len(X) > MINIBATCH_THRESHOLD else "lloyd"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            if algorithm == "minibatch":
+                model = MiniBatchKMeans(
+                    self.n_clusters, n_init=self.n_init, max_iter=self.max_iter,
+                    batch_size=4096, random_state=seed, compute_labels=False,
+                )
+            else:
+                model = KMeans(self.n_clusters, n_init=self.n_init, max_iter=self.max_iter,
+                               tol=self.tol, random_state=seed, algorithm=algorithm)
+            model.fit(X)
+        centers = model.cluster_centers_.astype(X.dtype)
+        n_distinct = len(np.unique(centers, axis=0))
+        if n_distinct < self.n_clusters or any(
+            "distinct clusters" in str(w.message) for w in caught
+        ):
+            raise ValueError(
+                f"the descriptors have fewer distinct values than n_clusters={self.n_clusters} "
+                "(e.g. all identical); use fewer clusters or more varied images"
+            )
+        self.centers_ = np.ascontiguousarray(centers)
+        self.n_iter_ = int(model.n_iter_)
+        self.inertia_ = float(nearest_words(X.astype(np.float64), self.centers_.astype(np.float64))[1].sum())
+
+    def predict(self, descriptors):
+        """Index of the nearest center for each descriptor ((n, D) array) -> (n,) int64."""
+        X = self.project(descriptors)
+        return nearest_words(X, self.centers_.astype(X.dtype, copy=False))[0]
+
+    def transform(self, descriptors):
+        """(n, n_clusters) Euclidean distances to the centers (scikit-learn's KMeans.transform)."""
+        X = self.project(descriptors)
+        return np.sqrt(squared_distances(X, self.centers_.astype(X.dtype, copy=False)))
+
+    def score(self, descriptors, y=None):
+        """Negative sum of squared distances to the nearest center (higher is better)."""
+        X = self.project(descriptors)
+        return -float(nearest_words(X, self.centers_.astype(X.dtype, copy=False))[1].sum(dtype=np.float64))
+
+
+class GMMVocabulary(_Vocabulary):
+    """Diagonal Gaussian mixture visual words (for Fisher vectors).
+
+    Trained with scikit-learn's ``GaussianMixture(covariance_type="diag")`` initialised
+    from k-means, on at most ``max_descriptors`` descriptors.
+
+    Parameters
+    ----------
+    n_components : int, default=64
+        Number of Gaussians K.
+    max_descriptors : int, default=200_000
+    max_per_image : int or None, default=None
+    pca : int or None, default=None
+        Reduce descriptors to this many principal components first (VLFeat's Fisher
+        preset: 80 for SIFT).
+    whiten : bool, default=False
+    covariance_floor : float, default=1e-4
+        Variance regularisation relative to the data: ``covariance_floor`` times the
+        largest per-dimension variance of the training sample is added to every variance
+        at each EM step (scikit-learn's ``reg_covar``), so no variance falls below it and
+        none can collapse to 0 (VLFeat bounds variances below in the same way).
+    n_init : int, default=1
+    max_iter : int, default=100
+    tol : float, default=1e-3
+        EM stops when the average log-likelihood gains less than this.
+    random_state, n_jobs, descriptor_type
+        As for :class:`KMeansVocabulary`.
+
+    Attributes
+    ----------
+    means_ : (n_components, dim) ndarray
+    covariances_ : (n_components, dim) ndarray, the diagonal variances
+    weights_ : (n_components,) ndarray, the priors
+    lower_bound_ : float, final average log-likelihood of the training sample
+    n_iter_ : int
+    pca_mean_, pca_components_, descriptor_dim_
+        As for :class:`KMeansVocabulary`.
+    """
+
+    _kind = "gmm"
+    _size_param = "n_components"
+    _word_arrays = ("means_", "covariances_", "weights_")
+
+    def __init__(self, n_components=64, *, max_descriptors=200_000, max_per_image=None, pca=None,
+                 whiten=False, covariance_floor=1e-4, n_init=1, max_iter=100, tol=1e-3,
+                 random_state=None, n_jobs=None, descriptor_type=None):
+        self.n_components = n_components
+        self.max_descriptors = max_descriptors
+        self.max_per_image = max_per_image
+        self.pca = pca
+        self.whiten = whiten
+        self.covariance_floor = covariance_floor
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+        self.descriptor_type = descriptor_type
+
+    def _validate_params(self):
+        _check_positive_int(self, "n_components", "max_descriptors", "n_init", "max_iter")
+        _check_common(self)
+        if not (np.isfinite(self.covariance_floor) and self.covariance_floor > 0):
+            raise ValueError(f"covariance_floor must be a positive number, got {self.covariance_floor!r}")
+
+    def _fit_words(self, X, seed):
+        largest_variance = float(X.var(axis=0, dtype=np.float64).max())
+        if largest_variance == 0:
+            raise ValueError(
+                "all descriptors are identical: a Gaussian mixture needs varied data"
+            )
+        floor = self.covariance_floor * largest_variance
+        model = GaussianMixture(
+            self.n_components, covariance_type="diag", tol=self.tol,
+            reg_covar=floor, max_iter=self.max_iter,
+            n_init=self.n_init, init_params="kmeans", random_state=seed,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(X)
+        self.means_ = np.ascontiguousarray(model.means_.astype(X.dtype))
+        # reg_covar is added to variances computed as E[x^2] - E[x]^2, whose round-off can
+        # be negative on a constant dimension: clamp so the floor holds exactly.
+        self.covariances_ = np.ascontiguousarray(np.maximum(model.covariances_, floor).astype(X.dtype))
+        self.weights_ = np.ascontiguousarray(model.weights_.astype(X.dtype))
+        self.lower_bound_ = float(model.lower_bound_)
+        self.n_iter_ = int(model.n_iter_)
+        self.converged_ = bool(model.converged_)
+
+    def _terms(self):
+        return diagonal_gaussian_terms(self.means_, self.covariances_, self.weights_)
+
+    def predict_proba(self, descriptors):
+        """(n, n_components) posteriors q_ik (float64)."""
+        X = self.project(descriptors).astype(np.float64)
+        return np.exp(log_posteriors(X, *self._terms())[0])
+
+    def predict(self, descriptors):
+        """Most probable component of each descriptor -> (n,) int64."""
+        X = self.project(descriptors).astype(np.float64)
+        return np.argmax(log_posteriors(X, *self._terms())[0], axis=1)
+
+    transform = predict_proba
+
+    def score_samples(self, descriptors):
+        """(n,) log-likelihood of each descriptor under the mixture."""
+        X = self.project(descriptors).astype(np.float64)
+        return log_posteriors(X, *self._terms())[1]
+
+    def score(self, descriptors, y=None):
+        """Average log-likelihood per descriptor (GaussianMixture.score's meaning)."""
+        return float(self.score_samples(descriptors).mean())
+
+
+# -------------------------------------------------------------------------- helpers
+
+
+def _check_positive_int(estimator, *names):
+    for name in names:
+        value = getattr(estimator, name)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_common(estimator):
+    if estimator.max_per_image is not None:
+        _check_positive_int(estimator, "max_per_image")
+    if estimator.pca is not None:
+        _check_positive_int(estimator, "pca")
+
+
+def _jsonable(params):
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        else:  # e.g. a RandomState: not reproducible from the file anyway
+            out[key] = None
+    return out
+
+
+def _write_npz_atomically(path, arrays):
+    """An .npz (uncompressed zip of .npy files) with fixed timestamps, via temp + rename."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+                for name in sorted(arrays):
+                    info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                    info.external_attr = 0o644 << 16
+                    with archive.open(info, "w") as member:
+                        np.lib.format.write_array(member, np.asarray(arrays[name]), allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        # Interrupted or failed: leave nothing behind, least of all a partial file.
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def load_vocabulary(path, *, descriptor_dim=None):
+    """Load a vocabulary written by ``save``.
+
+    Parameters
+    ----------
+    path : str or path-like
+    descriptor_dim : int or None
+        If given, refuse a vocabulary trained on descriptors of another dimension.
+
+    Returns
+    -------
+    KMeansVocabulary or GMMVocabulary, fitted
+
+    Raises
+    ------
+    VocabularyFileError
+        Not an .npz archive, pickled objects inside, not a vladkit vocabulary, an unknown
+        kind or format version, inconsistent shapes, or the wrong descriptor dimension.
+    """
+    name = os.fspath(path)
+    try:
+        archive = np.load(name, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise VocabularyFileError(f"{name!r} is not a vocabulary file (not a readable .npz archive: {exc})") from exc
+    with archive:
+        arrays = {}
+        for key in archive.files:
+            try:
+                arrays[key] = archive[key]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                    raise VocabularyFileError(
+                        f"{name!r} contains pickled Python objects (entry {key!r}); vladkit "
+                        "vocabularies hold plain arrays only, so it refuses to load it "
+                        "(unpickling could run arbitrary code)"
+                    ) from exc
+                raise VocabularyFileError(f"{name!r}: entry {key!r} cannot be read: {exc}") from exc
+    if "metadata" not in arrays:
+        raise VocabularyFileError(f"{name!r} is not a vladkit vocabulary (no metadata entry)")
+    try:
+        metadata = json.loads(str(arrays.pop("metadata")))
+    except ValueError as exc:
+        raise VocabularyFileError(f"{name!r}: the metadata entry is not valid JSON") from exc
+    if not isinstance(metadata, dict) or metadata.get("format") != FILE_FORMAT:
+        raise VocabularyFileError(f"{name!r} is not a vladkit vocabulary (format {metadata.get('format')!r})"
+                                  if isinstance(metadata, dict) else f"{name!r}: bad metadata")
+    version = metadata.get("format_version")
+    if version != FILE_FORMAT_VERSION:
+        raise VocabularyFileError(
+            f"{name!r} has vocabulary format version {version!r}; this vladkit "
+            f"({__version__}) reads version {FILE_FORMAT_VERSION} (re-create the vocabulary, "
+            "or use the vladkit version that wrote it)"
+        )
+    classes = {"kmeans": KMeansVocabulary, "gmm": GMMVocabulary}
+    kind = metadata.get("kind")
+    if kind not in classes:
+        raise VocabularyFileError(f"{name!r}: unknown vocabulary kind {kind!r}")
+    cls = classes[kind]
+    vocab = cls()
+    params = {k: v for k, v in metadata.get("params", {}).items() if k in vocab.get_params()}
+    vocab.set_params(**params)
+
+    missing = [a for a in cls._word_arrays if a not in arrays]
+    if missing:
+        raise VocabularyFileError(f"{name!r}: missing arrays {missing}")
+    n_words, dim = metadata["n_words"], metadata["dim"]
+    expected_shapes = {"centers_": (n_words, dim), "means_": (n_words, dim),
+                       "covariances_": (n_words, dim), "weights_": (n_words,)}
+    for attribute in cls._word_arrays:
+        array = arrays[attribute]
+        if array.shape != expected_shapes[attribute] or array.dtype.kind != "f":
+            raise VocabularyFileError(
+                f"{name!r}: {attribute} has shape {array.shape} and dtype {array.dtype}, "
+                f"expected {expected_shapes[attribute]} floats"
+            )
+        if not np.all(np.isfinite(array)):
+            raise VocabularyFileError(f"{name!r}: {attribute} contains NaN or inf")
+        setattr(vocab, attribute, array)
+    if kind == "gmm" and (np.any(vocab.covariances_ <= 0) or np.any(vocab.weights_ < 0)):
+        raise VocabularyFileError(f"{name!r}: variances must be positive and weights non-negative")
+
+    stored_dim = metadata["descriptor_dim"]
+    if "pca_components_" in arrays:
+        components, mean = arrays["pca_components_"], arrays["pca_mean_"]
+        if components.shape != (dim, stored_dim) or mean.shape != (stored_dim,):
+            raise VocabularyFileError(
+                f"{name!r}: PCA shapes {components.shape} / {mean.shape} do not match "
+                f"{dim} components of {stored_dim}-dimensional descriptors"
+            )
+        vocab.pca_components_, vocab.pca_mean_ = components, mean
+    else:
+        if dim != stored_dim:
+            raise VocabularyFileError(f"{name!r}: words of dimension {dim} without PCA for {stored_dim}-D descriptors")
+        vocab.pca_components_ = vocab.pca_mean_ = None
+    if descriptor_dim is not None and descriptor_dim != stored_dim:
+        raise VocabularyFileError(
+            f"{name!r} was trained on {stored_dim}-dimensional descriptors, but the descriptors "
+            f"here have dimension {descriptor_dim}"
+        )
+    vocab.descriptor_dim_ = int(stored_dim)
+    vocab.n_training_descriptors_ = int(metadata.get("n_training_descriptors", 0))
+    vocab.metadata_ = metadata
+    return vocab
