@@ -70,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--data", help="folder of images to take dense RootSIFT from (default: synthetic)")
     parser.add_argument("--n", type=int, default=200_000, help="descriptors (default 200,000)")
     parser.add_argument("-k", type=int, default=256, help="k-means centers (default 256)")
-    parser.add_argument("--gmm-k", type=int, default=256, help="GMM components (default 256)")
+    parser.add_argument("--gmm-k", type=int, default=64, help="GMM components (default 64)")
     parser.add_argument("--gmm-pca", type=int, default=64, help="PCA dimension before the GMM (default 64)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)

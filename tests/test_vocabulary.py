@@ -145,6 +145,16 @@ def test_sampler_bounds_and_order_independence():
     assert list(np.bincount(capped.sample()[:, 0].astype(int), minlength=5)) == [5, 10, 0, 10, 10]
 
 
+def test_sampler_trims_to_max_descriptors():
+    # ceil(100 / 7) = 15 per image, 7 * 15 = 105 > 100: the pooled sample is trimmed.
+    sampler = DescriptorSampler(7, 100, seed=0)
+    for i in range(7):
+        sampler.add(i, np.random.default_rng(i).standard_normal((40, 3)))
+    sample = sampler.sample()
+    assert sample.shape == (100, 3)
+    assert len(np.unique(sample, axis=0)) == 100  # drawn without replacement
+
+
 def test_fit_accepts_local_features_and_respects_max_descriptors():
     X = blobs(3000, dim=8)
     features = [LocalFeatures(part, np.zeros((len(part), 2), np.float32), np.ones(len(part), np.float32), (10, 10))

@@ -171,18 +171,18 @@ def _add_feature_options(parser):
                        help="dense multi-scale SIFT on a grid (PHOW) or sparse SIFT keypoints "
                             "(default: dense)")
     group.add_argument("--root", action="store_true", help="RootSIFT descriptors")
-    group.add_argument("--step", type=_positive_int, default=4, help="dense grid step in pixels (default 4)")
-    group.add_argument("--sizes", type=_positive_int, nargs="+", default=[4, 6, 8, 10],
+    group.add_argument("--step", type=_positive_int, default=4, metavar="PX", help="dense grid step in pixels (default 4)")
+    group.add_argument("--sizes", type=_positive_int, nargs="+", default=[4, 6, 8, 10], metavar="PX",
                        help="dense bin sizes in pixels (default 4 6 8 10)")
-    group.add_argument("--max-side", type=_positive_int, default=None,
+    group.add_argument("--max-side", type=_positive_int, default=None, metavar="PX",
                        help="downscale images whose long side is larger than this")
-    group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                        help=f"refuse images with more pixels than this, read from the header "
                             f"(default {DEFAULT_MAX_PIXELS:,}; 0 lifts the limit)")
     group.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
-    group.add_argument("-j", "--jobs", type=int, default=-1,
+    group.add_argument("-j", "--jobs", type=int, default=-1, metavar="N",
                        help="threads for extraction (default -1: every core)")
-    group.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default 64)")
+    group.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="images per batch (default 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,18 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: vladkit vocab build photos/ -k 256 --kind gmm --root --pca 80 -o gmm.npz",
     )
     build.add_argument("folder", help="folder of images")
-    build.add_argument("-k", type=_positive_int, default=64, help="number of visual words (default 64)")
+    build.add_argument("-k", type=_positive_int, default=64, metavar="K", help="number of visual words (default 64)")
     build.add_argument("--kind", choices=("kmeans", "gmm"), default="kmeans",
                        help="k-means for BoF/VLAD, gmm for Fisher vectors (default kmeans)")
-    build.add_argument("--pca", type=_positive_int, default=None,
+    build.add_argument("--pca", type=_positive_int, default=None, metavar="N",
                        help="reduce descriptors to N principal components first (Fisher: 64-80)")
     build.add_argument("--whiten", action="store_true", help="whiten the PCA components")
-    build.add_argument("--max-descriptors", type=_positive_int, default=200_000,
+    build.add_argument("--max-descriptors", type=_positive_int, default=200_000, metavar="N",
                        help="training sample size, spread over the images (default 200,000)")
-    build.add_argument("--max-per-image", type=_positive_int, default=None,
+    build.add_argument("--max-per-image", type=_positive_int, default=None, metavar="N",
                        help="at most this many descriptors from one image")
-    build.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same file")
-    build.add_argument("-o", "--output", required=True, help="vocabulary file to write (.npz)")
+    build.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0): same seed, same file")
+    build.add_argument("-o", "--output", required=True, metavar="FILE", help="vocabulary file to write (.npz)")
     build.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_feature_options(build)
     build.set_defaults(run=cmd_vocab_build)

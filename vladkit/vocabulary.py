@@ -86,6 +86,8 @@ class DescriptorSampler:
     def __init__(self, n_images, max_descriptors, max_per_image=None, seed=0):
         if n_images < 1:
             raise ValueError("no images to sample descriptors from")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.quota = math.ceil(max_descriptors / n_images)
         if max_per_image is not None:
             self.quota = min(self.quota, int(max_per_image))
@@ -107,7 +109,7 @@ class DescriptorSampler:
         if not np.all(np.isfinite(descriptors)):
             raise ValueError(f"image {index}: descriptors contain NaN or inf")
         if len(descriptors) > self.quota:
-            rng = np.random.default_rng([self.seed, index])
+            rng = np.random.default_rng([self.seed, 0, index])
             rows = np.sort(rng.choice(len(descriptors), self.quota, replace=False))
             descriptors = descriptors[rows]
         self._parts[index] = np.array(descriptors, copy=True)
@@ -119,7 +121,7 @@ class DescriptorSampler:
             raise ValueError(f"no descriptors in any of the {len(self._parts)} images")
         pooled = np.concatenate(parts)
         if len(pooled) > self.max_descriptors:
-            rng = np.random.default_rng([self.seed, -1])
+            rng = np.random.default_rng([self.seed, 1])
             pooled = pooled[np.sort(rng.choice(len(pooled), self.max_descriptors, replace=False))]
         return pooled
 
