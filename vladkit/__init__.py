@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .encoders import BoFEncoder, FisherEncoder, VLADEncoder
 from .features import SIFT, DenseSIFT, LocalFeatures, root_sift
 from .images import ImageReadError, list_images, read_image
 from .vocabulary import (
@@ -13,6 +14,9 @@ from .vocabulary import (
 )
 
 __all__ = [
+    "BoFEncoder",
+    "FisherEncoder",
+    "VLADEncoder",
     "DenseSIFT",
     "DescriptorSampler",
     "GMMVocabulary",

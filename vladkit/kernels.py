@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 _TWO_PI = 2.0 * math.pi
 
@@ -233,3 +233,148 @@ def sample_sift_descriptors(pooled, xs, ys, size, n_spatial, window, clamp, scal
             for k in range(out.shape[1]):
                 out[i, k] *= factor
             i += 1
+
+
+
+def knn_weights(X, centers, n_neighbors, alpha, centers_sqnorm=None):
+    """The ``n_neighbors`` nearest words of each row and softmax weights over them.
+
+    w_ij = exp(-alpha d_ij^2) / sum_j' exp(-alpha d_ij'^2) over the m nearest words j
+    (Jegou et al.'s multiple assignment with alpha = 1 / (2 sigma^2); van Gemert et al.'s
+    kernel codebook restricted to the m nearest). With m = 1 this is hard assignment.
+
+    Returns
+    -------
+    neighbors : (n, m) int64, nearest first
+    weights : (n, m) X's dtype, rows summing to 1
+    """
+    n_words = centers.shape[0]
+    m = min(n_neighbors, n_words)
+    distances = squared_distances(X, centers, centers_sqnorm)
+    if m < n_words:
+        neighbors = np.argpartition(distances, m - 1, axis=1)[:, :m]
+    else:
+        neighbors = np.broadcast_to(np.arange(n_words), distances.shape).copy()
+    nearest = np.take_along_axis(distances, neighbors, axis=1)
+    order = np.argsort(nearest, axis=1, kind="stable")
+    neighbors = np.take_along_axis(neighbors, order, axis=1)
+    nearest = np.take_along_axis(nearest, order, axis=1)
+    # Shift by the nearest distance: exp() cannot underflow to an all-zero row.
+    weights = np.exp(-alpha * (nearest - nearest[:, :1]))
+    weights /= weights.sum(axis=1, keepdims=True)
+    return neighbors.astype(np.int64), weights.astype(X.dtype, copy=False)
+
+
+def softmax_weights(X, centers, alpha, centers_sqnorm=None):
+    """(n, K) NetVLAD soft assignment: softmax_k(-alpha ||x - c_k||^2) (Arandjelovic et al. 2016)."""
+    scores = squared_distances(X, centers, centers_sqnorm)
+    scores *= -alpha
+    softmax_rows(scores, 0.0, False)
+    return scores
+
+
+# ------------------------------------------------------------------ encoder aggregation
+#
+# The encoders stream descriptors in chunks of rows; a chunk holds consecutive images
+# (a large image may be split over chunks). ``segments`` is an (S, 3) int64 array of
+# (image, first row, end row) within the chunk; each image appears at most once per
+# chunk, so the kernels run segments in parallel without two threads touching the same
+# accumulator row.
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def accumulate_hard(X, labels, segments, sums, mass):
+    """sums[img, k] += x_i and mass[img, k] += 1 for each row i of the image with label k.
+
+    X : (n, D); labels : (n,) int64; sums : (n_images, K, D); mass : (n_images, K) float64.
+    """
+    for s in prange(segments.shape[0]):
+        image, start, end = segments[s, 0], segments[s, 1], segments[s, 2]
+        for i in range(start, end):
+            k = labels[i]
+            mass[image, k] += 1.0
+            for d in range(X.shape[1]):
+                sums[image, k, d] += X[i, d]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def accumulate_sparse(X, neighbors, weights, segments, sums, mass):
+    """Weighted version of :func:`accumulate_hard` over a few words per row.
+
+    neighbors, weights : (n, m); entries with weight <= 0 are ignored (VLFeat's rule).
+    """
+    for s in prange(segments.shape[0]):
+        image, start, end = segments[s, 0], segments[s, 1], segments[s, 2]
+        for i in range(start, end):
+            for j in range(neighbors.shape[1]):
+                w = weights[i, j]
+                if w <= 0:
+                    continue
+                k = neighbors[i, j]
+                mass[image, k] += w
+                for d in range(X.shape[1]):
+                    sums[image, k, d] += w * X[i, d]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def histogram_sparse(neighbors, weights, segments, counts):
+    """counts[img, k] += w for each (row, word, weight) of the image."""
+    for s in prange(segments.shape[0]):
+        image, start, end = segments[s, 0], segments[s, 1], segments[s, 2]
+        for i in range(start, end):
+            for j in range(neighbors.shape[1]):
+                if weights[i, j] > 0:
+                    counts[image, neighbors[i, j]] += weights[i, j]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def softmax_rows(scores, threshold, fast):
+    """In place: each row of ``scores`` becomes softmax(row); entries below ``threshold``
+    are set to 0 (not renormalised, as VLFeat). With ``fast``, the row becomes one-hot
+    at its first maximum instead."""
+    n, k = scores.shape
+    for i in prange(n):
+        top = scores[i, 0]
+        arg = 0
+        for j in range(1, k):
+            if scores[i, j] > top:
+                top = scores[i, j]
+                arg = j
+        if fast:
+            for j in range(k):
+                scores[i, j] = 0.0
+            scores[i, arg] = 1.0
+            continue
+        total = 0.0
+        for j in range(k):
+            e = math.exp(scores[i, j] - top)
+            scores[i, j] = e
+            total += e
+        inverse = 1.0 / total
+        for j in range(k):
+            q = scores[i, j] * inverse
+            scores[i, j] = q if q >= threshold else 0.0
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def accumulate_fisher(X, posteriors, means, inv_sigmas, skip, segments, first, second, mass):
+    """Fisher statistics over the non-zero posteriors.
+
+    For each row i of an image and word k with q_ik > 0 and not skip[k]:
+    first[img, k] += q z, second[img, k] += q (z^2 - 1), mass[img, k] += q, where
+    z = (x_i - mu_k) / sigma_k. Scaling by 1/(N sqrt(pi_k)) is left to the caller.
+    """
+    n_words = posteriors.shape[1]
+    dim = X.shape[1]
+    for s in prange(segments.shape[0]):
+        image, start, end = segments[s, 0], segments[s, 1], segments[s, 2]
+        for i in range(start, end):
+            for k in range(n_words):
+                q = posteriors[i, k]
+                if q <= 0 or skip[k]:
+                    continue
+                mass[image, k] += q
+                for d in range(dim):
+                    z = (X[i, d] - means[k, d]) * inv_sigmas[k, d]
+                    first[image, k, d] += q * z
+                    second[image, k, d] += q * (z * z - 1.0)

@@ -1,0 +1,7 @@
+"""Encoders: one fixed-length vector per image from its local descriptors."""
+
+from .bof import BoFEncoder
+from .fisher import FisherEncoder
+from .vlad import VLADEncoder
+
+__all__ = ["BoFEncoder", "FisherEncoder", "VLADEncoder"]

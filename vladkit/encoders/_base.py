@@ -1,0 +1,211 @@
+"""What every encoder shares: input handling, the vocabulary, chunked streaming of rows."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
+
+from ..vocabulary import _Vocabulary, load_vocabulary
+
+#: Rows (descriptors) per chunk: bounds the (rows, K) distance / posterior scratch.
+CHUNK_ROWS = 1 << 15
+
+
+def descriptor_sets(X):
+    """The (n_i, D) descriptor arrays of X: a list of LocalFeatures or of 2-D arrays."""
+    if isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype != object:
+        raise TypeError(
+            "X must be a list with one descriptor set per image (LocalFeatures or (n_i, D) "
+            f"arrays), got one 2-D array of shape {X.shape}; wrap it as [X] for one image"
+        )
+    sets = []
+    for index, item in enumerate(X):
+        descriptors = np.asarray(getattr(item, "descriptors", item))
+        if descriptors.ndim != 2:
+            raise ValueError(
+                f"image {index}: descriptors must be a 2-D (n, D) array, got shape {descriptors.shape}"
+            )
+        if descriptors.dtype.kind not in "fiu":
+            raise TypeError(f"image {index}: descriptors must be numeric, got dtype {descriptors.dtype}")
+        sets.append(descriptors)
+    return sets
+
+
+def row_chunks(sets, dim, dtype, max_rows=CHUNK_ROWS):
+    """Stream the descriptors of all images in chunks of at most ``max_rows`` rows.
+
+    Yields (X, segments): X is (rows, dim) in ``dtype``; segments is an (S, 3) int64 array
+    of (image index, first row, end row), each image at most once per chunk. Images with
+    no descriptors never appear; a large image is split across consecutive chunks.
+    """
+    parts, segments, rows = [], [], 0
+    for index, descriptors in enumerate(sets):
+        if len(descriptors) and descriptors.shape[1] != dim:
+            raise ValueError(
+                f"image {index}: descriptors have dimension {descriptors.shape[1]}, the "
+                f"vocabulary expects {dim}"
+            )
+        start = 0
+        while start < len(descriptors):
+            take = min(len(descriptors) - start, max_rows - rows)
+            part = descriptors[start:start + take]
+            if not np.all(np.isfinite(part)):
+                raise ValueError(f"image {index}: descriptors contain NaN or inf")
+            parts.append(part)
+            segments.append((index, rows, rows + take))
+            rows += take
+            start += take
+            if rows == max_rows:
+                yield _pack(parts, dtype), np.array(segments, dtype=np.int64)
+                parts, segments, rows = [], [], 0
+    if rows:
+        yield _pack(parts, dtype), np.array(segments, dtype=np.int64)
+
+
+def _pack(parts, dtype):
+    out = np.empty((sum(len(p) for p in parts), parts[0].shape[1]), dtype=dtype)
+    row = 0
+    for part in parts:
+        out[row:row + len(part)] = part
+        row += len(part)
+    return out
+
+
+def work_dtype(sets):
+    """float64 if any image's descriptors are float64 (kept for precision), else float32."""
+    return np.float64 if any(s.dtype == np.float64 for s in sets) else np.float32
+
+
+class BaseEncoder(TransformerMixin, BaseEstimator):
+    """Fit resolves the vocabulary; transform streams rows and hands chunks to the subclass.
+
+    Subclasses define ``_vocabulary_class``, ``_size_param``, ``_start(n_images, dtype)``
+    returning accumulators, ``_add(chunk, segments, acc)``, ``_finish(acc, counts)``
+    returning the (n_images, dim) vectors, and ``n_features_out_``-related names.
+    """
+
+    _vocabulary_class = None
+    _size_param = None
+    _prefix = None
+
+    # -- fit -------------------------------------------------------------------------
+
+    def _resolve_vocabulary(self, X):
+        vocabulary = self.vocabulary
+        if vocabulary is None:
+            vocabulary = self._vocabulary_class(
+                getattr(self, self._size_param), max_descriptors=self.max_descriptors,
+                pca=getattr(self, "pca", None), random_state=self.random_state,
+            )
+        elif isinstance(vocabulary, (str, os.PathLike)):
+            vocabulary = load_vocabulary(vocabulary)
+        elif not isinstance(vocabulary, _Vocabulary):
+            raise TypeError(
+                "vocabulary must be None, a vocabulary file path or a vocabulary object, got "
+                f"{type(vocabulary).__name__}"
+            )
+        if not isinstance(vocabulary, self._vocabulary_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self._vocabulary_class.__name__}, got "
+                f"{type(vocabulary).__name__}"
+            )
+        if not hasattr(vocabulary, "descriptor_dim_"):
+            # An unfitted vocabulary (e.g. after sklearn.clone) is a template: train a copy.
+            vocabulary = clone(vocabulary).fit(X)
+        return vocabulary
+
+    def fit(self, X, y=None):
+        """Resolve the vocabulary: train one on X (``vocabulary=None`` or an unfitted
+        vocabulary object), load a file path, or take a fitted vocabulary object as is.
+
+        Parameters
+        ----------
+        X : list of LocalFeatures or of (n_i, D) arrays
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        sets = descriptor_sets(X)
+        if not sets:
+            raise ValueError("X holds no images")
+        self.vocabulary_ = self._resolve_vocabulary(sets)
+        dims = {s.shape[1] for s in sets if len(s)}
+        if dims and dims != {self.vocabulary_.descriptor_dim_}:
+            raise ValueError(
+                f"descriptors have dimension {sorted(dims)}, the vocabulary expects "
+                f"{self.vocabulary_.descriptor_dim_}"
+            )
+        self._fit_encoding(sets)
+        self.n_features_out_ = len(self._feature_names())
+        return self
+
+    def _fit_encoding(self, sets):
+        """Hook for encoders that learn more than the vocabulary (e.g. idf weights)."""
+
+    # -- transform -------------------------------------------------------------------
+
+    def transform(self, X):
+        """Encode each image's descriptors into one vector.
+
+        Parameters
+        ----------
+        X : list of LocalFeatures or of (n_i, D) arrays
+            An image with no descriptors gives a vector of zeros.
+
+        Returns
+        -------
+        ndarray (n_images, n_features_out_), float32
+        """
+        check_is_fitted(self, "vocabulary_")
+        sets = descriptor_sets(X)
+        dtype = work_dtype(sets)
+        vocabulary = self.vocabulary_
+        acc = self._start(len(sets), dtype)
+        with threadpool_limits(limits=self._n_threads()):
+            for chunk, segments in row_chunks(sets, vocabulary.descriptor_dim_, dtype):
+                self._add(vocabulary.project(chunk), segments, acc)
+        counts = np.array([len(s) for s in sets], dtype=np.int64)
+        vectors = self._finish(acc, counts)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def _n_threads(self):
+        if self.n_jobs is None:
+            return None
+        return self.n_jobs if self.n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + self.n_jobs)
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the output columns, e.g. ``vlad_w3_d17`` (word 3, dimension 17)."""
+        check_is_fitted(self, "vocabulary_")
+        return np.asarray(self._feature_names(), dtype=object)
+
+    def _word_dim_names(self, prefix):
+        vocabulary = self.vocabulary_
+        return [f"{prefix}_w{k}_d{d}" for k in range(vocabulary.n_words_) for d in range(vocabulary.dim_)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        return tags
+
+
+def mean_nearest_squared_distance(vocabulary, sets, max_rows=20_000):
+    """Mean squared distance of (up to ``max_rows``, evenly strided) descriptors to their
+    nearest word: the natural scale sigma^2 of soft assignment, estimated at fit time."""
+    from ..kernels import nearest_words
+
+    total = sum(len(s) for s in sets)
+    if total == 0:
+        raise ValueError("no descriptors in X to estimate the soft-assignment scale from")
+    stride = max(1, total // max_rows)
+    sample = np.concatenate([s for s in sets if len(s)])[::stride]
+    X = vocabulary.project(sample)
+    centers = vocabulary.centers_.astype(X.dtype, copy=False)
+    distances = nearest_words(X, centers)[1]
+    return max(float(np.mean(distances, dtype=np.float64)), np.finfo(np.float32).tiny)

@@ -1,0 +1,128 @@
+"""Bag of Features: histograms of visual words (Sivic & Zisserman 2003; Csurka et al. 2004)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels import histogram_sparse, knn_weights, nearest_words, squared_norms
+from ..normalize import l1_normalize, l2_normalize, power_normalize
+from ..vocabulary import KMeansVocabulary
+from ._base import BaseEncoder, mean_nearest_squared_distance, row_chunks, work_dtype
+
+NORMS = ("l2", "l1", None)
+
+
+class BoFEncoder(BaseEncoder):
+    """Bag-of-Features histogram: how often each visual word occurs in the image.
+
+    h_k = sum_i q_ik with q_ik one-hot on the nearest word ("hard"), or the kernel codebook
+    weights exp(-||x_i - c_k||^2 / (2 sigma^2)) over the ``n_neighbors`` nearest words,
+    normalised to sum 1 per descriptor ("soft"; van Gemert et al. 2010). Then, in order:
+
+    1. ``tf_idf``: h_k *= idf_k = ln((1 + n) / (1 + df_k)) + 1, with df_k the number of the n
+       training images in which word k occurs (scikit-learn's smoothed idf);
+    2. ``power``: h = h^power (0.5 then ``norm="l2"`` is the Hellinger / Bhattacharyya map);
+    3. ``norm``: h / max(||h||, 1e-12) in L2 or L1.
+
+    Parameters
+    ----------
+    n_clusters : int, default=1000
+    vocabulary : None, str, path or KMeansVocabulary
+        As for :class:`VLADEncoder`.
+    assignment : {"hard", "soft"}, default="hard"
+    n_neighbors : int, default=5
+        Words per descriptor for "soft".
+    sigma : float or None, default=None
+        Kernel width for "soft"; None estimates sigma^2 at fit time as the mean squared
+        distance of descriptors to their nearest word (``sigma_``).
+    tf_idf : bool, default=False
+    norm : {"l2", "l1", None}, default="l2"
+    power : float or None, default=None
+    max_descriptors, random_state, n_jobs
+        As for :class:`VLADEncoder`.
+
+    Attributes
+    ----------
+    vocabulary_, sigma_, idf_ (None without ``tf_idf``), n_features_out_
+    """
+
+    _vocabulary_class = KMeansVocabulary
+    _size_param = "n_clusters"
+
+    def __init__(self, n_clusters=1000, *, vocabulary=None, assignment="hard", n_neighbors=5,
+                 sigma=None, tf_idf=False, norm="l2", power=None, max_descriptors=200_000,
+                 random_state=None, n_jobs=None):
+        self.n_clusters = n_clusters
+        self.vocabulary = vocabulary
+        self.assignment = assignment
+        self.n_neighbors = n_neighbors
+        self.sigma = sigma
+        self.tf_idf = tf_idf
+        self.norm = norm
+        self.power = power
+        self.max_descriptors = max_descriptors
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def _validate_params(self):
+        if self.assignment not in ("hard", "soft"):
+            raise ValueError(f"assignment must be 'hard' or 'soft', got {self.assignment!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be 'l2', 'l1' or None, got {self.norm!r}")
+        if not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
+        if self.sigma is not None and not (np.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma must be a positive number or None, got {self.sigma!r}")
+        if self.power is not None and not (np.isfinite(self.power) and self.power > 0):
+            raise ValueError(f"power must be a positive number or None, got {self.power!r}")
+
+    def _fit_encoding(self, sets):
+        if self.assignment == "hard":
+            self.sigma_ = None
+        elif self.sigma is not None:
+            self.sigma_ = float(self.sigma)
+        else:
+            self.sigma_ = float(np.sqrt(mean_nearest_squared_distance(self.vocabulary_, sets)))
+        self.idf_ = None
+        if self.tf_idf:
+            counts = self._histograms(sets)
+            document_frequency = (counts > 0).sum(axis=0)
+            self.idf_ = np.log((1 + len(sets)) / (1 + document_frequency)) + 1
+
+    def _histograms(self, sets):
+        """Raw (n_images, K) float64 word counts (hard) or summed weights (soft)."""
+        dtype = work_dtype(sets)
+        acc = self._start(len(sets), dtype)
+        for chunk, segments in row_chunks(sets, self.vocabulary_.descriptor_dim_, dtype):
+            self._add(self.vocabulary_.project(chunk), segments, acc)
+        return acc["counts"]
+
+    def _start(self, n_images, dtype):
+        centers = self.vocabulary_.centers_.astype(dtype)
+        return {"centers": centers, "centers_sqnorm": squared_norms(centers),
+                "counts": np.zeros((n_images, self.vocabulary_.n_words_), dtype=np.float64)}
+
+    def _add(self, X, segments, acc):
+        if self.assignment == "hard":
+            labels = nearest_words(X, acc["centers"], acc["centers_sqnorm"])[0]
+            neighbors, weights = labels[:, None], np.ones((len(X), 1), dtype=np.float64)
+        else:
+            alpha = 0.5 / self.sigma_**2
+            neighbors, weights = knn_weights(X, acc["centers"], self.n_neighbors, alpha, acc["centers_sqnorm"])
+        histogram_sparse(neighbors, weights, segments, acc["counts"])
+
+    def _finish(self, acc, counts):
+        histograms = acc["counts"]
+        if self.idf_ is not None:
+            histograms *= self.idf_
+        if self.power is not None:
+            power_normalize(histograms, self.power)
+        if self.norm == "l2":
+            l2_normalize(histograms)
+        elif self.norm == "l1":
+            l1_normalize(histograms)
+        return histograms
+
+    def _feature_names(self):
+        return [f"bof_w{k}" for k in range(self.vocabulary_.n_words_)]
+

@@ -1,0 +1,160 @@
+"""VLAD: Vector of Locally Aggregated Descriptors (Jegou et al. 2010), hard, multiple and
+NetVLAD-style soft assignment, with VLFeat's normalisations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels import (
+    accumulate_hard,
+    accumulate_sparse,
+    knn_weights,
+    nearest_words,
+    softmax_weights,
+    squared_norms,
+)
+from ..normalize import intra_normalize, l2_normalize, power_normalize
+from ..vocabulary import KMeansVocabulary
+from ._base import BaseEncoder, mean_nearest_squared_distance
+
+ASSIGNMENTS = ("hard", "knn", "soft")
+
+
+class VLADEncoder(BaseEncoder):
+    """VLAD encoding: per visual word, the sum of residuals of the descriptors assigned to it.
+
+    With assignment weights q_ik (one-hot for hard assignment) and words c_k (VLFeat's
+    ``vl_vlad_encode``, whose results this matches element for element):
+
+    1. v_k = sum_i q_ik (x_i - c_k)   [with ``normalize_mass``: v_k = sum_i q_ik x_i / m_k - c_k,
+       m_k = sum_i q_ik; a word with m_k = 0 keeps v_k = 0]
+    2. ``power``: v = sign(v) |v|^power (0.5: signed square root)
+    3. ``intra_norm``: v_k = v_k / max(||v_k||, 1e-12) per word (Arandjelovic & Zisserman 2013)
+    4. ``l2``: v = v / max(||v||, 1e-12)
+
+    The output is [v_1, ..., v_K], K * D values (D after the vocabulary's PCA, if any).
+
+    Parameters
+    ----------
+    n_clusters : int, default=64
+        Size K of the vocabulary trained by ``fit`` when ``vocabulary`` is None.
+    vocabulary : None, str, path or KMeansVocabulary
+        A vocabulary file, a fitted vocabulary (used as is) or an unfitted one (a copy is
+        fitted on X); None trains ``KMeansVocabulary(n_clusters)`` on X.
+    assignment : {"hard", "knn", "soft"}, default="hard"
+        "hard": the nearest word. "knn": Jegou et al.'s multiple assignment, the
+        ``n_neighbors`` nearest words with weights exp(-alpha ||x - c_k||^2) normalised to
+        sum 1 (alpha = 1/(2 sigma^2)). "soft": NetVLAD's softmax_k(-alpha ||x - c_k||^2) over
+        all words (Arandjelovic et al. 2016).
+    n_neighbors : int, default=5
+        Words per descriptor for "knn".
+    alpha : float or None, default=None
+        Sharpness of "knn" and "soft". None estimates it at fit time as 1 / (2 sigma^2),
+        sigma^2 the mean squared distance of descriptors to their nearest word (``alpha_``).
+    normalize_mass : bool, default=False
+    power : float or None, default=0.5
+    intra_norm : bool, default=True
+    l2 : bool, default=True
+    max_descriptors, random_state
+        For the vocabulary ``fit`` trains.
+    n_jobs : int or None
+        Threads for BLAS and the aggregation (None: all cores).
+
+    Attributes
+    ----------
+    vocabulary_ : KMeansVocabulary
+    alpha_ : float or None
+    n_features_out_ : int
+    """
+
+    _vocabulary_class = KMeansVocabulary
+    _size_param = "n_clusters"
+
+    def __init__(self, n_clusters=64, *, vocabulary=None, assignment="hard", n_neighbors=5,
+                 alpha=None, normalize_mass=False, power=0.5, intra_norm=True, l2=True,
+                 max_descriptors=200_000, random_state=None, n_jobs=None):
+        self.n_clusters = n_clusters
+        self.vocabulary = vocabulary
+        self.assignment = assignment
+        self.n_neighbors = n_neighbors
+        self.alpha = alpha
+        self.normalize_mass = normalize_mass
+        self.power = power
+        self.intra_norm = intra_norm
+        self.l2 = l2
+        self.max_descriptors = max_descriptors
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def _validate_params(self):
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        if not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
+        if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive number or None, got {self.alpha!r}")
+        if self.power is not None and not (np.isfinite(self.power) and self.power > 0):
+            raise ValueError(f"power must be a positive number or None, got {self.power!r}")
+
+    def _fit_encoding(self, sets):
+        if self.assignment == "hard":
+            self.alpha_ = None
+        elif self.alpha is not None:
+            self.alpha_ = float(self.alpha)
+        else:
+            self.alpha_ = 0.5 / mean_nearest_squared_distance(self.vocabulary_, sets)
+
+    def _start(self, n_images, dtype):
+        vocabulary = self.vocabulary_
+        centers = vocabulary.centers_.astype(dtype)
+        return {
+            "centers": centers,
+            "centers_sqnorm": squared_norms(centers),
+            "sums": np.zeros((n_images, vocabulary.n_words_, vocabulary.dim_), dtype=dtype),
+            "mass": np.zeros((n_images, vocabulary.n_words_), dtype=np.float64),
+        }
+
+    def _add(self, X, segments, acc):
+        centers, sums, mass = acc["centers"], acc["sums"], acc["mass"]
+        if self.assignment == "hard":
+            labels = nearest_words(X, centers, acc["centers_sqnorm"])[0]
+            accumulate_hard(X, labels, segments, sums, mass)
+        elif self.assignment == "knn":
+            neighbors, weights = knn_weights(X, centers, self.n_neighbors, self.alpha_, acc["centers_sqnorm"])
+            accumulate_sparse(X, neighbors, weights, segments, sums, mass)
+        else:
+            weights = softmax_weights(X, centers, self.alpha_, acc["centers_sqnorm"])
+            for image, start, end in segments:
+                sums[image] += weights[start:end].T @ X[start:end]
+                mass[image] += weights[start:end].sum(axis=0, dtype=np.float64)
+
+    def _finish(self, acc, counts):
+        return aggregate_residuals(acc["sums"], acc["mass"], acc["centers"], self.normalize_mass,
+                                   self.power, self.intra_norm, self.l2)
+
+    def _feature_names(self):
+        return self._word_dim_names("vlad")
+
+
+def aggregate_residuals(sums, mass, centers, normalize_mass, power, intra_norm, l2):
+    """VLAD steps 1-4 from the per-word sums s_k = sum_i q_ik x_i and masses m_k.
+
+    sums : (n, K, D), modified in place; mass : (n, K); centers : (K, D).
+    Returns (n, K * D).
+    """
+    n, n_words, dim = sums.shape
+    assigned = mass > 0
+    if normalize_mass:
+        sums /= np.where(assigned, mass, 1.0)[:, :, None].astype(sums.dtype)
+        sums -= centers[None]
+    else:
+        sums -= mass[:, :, None].astype(sums.dtype) * centers[None]
+    sums[~assigned] = 0  # VLFeat: a word with no mass keeps a zero block (not -c_k)
+    vectors = sums.reshape(n, n_words * dim)
+    if power is not None:
+        power_normalize(vectors, power)
+    if intra_norm:
+        intra_normalize(vectors, n_words)
+    if l2:
+        l2_normalize(vectors)
+    return vectors
