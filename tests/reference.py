@@ -1,0 +1,124 @@
+"""Slow, obvious numpy implementations of the encodings, written from the formulas
+(DESIGN.md and VLFeat's documentation), in float64, one image at a time."""
+
+import numpy as np
+
+from vladkit import GMMVocabulary, KMeansVocabulary
+
+
+def kmeans_vocabulary(centers):
+    """A KMeansVocabulary with the given centers (no training)."""
+    vocab = KMeansVocabulary(len(centers))
+    vocab.centers_ = np.ascontiguousarray(centers)
+    vocab.descriptor_dim_ = centers.shape[1]
+    vocab.pca_mean_ = vocab.pca_components_ = None
+    vocab.n_training_descriptors_ = 0
+    return vocab
+
+
+def gmm_vocabulary(means, variances, weights):
+    vocab = GMMVocabulary(len(means))
+    vocab.means_, vocab.covariances_, vocab.weights_ = means, variances, weights
+    vocab.descriptor_dim_ = means.shape[1]
+    vocab.pca_mean_ = vocab.pca_components_ = None
+    vocab.n_training_descriptors_ = 0
+    return vocab
+
+
+def squared_distances(X, centers):
+    return ((X[:, None, :].astype(np.float64) - centers[None].astype(np.float64)) ** 2).sum(-1)
+
+
+def hard_weights(X, centers):
+    d = squared_distances(X, centers)
+    Q = np.zeros_like(d)
+    Q[np.arange(len(X)), d.argmin(1)] = 1
+    return Q
+
+
+def knn_weights(X, centers, n_neighbors, alpha):
+    d = squared_distances(X, centers)
+    Q = np.zeros_like(d)
+    for i in range(len(X)):
+        nearest = np.argsort(d[i], kind="stable")[:n_neighbors]
+        w = np.exp(-alpha * d[i, nearest])
+        Q[i, nearest] = w / w.sum()
+    return Q
+
+
+def soft_weights(X, centers, alpha):
+    s = -alpha * squared_distances(X, centers)
+    e = np.exp(s - s.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def normalize(v, power, blocks, l2):
+    v = v.copy()
+    if power is not None:
+        v = np.sign(v) * np.abs(v) ** power
+    if blocks:
+        v = v.reshape(blocks, -1)
+        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        v = v.ravel()
+    if l2:
+        v = v / max(np.linalg.norm(v), 1e-12)
+    return v
+
+
+def vlad(X, centers, Q, normalize_mass=False, power=0.5, intra_norm=True, l2=True):
+    K, D = centers.shape
+    v = np.zeros((K, D))
+    for k in range(K):
+        mask = Q[:, k] > 0
+        mass = Q[mask, k].sum()
+        if mass == 0:
+            continue
+        total = (Q[mask, k, None] * X[mask]).sum(0)
+        v[k] = total / mass - centers[k] if normalize_mass else total - mass * centers[k]
+    return normalize(v.ravel(), power, K if intra_norm else 0, l2)
+
+
+def posteriors(X, means, variances, weights, fast=False):
+    log_w = np.where(weights < 1e-6, -np.inf, np.log(np.maximum(weights, 1e-300)))
+    log_p = (log_w - 0.5 * np.log(2 * np.pi * variances).sum(1)
+             - 0.5 * (((X[:, None, :] - means[None]) ** 2) / variances[None]).sum(-1))
+    q = np.exp(log_p - log_p.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    if fast:
+        q = np.eye(len(means))[q.argmax(1)]
+    return np.where(q < 1e-6, 0, q)
+
+
+def fisher(X, means, variances, weights, improved=True, power=0.5, l2=True, fast=False,
+           include_weights=False):
+    X, means, variances, weights = (np.asarray(a, np.float64) for a in (X, means, variances, weights))
+    K, D = means.shape
+    N = len(X)
+    u, v, w = np.zeros((K, D)), np.zeros((K, D)), np.zeros(K)
+    if N:
+        q = posteriors(X, means, variances, weights, fast)
+        sigma = np.sqrt(variances)
+        for k in range(K):
+            if weights[k] < 1e-6:
+                continue
+            z = (X - means[k]) / sigma[k]
+            u[k] = (q[:, k, None] * z).sum(0) / (N * np.sqrt(weights[k]))
+            v[k] = (q[:, k, None] * (z**2 - 1)).sum(0) / (N * np.sqrt(2 * weights[k]))
+            w[k] = (q[:, k] - weights[k]).sum() / (N * np.sqrt(weights[k]))
+    parts = [u.ravel(), v.ravel()] + ([w] if include_weights else [])
+    if improved:
+        power, l2 = 0.5, True
+    return normalize(np.concatenate(parts), power, 0, l2)
+
+
+def bof(X, centers, Q_fn, idf=None, power=None, norm="l2"):
+    h = Q_fn(X, centers).sum(0) if len(X) else np.zeros(len(centers))
+    if idf is not None:
+        h = h * idf
+    if power is not None:
+        h = h**power
+    if norm == "l2":
+        h = h / max(np.linalg.norm(h), 1e-12)
+    elif norm == "l1":
+        h = h / max(np.abs(h).sum(), 1e-12)
+    return h
