@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from ._threads import effective_n_jobs
 from .dsift import DESCRIPTOR_DIM, dense_sift
 from .images import DEFAULT_MAX_PIXELS, read_image
 
@@ -133,11 +134,7 @@ class _Extractor(TransformerMixin, BaseEstimator):
         """
         self._validate_params()
         images = _check_images(X)
-        n_jobs = self.n_jobs
-        if n_jobs is None or n_jobs == 0:
-            n_jobs = 1
-        elif n_jobs < 0:
-            n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+        n_jobs = effective_n_jobs(self.n_jobs) or 1
         if n_jobs == 1 or len(images) <= 1:
             return [self._extract_one(image) for image in images]
         # Threads suffice: OpenCV and numpy release the GIL in the heavy parts, and

@@ -283,10 +283,14 @@ def softmax_weights(X, centers, alpha, centers_sqnorm=None):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def accumulate_hard(X, labels, segments, sums, mass):
-    """sums[img, k] += x_i and mass[img, k] += 1 for each row i of the image with label k.
+def accumulate_hard(X, labels, centers, segments, residuals, mass):
+    """residuals[img, k] += x_i - c_k and mass[img, k] += 1 for each row i with label k.
 
-    X : (n, D); labels : (n,) int64; sums : (n_images, K, D); mass : (n_images, K) float64.
+    Summing residuals (rather than sum x_i - m_k c_k) avoids the cancellation that makes
+    the latter pure round-off when c_k is close to the mean of its descriptors.
+
+    X : (n, D); labels : (n,) int64; centers : (K, D); residuals : (n_images, K, D);
+    mass : (n_images, K) float64.
     """
     for s in prange(segments.shape[0]):
         image, start, end = segments[s, 0], segments[s, 1], segments[s, 2]
@@ -294,11 +298,11 @@ def accumulate_hard(X, labels, segments, sums, mass):
             k = labels[i]
             mass[image, k] += 1.0
             for d in range(X.shape[1]):
-                sums[image, k, d] += X[i, d]
+                residuals[image, k, d] += X[i, d] - centers[k, d]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def accumulate_sparse(X, neighbors, weights, segments, sums, mass):
+def accumulate_sparse(X, neighbors, weights, centers, segments, residuals, mass):
     """Weighted version of :func:`accumulate_hard` over a few words per row.
 
     neighbors, weights : (n, m); entries with weight <= 0 are ignored (VLFeat's rule).
@@ -313,7 +317,7 @@ def accumulate_sparse(X, neighbors, weights, segments, sums, mass):
                 k = neighbors[i, j]
                 mass[image, k] += w
                 for d in range(X.shape[1]):
-                    sums[image, k, d] += w * X[i, d]
+                    residuals[image, k, d] += w * (X[i, d] - centers[k, d])
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -30,6 +30,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from . import __version__
+from ._threads import effective_n_jobs
 from .kernels import diagonal_gaussian_terms, log_posteriors, nearest_words, squared_distances, squared_norms
 
 __all__ = [
@@ -194,15 +195,10 @@ class _Vocabulary(BaseEstimator):
         self.descriptor_dim_ = sample.shape[1]
         self._fit_pca(sample, model_seed)
         projected = self.project(sample)
-        with threadpool_limits(limits=self._n_threads()):
+        with threadpool_limits(limits=effective_n_jobs(self.n_jobs)):
             self._fit_words(projected, model_seed)
         self.n_training_descriptors_ = len(sample)
         return self
-
-    def _n_threads(self):
-        if self.n_jobs is None:
-            return None
-        return self.n_jobs if self.n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + self.n_jobs)
 
     def _fit_pca(self, sample, seed):
         if self.pca is None:

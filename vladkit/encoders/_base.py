@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
+from .._threads import effective_n_jobs, numba_threads
 from ..vocabulary import _Vocabulary, load_vocabulary
 
 #: Rows (descriptors) per chunk: bounds the (rows, K) distance / posterior scratch.
@@ -168,17 +170,15 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         dtype = work_dtype(sets)
         vocabulary = self.vocabulary_
         acc = self._start(len(sets), dtype)
-        with threadpool_limits(limits=self._n_threads()):
+        # threadpool_limits costs ~10 ms (it scans the loaded libraries): only when asked.
+        n_jobs = effective_n_jobs(self.n_jobs)
+        limits = threadpool_limits(limits=n_jobs) if n_jobs is not None else nullcontext()
+        with limits, numba_threads(self.n_jobs):
             for chunk, segments in row_chunks(sets, vocabulary.descriptor_dim_, dtype):
                 self._add(vocabulary.project(chunk), segments, acc)
         counts = np.array([len(s) for s in sets], dtype=np.int64)
         vectors = self._finish(acc, counts)
         return np.ascontiguousarray(vectors, dtype=np.float32)
-
-    def _n_threads(self):
-        if self.n_jobs is None:
-            return None
-        return self.n_jobs if self.n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + self.n_jobs)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns, e.g. ``vlad_w3_d17`` (word 3, dimension 17)."""

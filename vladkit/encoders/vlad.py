@@ -110,47 +110,47 @@ class VLADEncoder(BaseEncoder):
         return {
             "centers": centers,
             "centers_sqnorm": squared_norms(centers),
-            "sums": np.zeros((n_images, vocabulary.n_words_, vocabulary.dim_), dtype=dtype),
+            "residuals": np.zeros((n_images, vocabulary.n_words_, vocabulary.dim_), dtype=dtype),
             "mass": np.zeros((n_images, vocabulary.n_words_), dtype=np.float64),
         }
 
     def _add(self, X, segments, acc):
-        centers, sums, mass = acc["centers"], acc["sums"], acc["mass"]
+        centers, residuals, mass = acc["centers"], acc["residuals"], acc["mass"]
         if self.assignment == "hard":
             labels = nearest_words(X, centers, acc["centers_sqnorm"])[0]
-            accumulate_hard(X, labels, segments, sums, mass)
+            accumulate_hard(X, labels, centers, segments, residuals, mass)
         elif self.assignment == "knn":
             neighbors, weights = knn_weights(X, centers, self.n_neighbors, self.alpha_, acc["centers_sqnorm"])
-            accumulate_sparse(X, neighbors, weights, segments, sums, mass)
+            accumulate_sparse(X, neighbors, weights, centers, segments, residuals, mass)
         else:
+            # Dense weights: two BLAS products per image, W^T X - (W^T 1) c.
             weights = softmax_weights(X, centers, self.alpha_, acc["centers_sqnorm"])
             for image, start, end in segments:
-                sums[image] += weights[start:end].T @ X[start:end]
-                mass[image] += weights[start:end].sum(axis=0, dtype=np.float64)
+                image_mass = weights[start:end].sum(axis=0, dtype=np.float64)
+                residuals[image] += weights[start:end].T @ X[start:end]
+                residuals[image] -= image_mass[:, None].astype(X.dtype) * centers
+                mass[image] += image_mass
 
     def _finish(self, acc, counts):
-        return aggregate_residuals(acc["sums"], acc["mass"], acc["centers"], self.normalize_mass,
+        return aggregate_residuals(acc["residuals"], acc["mass"], self.normalize_mass,
                                    self.power, self.intra_norm, self.l2)
 
     def _feature_names(self):
         return self._word_dim_names("vlad")
 
 
-def aggregate_residuals(sums, mass, centers, normalize_mass, power, intra_norm, l2):
-    """VLAD steps 1-4 from the per-word sums s_k = sum_i q_ik x_i and masses m_k.
+def aggregate_residuals(residuals, mass, normalize_mass, power, intra_norm, l2):
+    """VLAD steps 1-4 from the per-word residual sums r_k = sum_i q_ik (x_i - c_k) and
+    masses m_k (with ``normalize_mass``, v_k = r_k / m_k = sum_i q_ik x_i / m_k - c_k).
 
-    sums : (n, K, D), modified in place; mass : (n, K); centers : (K, D).
-    Returns (n, K * D).
+    residuals : (n, K, D), modified in place; mass : (n, K). Returns (n, K * D).
     """
-    n, n_words, dim = sums.shape
+    n, n_words, dim = residuals.shape
     assigned = mass > 0
     if normalize_mass:
-        sums /= np.where(assigned, mass, 1.0)[:, :, None].astype(sums.dtype)
-        sums -= centers[None]
-    else:
-        sums -= mass[:, :, None].astype(sums.dtype) * centers[None]
-    sums[~assigned] = 0  # VLFeat: a word with no mass keeps a zero block (not -c_k)
-    vectors = sums.reshape(n, n_words * dim)
+        residuals /= np.where(assigned, mass, 1.0)[:, :, None].astype(residuals.dtype)
+    residuals[~assigned] = 0  # VLFeat: a word with no mass keeps a zero block (not -c_k)
+    vectors = residuals.reshape(n, n_words * dim)
     if power is not None:
         power_normalize(vectors, power)
     if intra_norm:
