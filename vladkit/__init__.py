@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# vladkit alternates BLAS products (OpenBLAS threads) with numba parallel kernels (OpenMP
+# threads). By default OpenMP threads spin after a parallel region and steal the cores
+# the next matrix product needs: measured here, a 10k x 256 assignment took 16.6 ms
+# instead of 11.3 ms. Sleeping threads cost microseconds to wake. The user's setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .encoders import BoFEncoder, FisherEncoder, VLADEncoder
 from .features import SIFT, DenseSIFT, LocalFeatures, root_sift
 from .images import ImageReadError, list_images, read_image

@@ -19,6 +19,10 @@ from numba import njit, prange
 
 _TWO_PI = 2.0 * math.pi
 
+# Let LLVM vectorise reductions and fuse multiply-adds; not "nnan"/"ninf": GMM scores hold
+# -inf for skipped components, and those must compare correctly.
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
 #: Scratch budget of one chunk of an (n, K) distance or likelihood matrix, in elements.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -37,33 +41,51 @@ def squared_norms(X):
     return np.einsum("ij,ij->i", X, X)
 
 
-def nearest_words(X, centers, centers_sqnorm=None):
+def nearest_words(X, centers, centers_sqnorm=None, with_distances=True):
     """Nearest center of each row of X, by BLAS: ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2.
+
+    The products x.c come from one matrix product per chunk; a numba pass then finds
+    each row's minimum of ||c||^2 - 2 x.c (||x||^2 does not change the argmin).
 
     Parameters
     ----------
     X : (n, D) float32 or float64
     centers : (K, D), same dtype as X
     centers_sqnorm : (K,), optional, precomputed ``squared_norms(centers)``
+    with_distances : bool
+        Also return the squared distances (costs one more pass over X).
 
     Returns
     -------
     labels : (n,) int64, index of the nearest center (the first one on ties)
-    distances : (n,) X's dtype, squared distance to it (clamped at 0 against round-off)
+    distances : (n,) X's dtype, squared distance to it (clamped at 0 against round-off),
+        or None
     """
     n = X.shape[0]
     if centers_sqnorm is None:
         centers_sqnorm = squared_norms(centers)
     labels = np.empty(n, dtype=np.int64)
-    distances = np.empty(n, dtype=X.dtype)
+    best = np.empty(n, dtype=X.dtype)
     for rows in _chunks(n, centers.shape[0]):
-        block = X[rows] @ centers.T
-        block *= -2
-        block += centers_sqnorm
-        labels[rows] = np.argmin(block, axis=1)
-        nearest = np.take_along_axis(block, labels[rows, None], axis=1)[:, 0]
-        distances[rows] = np.maximum(nearest + squared_norms(X[rows]), 0)
-    return labels, distances
+        _argmin_rows(X[rows] @ centers.T, centers_sqnorm, labels[rows], best[rows])
+    if not with_distances:
+        return labels, None
+    return labels, np.maximum(best + squared_norms(X), 0)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def _argmin_rows(products, centers_sqnorm, labels, best):
+    """labels[i] = argmin_k (||c_k||^2 - 2 products[i, k]); best[i] = that minimum."""
+    for i in prange(products.shape[0]):
+        arg = 0
+        low = centers_sqnorm[0] - 2 * products[i, 0]
+        for k in range(1, products.shape[1]):
+            value = centers_sqnorm[k] - 2 * products[i, k]
+            if value < low:
+                low = value
+                arg = k
+        labels[i] = arg
+        best[i] = low
 
 
 def squared_distances(X, centers, centers_sqnorm=None):
@@ -103,11 +125,16 @@ def diagonal_gaussian_terms(means, variances, weights):
     return np.ascontiguousarray(coefficients), constants
 
 
-def gaussian_log_densities(X, coefficients, constants):
-    """(n, K) log(pi_k N(x_i; mu_k, s2_k)) from :func:`diagonal_gaussian_terms`, in X's dtype."""
-    features = np.concatenate([X * X, X], axis=1)
+def gaussian_log_densities(X, coefficients, constants=None):
+    """(n, K) log(pi_k N(x_i; mu_k, s2_k)) from :func:`diagonal_gaussian_terms`, in X's
+    dtype; without ``constants``, the part that depends on x only (add c_k later)."""
+    n, dim = X.shape
+    features = np.empty((n, 2 * dim), dtype=X.dtype)
+    np.multiply(X, X, out=features[:, :dim])
+    features[:, dim:] = X
     out = features @ coefficients.astype(X.dtype, copy=False)
-    out += constants.astype(X.dtype, copy=False)
+    if constants is not None:
+        out += constants.astype(X.dtype, copy=False)
     return out
 
 
@@ -276,109 +303,133 @@ def softmax_weights(X, centers, alpha, centers_sqnorm=None):
 # ------------------------------------------------------------------ encoder aggregation
 #
 # The encoders stream descriptors in chunks of rows; a chunk holds consecutive images
-# (a large image may be split over chunks). ``segments`` is an (S, 3) int64 array of
-# (image, first row, end row) within the chunk; each image appears at most once per
-# chunk, so the kernels run segments in parallel without two threads touching the same
-# accumulator row.
+# (a large image may be split over chunks). The kernels take ``tasks``, an (S, 3) int64
+# array of (image, first row, end row) within the chunk, and accumulate task t into row t
+# of their output arrays, so tasks run in parallel without sharing an accumulator; the
+# caller adds the rows of each image's tasks together (see encoders._base.split_tasks).
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def accumulate_hard(X, labels, centers, segments, residuals, mass):
-    """residuals[img, k] += x_i - c_k and mass[img, k] += 1 for each row i with label k.
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def accumulate_hard(X, labels, centers, tasks, residuals, mass):
+    """residuals[t, k] += x_i - c_k and mass[t, k] += 1 for each row i of task t with label k.
 
     Summing residuals (rather than sum x_i - m_k c_k) avoids the cancellation that makes
     the latter pure round-off when c_k is close to the mean of its descriptors.
 
-    X : (n, D); labels : (n,) int64; centers : (K, D); residuals : (n_images, K, D);
-    mass : (n_images, K) float64.
+    X : (n, D); labels : (n,) int64; centers : (K, D); residuals : (n_tasks, K, D);
+    mass : (n_tasks, K) float64.
     """
-    for s in prange(segments.shape[0]):
-        image, start, end = segments[s, 0], segments[s, 1], segments[s, 2]
+    for t in prange(tasks.shape[0]):
+        start, end = tasks[t, 1], tasks[t, 2]
         for i in range(start, end):
             k = labels[i]
-            mass[image, k] += 1.0
+            mass[t, k] += 1.0
             for d in range(X.shape[1]):
-                residuals[image, k, d] += X[i, d] - centers[k, d]
+                residuals[t, k, d] += X[i, d] - centers[k, d]
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def accumulate_sparse(X, neighbors, weights, centers, segments, residuals, mass):
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def accumulate_sparse(X, neighbors, weights, centers, tasks, residuals, mass):
     """Weighted version of :func:`accumulate_hard` over a few words per row.
 
     neighbors, weights : (n, m); entries with weight <= 0 are ignored (VLFeat's rule).
     """
-    for s in prange(segments.shape[0]):
-        image, start, end = segments[s, 0], segments[s, 1], segments[s, 2]
+    for t in prange(tasks.shape[0]):
+        start, end = tasks[t, 1], tasks[t, 2]
         for i in range(start, end):
             for j in range(neighbors.shape[1]):
                 w = weights[i, j]
                 if w <= 0:
                     continue
                 k = neighbors[i, j]
-                mass[image, k] += w
+                mass[t, k] += w
                 for d in range(X.shape[1]):
-                    residuals[image, k, d] += w * (X[i, d] - centers[k, d])
+                    residuals[t, k, d] += w * (X[i, d] - centers[k, d])
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def histogram_sparse(neighbors, weights, segments, counts):
-    """counts[img, k] += w for each (row, word, weight) of the image."""
-    for s in prange(segments.shape[0]):
-        image, start, end = segments[s, 0], segments[s, 1], segments[s, 2]
+def histogram_sparse(neighbors, weights, tasks, counts):
+    """counts[t, k] += w for each (row, word, weight) of task t."""
+    for t in prange(tasks.shape[0]):
+        start, end = tasks[t, 1], tasks[t, 2]
         for i in range(start, end):
             for j in range(neighbors.shape[1]):
                 if weights[i, j] > 0:
-                    counts[image, neighbors[i, j]] += weights[i, j]
+                    counts[t, neighbors[i, j]] += weights[i, j]
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def softmax_rows(scores, threshold, fast):
-    """In place: each row of ``scores`` becomes softmax(row); entries below ``threshold``
-    are set to 0 (not renormalised, as VLFeat). With ``fast``, the row becomes one-hot
-    at its first maximum instead."""
+#: exp(-x) for the scores of a row more than this many nats below its maximum is skipped
+#: (taken as 0), beyond log(K): the K skipped terms then change the softmax's denominator
+#: by less than exp(-17) ~ 4e-8 of it.
+SOFTMAX_MARGIN = 17.0
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def softmax_rows(scores, threshold, fast, offsets=None):
+    """In place: each row of ``scores`` (+ ``offsets``, if given) becomes its softmax.
+
+    Entries below ``threshold`` are then set to 0 (not renormalised, as VLFeat). With a
+    threshold > 0, scores more than ``log(K) + SOFTMAX_MARGIN`` below the row's maximum
+    give 0 without an exp(): GMM posteriors are sparse, so this skips most of the work.
+    (With threshold 0 every weight is kept, however small: soft VLAD's mass normalisation
+    divides by them.) With ``fast``, the row becomes one-hot at its first maximum instead.
+    """
     n, k = scores.shape
+    cutoff = math.log(k) + SOFTMAX_MARGIN if threshold > 0 else math.inf
     for i in prange(n):
-        top = scores[i, 0]
+        row = scores[i]
+        if offsets is not None:
+            for j in range(k):
+                row[j] += offsets[j]
+        top = row[0]
         arg = 0
         for j in range(1, k):
-            if scores[i, j] > top:
-                top = scores[i, j]
+            if row[j] > top:
+                top = row[j]
                 arg = j
         if fast:
             for j in range(k):
-                scores[i, j] = 0.0
-            scores[i, arg] = 1.0
+                row[j] = 0.0
+            row[arg] = 1.0
             continue
         total = 0.0
+        floor = top - cutoff
         for j in range(k):
-            e = math.exp(scores[i, j] - top)
-            scores[i, j] = e
-            total += e
+            if row[j] > floor:
+                e = math.exp(row[j] - top)
+                row[j] = e
+                total += e
+            else:
+                row[j] = 0.0
         inverse = 1.0 / total
         for j in range(k):
-            q = scores[i, j] * inverse
-            scores[i, j] = q if q >= threshold else 0.0
+            if row[j] != 0.0:
+                q = row[j] * inverse
+                row[j] = q if q >= threshold else 0.0
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def accumulate_fisher(X, posteriors, means, inv_sigmas, skip, segments, first, second, mass):
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def accumulate_fisher(X, posteriors, means, inv_sigmas, skip, tasks, first, second, mass):
     """Fisher statistics over the non-zero posteriors.
 
-    For each row i of an image and word k with q_ik > 0 and not skip[k]:
-    first[img, k] += q z, second[img, k] += q (z^2 - 1), mass[img, k] += q, where
+    For each row i of task t and word k with q_ik > 0 and not skip[k]:
+    first[t, k] += q z, second[t, k] += q (z^2 - 1), mass[t, k] += q, where
     z = (x_i - mu_k) / sigma_k. Scaling by 1/(N sqrt(pi_k)) is left to the caller.
     """
     n_words = posteriors.shape[1]
     dim = X.shape[1]
-    for s in prange(segments.shape[0]):
-        image, start, end = segments[s, 0], segments[s, 1], segments[s, 2]
+    for t in prange(tasks.shape[0]):
+        start, end = tasks[t, 1], tasks[t, 2]
         for i in range(start, end):
+            x = X[i]
             for k in range(n_words):
                 q = posteriors[i, k]
                 if q <= 0 or skip[k]:
                     continue
-                mass[image, k] += q
+                mass[t, k] += q
+                mu, inv, f, v = means[k], inv_sigmas[k], first[t, k], second[t, k]
                 for d in range(dim):
-                    z = (X[i, d] - means[k, d]) * inv_sigmas[k, d]
-                    first[image, k, d] += q * z
-                    second[image, k, d] += q * (z * z - 1.0)
+                    z = (x[d] - mu[d]) * inv[d]
+                    qz = q * z
+                    f[d] += qz
+                    v[d] += qz * z - q  # q (z^2 - 1), with no float64 literal in the loop

@@ -235,7 +235,10 @@ class _Vocabulary(BaseEstimator):
         -------
         (n, pca or D) array, float32 or float64 as the input (float32 for integers)
         """
-        X = self._check_descriptors(descriptors)
+        return self._project(self._check_descriptors(descriptors))
+
+    def _project(self, X):
+        """:meth:`project` without validation, for callers that validated X already."""
         if self.pca_components_ is None:
             return X
         components = self.pca_components_.astype(X.dtype, copy=False)

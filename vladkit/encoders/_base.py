@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 
+import numba
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
@@ -66,6 +67,28 @@ def row_chunks(sets, dim, dtype, max_rows=CHUNK_ROWS):
                 parts, segments, rows = [], [], 0
     if rows:
         yield _pack(parts, dtype), np.array(segments, dtype=np.int64)
+
+
+def split_tasks(segments, n_threads=None):
+    """Cut a chunk's segments into parallel tasks: (image, first row, end row) rows.
+
+    A chunk may hold a single large image; splitting it into pieces of at most
+    rows / (2 threads) lets every core work on it. Pieces of one image stay consecutive.
+    """
+    n_threads = n_threads or numba.get_num_threads()
+    total = int((segments[:, 2] - segments[:, 1]).sum())
+    piece = max(1024, -(-total // (2 * n_threads)))
+    tasks = [(image, start, min(start + piece, end))
+             for image, first, end in segments.tolist() for start in range(first, end, piece)]
+    return np.array(tasks, dtype=np.int64).reshape(-1, 3)
+
+
+def add_tasks(target, tasks, values):
+    """target[image] += sum of the values of that image's tasks (tasks of an image are
+    consecutive, see :func:`split_tasks`)."""
+    images = tasks[:, 0]
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+    target[images[starts]] += np.add.reduceat(values, starts, axis=0).astype(target.dtype, copy=False)
 
 
 def _pack(parts, dtype):
@@ -175,7 +198,7 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         limits = threadpool_limits(limits=n_jobs) if n_jobs is not None else nullcontext()
         with limits, numba_threads(self.n_jobs):
             for chunk, segments in row_chunks(sets, vocabulary.descriptor_dim_, dtype):
-                self._add(vocabulary.project(chunk), segments, acc)
+                self._add(vocabulary._project(chunk), segments, acc)
         counts = np.array([len(s) for s in sets], dtype=np.int64)
         vectors = self._finish(acc, counts)
         return np.ascontiguousarray(vectors, dtype=np.float32)

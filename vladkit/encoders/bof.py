@@ -7,7 +7,7 @@ import numpy as np
 from ..kernels import histogram_sparse, knn_weights, nearest_words, squared_norms
 from ..normalize import l1_normalize, l2_normalize, power_normalize
 from ..vocabulary import KMeansVocabulary
-from ._base import BaseEncoder, mean_nearest_squared_distance, row_chunks, work_dtype
+from ._base import BaseEncoder, add_tasks, mean_nearest_squared_distance, row_chunks, split_tasks, work_dtype
 
 NORMS = ("l2", "l1", None)
 
@@ -94,7 +94,7 @@ class BoFEncoder(BaseEncoder):
         dtype = work_dtype(sets)
         acc = self._start(len(sets), dtype)
         for chunk, segments in row_chunks(sets, self.vocabulary_.descriptor_dim_, dtype):
-            self._add(self.vocabulary_.project(chunk), segments, acc)
+            self._add(self.vocabulary_._project(chunk), segments, acc)
         return acc["counts"]
 
     def _start(self, n_images, dtype):
@@ -104,12 +104,15 @@ class BoFEncoder(BaseEncoder):
 
     def _add(self, X, segments, acc):
         if self.assignment == "hard":
-            labels = nearest_words(X, acc["centers"], acc["centers_sqnorm"])[0]
+            labels = nearest_words(X, acc["centers"], acc["centers_sqnorm"], with_distances=False)[0]
             neighbors, weights = labels[:, None], np.ones((len(X), 1), dtype=np.float64)
         else:
             alpha = 0.5 / self.sigma_**2
             neighbors, weights = knn_weights(X, acc["centers"], self.n_neighbors, alpha, acc["centers_sqnorm"])
-        histogram_sparse(neighbors, weights, segments, acc["counts"])
+        tasks = split_tasks(segments)
+        task_counts = np.zeros((len(tasks), acc["counts"].shape[1]), dtype=np.float64)
+        histogram_sparse(neighbors, weights, tasks, task_counts)
+        add_tasks(acc["counts"], tasks, task_counts)
 
     def _finish(self, acc, counts):
         histograms = acc["counts"]

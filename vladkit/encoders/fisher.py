@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import accumulate_fisher, diagonal_gaussian_terms, gaussian_log_densities, softmax_rows
+from ..kernels import accumulate_fisher, diagonal_gaussian_terms, softmax_rows
 from ..normalize import l2_normalize, power_normalize
 from ..vocabulary import GMMVocabulary
-from ._base import BaseEncoder
+from ._base import BaseEncoder, add_tasks, split_tasks
 
 #: VLFeat drops posteriors below this, and skips components whose prior is below it.
 POSTERIOR_THRESHOLD = 1e-6
@@ -91,7 +91,7 @@ class FisherEncoder(BaseEncoder):
         shape = (n_images, vocabulary.n_words_, vocabulary.dim_)
         return {
             "centre": centre.astype(dtype),
-            "coefficients": coefficients, "constants": constants,
+            "coefficients": coefficients.astype(dtype), "constants": constants.astype(dtype),
             "means": (means - centre).astype(dtype),
             "inv_sigmas": (1.0 / np.sqrt(vocabulary.covariances_.astype(np.float64))).astype(dtype),
             "skip": skip,
@@ -102,10 +102,26 @@ class FisherEncoder(BaseEncoder):
 
     def _add(self, X, segments, acc):
         X = X - acc["centre"]
-        posteriors = gaussian_log_densities(X, acc["coefficients"], acc["constants"])
-        softmax_rows(posteriors, POSTERIOR_THRESHOLD, self.fast)
-        accumulate_fisher(X, posteriors, acc["means"], acc["inv_sigmas"], acc["skip"], segments,
-                          acc["first"], acc["second"], acc["mass"])
+        dim = X.shape[1]
+        # Log-densities: one product of [x^2, x] with the GMM's coefficients.
+        features = np.empty((len(X), 2 * dim), dtype=X.dtype)
+        np.multiply(X, X, out=features[:, :dim])
+        features[:, dim:] = X
+        posteriors = features @ acc["coefficients"]
+        softmax_rows(posteriors, POSTERIOR_THRESHOLD, self.fast, acc["constants"])
+        # Posteriors are sparse (VLFeat's 1e-6 threshold leaves a few per descriptor):
+        # aggregate over the non-zero ones only, directly on (x - mu) / sigma. Dense
+        # products Q^T [x^2, x] would be faster for small K but lose ~1e-5 to cancellation.
+        tasks = split_tasks(segments)
+        shape = (len(tasks),) + acc["first"].shape[1:]
+        first = np.zeros(shape, dtype=X.dtype)
+        second = np.zeros(shape, dtype=X.dtype)
+        mass = np.zeros(shape[:2], dtype=np.float64)
+        accumulate_fisher(X, posteriors, acc["means"], acc["inv_sigmas"], acc["skip"], tasks,
+                          first, second, mass)
+        add_tasks(acc["first"], tasks, first)
+        add_tasks(acc["second"], tasks, second)
+        add_tasks(acc["mass"], tasks, mass)
 
     def _finish(self, acc, counts):
         weights = self.vocabulary_.weights_.astype(np.float64)

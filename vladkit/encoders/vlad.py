@@ -15,7 +15,7 @@ from ..kernels import (
 )
 from ..normalize import intra_normalize, l2_normalize, power_normalize
 from ..vocabulary import KMeansVocabulary
-from ._base import BaseEncoder, mean_nearest_squared_distance
+from ._base import BaseEncoder, add_tasks, mean_nearest_squared_distance, split_tasks
 
 ASSIGNMENTS = ("hard", "knn", "soft")
 
@@ -116,12 +116,18 @@ class VLADEncoder(BaseEncoder):
 
     def _add(self, X, segments, acc):
         centers, residuals, mass = acc["centers"], acc["residuals"], acc["mass"]
-        if self.assignment == "hard":
-            labels = nearest_words(X, centers, acc["centers_sqnorm"])[0]
-            accumulate_hard(X, labels, centers, segments, residuals, mass)
-        elif self.assignment == "knn":
-            neighbors, weights = knn_weights(X, centers, self.n_neighbors, self.alpha_, acc["centers_sqnorm"])
-            accumulate_sparse(X, neighbors, weights, centers, segments, residuals, mass)
+        if self.assignment in ("hard", "knn"):
+            tasks = split_tasks(segments)
+            task_residuals = np.zeros((len(tasks),) + residuals.shape[1:], dtype=residuals.dtype)
+            task_mass = np.zeros((len(tasks), mass.shape[1]), dtype=mass.dtype)
+            if self.assignment == "hard":
+                labels = nearest_words(X, centers, acc["centers_sqnorm"], with_distances=False)[0]
+                accumulate_hard(X, labels, centers, tasks, task_residuals, task_mass)
+            else:
+                neighbors, weights = knn_weights(X, centers, self.n_neighbors, self.alpha_, acc["centers_sqnorm"])
+                accumulate_sparse(X, neighbors, weights, centers, tasks, task_residuals, task_mass)
+            add_tasks(residuals, tasks, task_residuals)
+            add_tasks(mass, tasks, task_mass)
         else:
             # Dense weights: two BLAS products per image, W^T X - (W^T 1) c.
             weights = softmax_weights(X, centers, self.alpha_, acc["centers_sqnorm"])
