@@ -27,6 +27,8 @@ import statistics
 import sys
 import time
 
+import vladkit  # noqa: F401  (first: it sets the BLAS / OpenMP thread waits before numpy loads)
+
 import numpy as np
 from threadpoolctl import threadpool_limits
 
