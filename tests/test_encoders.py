@@ -48,22 +48,36 @@ def _weights(assignment, X, centers, alpha, n_neighbors=3):
 VLAD_OPTIONS = list(itertools.product(["hard", "knn", "soft"], [False, True], [0.5, None], [True, False], [True, False]))
 
 
-@pytest.mark.parametrize("assignment,mass,power,intra,l2", VLAD_OPTIONS)
-def test_vlad_matches_numpy_reference_and_vlfeat(data, assignment, mass, power, intra, l2):
+def _vlad_case(data, assignment, mass, power, intra, l2):
     vocab = data["kmeans"]
     encoder = VLADEncoder(vocabulary=vocab, assignment=assignment, n_neighbors=3, alpha=0.7,
                           normalize_mass=mass, power=power, intra_norm=intra, l2=l2)
     out = encoder.fit(data["sets"]).transform(data["sets"])
     assert out.shape == (5, K * D) and out.dtype == np.float32
     centers = vocab.centers_.astype(np.float64)
-    flags = ((vl.VLAD_NORMALIZE_MASS if mass else 0) | (vl.VLAD_SQUARE_ROOT if power else 0)
-             | (vl.VLAD_NORMALIZE_COMPONENTS if intra else 0) | (0 if l2 else vl.VLAD_UNNORMALIZED))
-    for X, encoded in zip(data["sets"], out):
-        Q = _weights(assignment, X.astype(np.float64), centers, 0.7)
+    weights = [_weights(assignment, X.astype(np.float64), centers, 0.7) for X in data["sets"]]
+    return out, weights
+
+
+@pytest.mark.parametrize("assignment,mass,power,intra,l2", VLAD_OPTIONS)
+def test_vlad_matches_numpy_reference(data, assignment, mass, power, intra, l2):
+    out, weights = _vlad_case(data, assignment, mass, power, intra, l2)
+    centers = data["kmeans"].centers_.astype(np.float64)
+    for X, Q, encoded in zip(data["sets"], weights, out):
         expected = ref.vlad(X.astype(np.float64), centers, Q, mass, power, intra, l2)
         _assert_float32_close(encoded, expected, power and not (intra or l2))
-        if vl.load() is not None and len(X):
-            theirs = vl.vlad_encode(X, vocab.centers_, Q.astype(np.float32), flags)
+
+
+@needs_vlfeat
+@pytest.mark.parametrize("assignment,mass,power,intra,l2", VLAD_OPTIONS)
+def test_vlad_matches_vlfeat(data, assignment, mass, power, intra, l2):
+    """vl_vlad_encode given the same assignment weights."""
+    out, weights = _vlad_case(data, assignment, mass, power, intra, l2)
+    flags = ((vl.VLAD_NORMALIZE_MASS if mass else 0) | (vl.VLAD_SQUARE_ROOT if power else 0)
+             | (vl.VLAD_NORMALIZE_COMPONENTS if intra else 0) | (0 if l2 else vl.VLAD_UNNORMALIZED))
+    for X, Q, encoded in zip(data["sets"], weights, out):
+        if len(X):
+            theirs = vl.vlad_encode(X, data["kmeans"].centers_, Q.astype(np.float32), flags)
             _assert_float32_close(encoded, theirs, power and not (intra or l2))
 
 
@@ -89,21 +103,32 @@ FISHER_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("name,options,flags", FISHER_OPTIONS, ids=[o[0] for o in FISHER_OPTIONS])
-def test_fisher_matches_numpy_reference_and_vlfeat(data, name, options, flags):
+def _fisher_case(data, options):
     vocab = data["gmm"]
     out = FisherEncoder(vocabulary=vocab, **options).fit(data["sets"]).transform(data["sets"])
     assert out.shape == (5, 2 * K * D) and out.dtype == np.float32
+    # The skipped component (prior < 1e-6) has zero blocks.
+    assert not out[:, 2 * D:3 * D].any() and not out[:, K * D + 2 * D:K * D + 3 * D].any()
     square_rooted_only = (options.get("power") == 0.5 and not options.get("l2", True)
                           and not options.get("improved", True))
+    return vocab, out, square_rooted_only
+
+
+@pytest.mark.parametrize("name,options,flags", FISHER_OPTIONS, ids=[o[0] for o in FISHER_OPTIONS])
+def test_fisher_matches_numpy_reference(data, name, options, flags):
+    vocab, out, square_rooted_only = _fisher_case(data, options)
     for X, encoded in zip(data["sets"], out):
         expected = ref.fisher(X, vocab.means_, vocab.covariances_, vocab.weights_, **options)
         _assert_float32_close(encoded, expected, square_rooted_only)
-        if vl.load() is not None:
-            theirs = vl.fisher_encode(X, vocab.means_, vocab.covariances_, vocab.weights_, flags)
-            _assert_float32_close(encoded, theirs, square_rooted_only)
-    # The skipped component (prior < 1e-6) has zero blocks.
-    assert not out[:, 2 * D:3 * D].any() and not out[:, K * D + 2 * D:K * D + 3 * D].any()
+
+
+@needs_vlfeat
+@pytest.mark.parametrize("name,options,flags", FISHER_OPTIONS, ids=[o[0] for o in FISHER_OPTIONS])
+def test_fisher_matches_vlfeat(data, name, options, flags):
+    vocab, out, square_rooted_only = _fisher_case(data, options)
+    for X, encoded in zip(data["sets"], out):
+        theirs = vl.fisher_encode(X, vocab.means_, vocab.covariances_, vocab.weights_, flags)
+        _assert_float32_close(encoded, theirs, square_rooted_only)
 
 
 def test_fisher_weight_gradient(data):
@@ -245,3 +270,15 @@ def test_joblib_round_trip(data, tmp_path):
     joblib.dump(encoder, tmp_path / "enc.joblib")
     loaded = joblib.load(tmp_path / "enc.joblib")
     np.testing.assert_array_equal(loaded.transform(data["sets"]), encoder.transform(data["sets"]))
+
+
+@needs_vlfeat
+def test_the_vlfeat_comparison_can_fail(data):
+    """The bindings really call VLFeat: a different flag gives a different vector."""
+    X = data["sets"][3]
+    ours = VLADEncoder(vocabulary=data["kmeans"]).fit(data["sets"]).transform([X])[0]
+    Q = ref.hard_weights(X.astype(np.float64), data["kmeans"].centers_.astype(np.float64)).astype(np.float32)
+    same = vl.vlad_encode(X, data["kmeans"].centers_, Q, vl.VLAD_SQUARE_ROOT | vl.VLAD_NORMALIZE_COMPONENTS)
+    other = vl.vlad_encode(X, data["kmeans"].centers_, Q, vl.VLAD_SQUARE_ROOT)
+    assert np.abs(ours - same).max() <= 1e-5
+    assert np.abs(ours - other).max() > 1e-3
