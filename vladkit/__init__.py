@@ -13,8 +13,9 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from .encoders import BoFEncoder, FisherEncoder, VLADEncoder
+from .encoders import BoFEncoder, FisherEncoder, SpatialPyramid, VLADEncoder
 from .features import SIFT, DenseSIFT, LocalFeatures, root_sift
+from .image_encoder import ImageEncoder
 from .images import ImageReadError, list_images, read_image
 from .vocabulary import (
     DescriptorSampler,
@@ -27,6 +28,7 @@ from .vocabulary import (
 __all__ = [
     "BoFEncoder",
     "FisherEncoder",
+    "ImageEncoder",
     "VLADEncoder",
     "DenseSIFT",
     "DescriptorSampler",
@@ -37,6 +39,7 @@ __all__ = [
     "ImageReadError",
     "LocalFeatures",
     "SIFT",
+    "SpatialPyramid",
     "__version__",
     "list_images",
     "read_image",

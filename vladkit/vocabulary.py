@@ -109,11 +109,15 @@ class DescriptorSampler:
             )
         if not np.all(np.isfinite(descriptors)):
             raise ValueError(f"image {index}: descriptors contain NaN or inf")
-        if len(descriptors) > self.quota:
-            rng = np.random.default_rng([self.seed, 0, index])
-            rows = np.sort(rng.choice(len(descriptors), self.quota, replace=False))
-            descriptors = descriptors[rows]
-        self._parts[index] = np.array(descriptors, copy=True)
+        self._parts[index] = descriptors[self.select(index, len(descriptors))]
+
+    def select(self, index, n_rows):
+        """Sorted indices of the rows of image ``index`` (which has ``n_rows`` descriptors)
+        that belong to the sample; the same for the same seed, whatever the order."""
+        if n_rows <= self.quota:
+            return np.arange(n_rows)
+        rng = np.random.default_rng([self.seed, 0, index])
+        return np.sort(rng.choice(n_rows, self.quota, replace=False))
 
     def sample(self):
         """The pooled sample, (n, D), in image order; at most ``max_descriptors`` rows."""

@@ -2,6 +2,7 @@
 
 from .bof import BoFEncoder
 from .fisher import FisherEncoder
+from .pyramid import SpatialPyramid
 from .vlad import VLADEncoder
 
-__all__ = ["BoFEncoder", "FisherEncoder", "VLADEncoder"]
+__all__ = ["BoFEncoder", "FisherEncoder", "SpatialPyramid", "VLADEncoder"]

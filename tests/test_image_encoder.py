@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+from sklearn.pipeline import make_pipeline
+from sklearn.svm import LinearSVC
+
+from conftest import textured_image
+from test_pipelines import stripes
+from vladkit import (
+    BoFEncoder,
+    DenseSIFT,
+    FisherEncoder,
+    ImageEncoder,
+    LocalFeatures,
+    SpatialPyramid,
+    VLADEncoder,
+)
+from vladkit.normalize import l2_normalize
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [textured_image(i, (80 + 4 * (i % 5), 96)) for i in range(11)]
+
+
+def test_streaming_equals_list_path(images):
+    extractor = DenseSIFT(step=8, sizes=(4, 8), root=True)
+    streaming = ImageEncoder(extractor, VLADEncoder(8, random_state=0), batch_size=3,
+                             max_descriptors=2000, random_state=0).fit(images)
+    listed = streaming.encoder_.transform(extractor.transform(images))
+    np.testing.assert_array_equal(streaming.transform(images), listed)
+    assert streaming.transform(images).shape == (11, 8 * 128)
+    assert streaming.encoder_.vocabulary_.n_training_descriptors_ <= 2000
+
+
+def test_fit_sample_is_bounded_and_reproducible(images):
+    make = lambda: ImageEncoder(DenseSIFT(step=8), BoFEncoder(6, random_state=0), batch_size=4,
+                                max_descriptors=500, random_state=3)
+    a, b = make().fit(images), make().fit(images)
+    np.testing.assert_array_equal(a.encoder_.vocabulary_.centers_, b.encoder_.vocabulary_.centers_)
+    assert a.encoder_.vocabulary_.n_training_descriptors_ <= 11 * 46  # ceil(500 / 11) per image
+
+
+def _manual_pyramid(encoder, features, levels):
+    h, w = features.image_shape
+    blocks = []
+    for nx, ny in levels:
+        for row in range(ny):
+            for column in range(nx):
+                x, y = features.positions[:, 0], features.positions[:, 1]
+                inside = ((np.minimum((x * nx / w).astype(int), nx - 1) == column)
+                          & (np.minimum((y * ny / h).astype(int), ny - 1) == row))
+                blocks.append(encoder.transform([features.descriptors[inside]])[0])
+    return l2_normalize(np.concatenate(blocks)[None].astype(np.float64))[0]
+
+
+@pytest.mark.parametrize("encoder", [VLADEncoder(6, random_state=0), FisherEncoder(4, random_state=0),
+                                     BoFEncoder(10, random_state=0)], ids=["vlad", "fisher", "bof"])
+def test_spatial_pyramid_encodes_each_cell(images, encoder):
+    features = DenseSIFT(step=8, sizes=(4, 8)).transform(images[:4])
+    levels = ((1, 1), (2, 2), (1, 3))
+    pyramid = SpatialPyramid(encoder, levels=levels).fit(features)
+    out = pyramid.transform(features)
+    dim = pyramid.encoder_.n_features_out_
+    assert out.shape == (4, 8 * dim) and pyramid.n_features_out_ == 8 * dim
+    for item, row in zip(features, out):
+        np.testing.assert_allclose(row, _manual_pyramid(pyramid.encoder_, item, levels), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    names = pyramid.get_feature_names_out()
+    assert len(names) == out.shape[1] and names[dim].startswith("spm2x2_r0c0_")
+
+
+def test_spatial_pyramid_empty_cells_and_bad_input():
+    features = LocalFeatures(np.random.default_rng(0).random((5, 16), dtype=np.float32),
+                             np.array([[1, 1], [2, 2], [3, 1], [1, 3], [2, 1]], np.float32),
+                             np.ones(5, np.float32), (40, 40))  # all in the top-left corner
+    pyramid = SpatialPyramid(VLADEncoder(2, random_state=0), levels=((1, 1), (2, 2))).fit([features] * 3)
+    out = pyramid.transform([features])
+    blocks = out.reshape(5, -1)
+    assert blocks[0].any() and blocks[1].any() and not blocks[2:].any() and np.isfinite(out).all()
+    with pytest.raises(TypeError, match="needs LocalFeatures"):
+        pyramid.transform([features.descriptors])
+    with pytest.raises(ValueError, match="levels"):
+        SpatialPyramid(VLADEncoder(2), levels=((0, 1),)).fit([features])
+
+
+def test_one_line_classifier_from_images():
+    train = [textured_image(200 + i) for i in range(12)] + [stripes(100 + i) for i in range(12)]
+    labels = np.array([0] * 12 + [1] * 12)
+    test = [textured_image(300 + i) for i in range(5)] + [stripes(200 + i) for i in range(5)]
+    classifier = make_pipeline(
+        ImageEncoder(DenseSIFT(step=6, root=True),
+                     SpatialPyramid(FisherEncoder(4, pca=24, random_state=0), levels=((1, 1), (2, 2))),
+                     batch_size=5, max_descriptors=5000, random_state=0),
+        LinearSVC(),
+    )
+    classifier.fit(train, labels)
+    assert np.mean(classifier.predict(test) == np.array([0] * 5 + [1] * 5)) >= 0.9

@@ -1,0 +1,119 @@
+"""Spatial pyramids: one encoding per cell of a fixed layout, concatenated (Lazebnik et al.
+2006; for VLAD and Fisher vectors as in Chatfield et al. 2011)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.utils.validation import check_is_fitted
+
+from ..normalize import l2_normalize
+from ._base import descriptor_sets
+
+#: 1x1 + 2x2 + 3 horizontal bands: the layout of Chatfield et al.'s encoding comparison.
+DEFAULT_LEVELS = ((1, 1), (2, 2), (1, 3))
+
+
+class SpatialPyramid(TransformerMixin, BaseEstimator):
+    """Encode the descriptors of each cell of a spatial layout separately, and concatenate.
+
+    For each level ``(n_x, n_y)`` the image is cut into ``n_x`` columns and ``n_y`` rows of
+    equal size; a descriptor belongs to the cell holding its position. Every cell is
+    encoded (and normalised) by the wrapped encoder exactly as a whole image would be, the
+    cell vectors are concatenated level by level, row by row, and the result is
+    L2-normalised (``l2``). A cell with no descriptors gives a zero block.
+
+    Parameters
+    ----------
+    encoder : BoFEncoder, VLADEncoder or FisherEncoder
+        Fitted on all descriptors of the training images by ``fit`` (a clone of it).
+    levels : sequence of (n_x, n_y), default=((1, 1), (2, 2), (1, 3))
+    l2 : bool, default=True
+
+    Attributes
+    ----------
+    encoder_ : the fitted encoder
+    n_cells_ : int
+    n_features_out_ : int, ``n_cells_ * encoder_.n_features_out_``
+    """
+
+    def __init__(self, encoder, levels=DEFAULT_LEVELS, l2=True):
+        self.encoder = encoder
+        self.levels = levels
+        self.l2 = l2
+
+    def _check_levels(self):
+        levels = [tuple(level) for level in self.levels]
+        if not levels or any(len(level) != 2 or min(level) < 1 for level in levels):
+            raise ValueError(f"levels must be a non-empty sequence of (n_x, n_y) >= 1, got {self.levels!r}")
+        return levels
+
+    def fit(self, X, y=None):
+        """Fit the wrapped encoder on all the descriptors of X (cells do not matter here)."""
+        levels = self._check_levels()
+        self.encoder_ = clone(self.encoder).fit(X)
+        self.n_cells_ = sum(nx * ny for nx, ny in levels)
+        self.n_features_out_ = self.n_cells_ * self.encoder_.n_features_out_
+        return self
+
+    def transform(self, X):
+        """Encode each image's cells.
+
+        Parameters
+        ----------
+        X : list of LocalFeatures
+            Positions and image shapes place the descriptors in cells.
+
+        Returns
+        -------
+        ndarray (n_images, n_features_out_), float32
+        """
+        check_is_fitted(self, "encoder_")
+        levels = self._check_levels()
+        X = list(X)
+        for index, item in enumerate(X):
+            if not hasattr(item, "positions"):
+                raise TypeError(
+                    f"image {index}: SpatialPyramid needs LocalFeatures (positions and image "
+                    f"shape), got {type(item).__name__}"
+                )
+        descriptors = descriptor_sets(X)
+        cells = []
+        for item, image_descriptors in zip(X, descriptors):
+            cells.extend(image_descriptors[mask] for mask in cell_masks(item, levels))
+        vectors = self.encoder_.transform(cells).reshape(len(X), -1)
+        if self.l2:
+            l2_normalize(vectors)
+        return vectors
+
+    def get_feature_names_out(self, input_features=None):
+        check_is_fitted(self, "encoder_")
+        names = self.encoder_.get_feature_names_out()
+        out = []
+        for nx, ny in self._check_levels():
+            for row in range(ny):
+                for column in range(nx):
+                    out.extend(f"spm{nx}x{ny}_r{row}c{column}_{name}" for name in names)
+        return np.asarray(out, dtype=object)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        return tags
+
+
+def cell_masks(features, levels):
+    """Boolean masks over the descriptors of ``features``, one per cell, in output order.
+
+    Cell (row, column) of level (n_x, n_y) holds the positions with
+    ``floor(x n_x / w) == column`` and ``floor(y n_y / h) == row`` (clipped to the grid).
+    """
+    height, width = features.image_shape
+    x, y = features.positions[:, 0], features.positions[:, 1]
+    masks = []
+    for nx, ny in levels:
+        column = np.clip((x * nx / width).astype(np.int64), 0, nx - 1)
+        row = np.clip((y * ny / height).astype(np.int64), 0, ny - 1)
+        cell = row * nx + column
+        masks.extend(cell == index for index in range(nx * ny))
+    return masks
