@@ -5,7 +5,8 @@
 Runs vladkit's SIFT and DenseSIFT (step 4, bin sizes 4/6/8/10, PHOW smoothing) with
 n_jobs 1 and 2 over the same images (read from disk each time, as a user would), and, as
 the peer, OpenCV's SIFT describing the same dense grid point by point (SIFT.compute on
-grid keypoints, the usual way to get dense SIFT from OpenCV) on a few images. Each
+grid keypoints, the usual way to get dense SIFT from OpenCV) on a few images, and VLFeat's
+vl_phow dense SIFT in C (Debian's libvlfeat1 through ctypes) on all of them. Each
 configuration runs --repeats times; the table gives medians. OpenCV parallelises parts of
 SIFT internally, so even n_jobs=1 can use more than one core.
 """
@@ -86,6 +87,19 @@ def main(argv=None):
             per_image = statistics.median(counts)
             rows.append((name, n_jobs, len(paths), len(paths) / seconds, 1000 * seconds / len(paths), per_image))
 
+    from vladkit import _vlfeat as vl
+
+    if vl.load() is not None:
+        # VLFeat's PHOW dense SIFT in C (vl_imsmooth + vl_dsift per size), same grid and
+        # smoothing, single-threaded as VLFeat's dsift is; reading the images included.
+        vl.set_num_threads(1)
+        phow = lambda: [len(vl.phow_dsift(read_image(p).astype(np.float32) / 255)[0]) for p in paths]
+        seconds, counts = time_runs(phow, args.repeats)
+        rows.append(("VLFeat vl_phow dense SIFT (C, peer)", 1, len(paths), len(paths) / seconds,
+                     1000 * seconds / len(paths), statistics.median(counts)))
+    else:
+        print("VLFeat not installed (apt-get install libvlfeat-dev): skipping vl_dsift")
+
     if args.peer_images > 0:
         peer_paths = paths[: args.peer_images]
         seconds, counts = time_runs(lambda: opencv_dense_grid(peer_paths, DenseSIFT()), 1)
@@ -98,9 +112,13 @@ def main(argv=None):
     for name, n_jobs, n, rate, ms, per_image in rows:
         print(f"| {name} | {n_jobs} | {n} | {rate:.1f} | {ms:.1f} | {per_image:.0f} |")
     dense_ms = {n_jobs: ms for name, n_jobs, _, _, ms, _ in rows if name == "DenseSIFT"}
+    peers = {name: ms for name, _, _, _, ms, _ in rows}
+    if "VLFeat vl_phow dense SIFT (C, peer)" in peers:
+        print(f"\nDenseSIFT (n_jobs=1) takes {dense_ms[1] / peers['VLFeat vl_phow dense SIFT (C, peer)']:.2f}x "
+              "the time of VLFeat's vl_dsift for the same grid and smoothing.")
     if args.peer_images > 0:
         peer_ms = rows[-1][4]
-        print(f"\nDenseSIFT (n_jobs=1) is {peer_ms / dense_ms[1]:.0f}x faster per image than OpenCV "
+        print(f"DenseSIFT (n_jobs=1) is {peer_ms / dense_ms[1]:.0f}x faster per image than OpenCV "
               "describing the same grid point by point.")
     return 0
 

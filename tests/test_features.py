@@ -219,3 +219,22 @@ def test_local_features_validates_shapes():
     with pytest.raises(ValueError, match="positions"):
         LocalFeatures(np.zeros((3, 128), np.float32), np.zeros((2, 2), np.float32),
                       np.zeros(3, np.float32), (10, 10))
+
+
+@pytest.mark.skipif(__import__("vladkit._vlfeat", fromlist=["load"]).load() is None,
+                    reason="VLFeat's libvl is not installed (apt-get install libvlfeat-dev)")
+@pytest.mark.parametrize("shape", [(200, 200), (157, 233)])
+def test_dense_matches_vlfeat_phow(china_path, shape):
+    """The same grid, smoothing and window as VLFeat's vl_phow -> vl_dsift, in C."""
+    from vladkit import _vlfeat as vl
+
+    grey = cv2.resize(read_image(china_path), shape[::-1], interpolation=cv2.INTER_AREA)
+    theirs, frames = vl.phow_dsift(grey.astype(np.float32) / 255)
+    ours, positions, _, contrast = dense_sift(grey)
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(positions, frames[:, :2], atol=1e-6)
+    np.testing.assert_allclose(contrast, frames[:, 3], rtol=1e-3, atol=1e-6)
+    a, b = ours, vl.vlfeat_dsift_to_vladkit_order(theirs)
+    cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    textured = frames[:, 3] > 0.005
+    assert np.mean(cosine[textured]) >= 0.999

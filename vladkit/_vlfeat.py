@@ -110,3 +110,103 @@ class KMeansQuantizer:
         if getattr(self, "_handle", None) and _library is not None:
             _library.vl_kmeans_delete(self._handle)
             self._handle = None
+
+
+# ------------------------------------------------------------------------ dense SIFT
+
+
+class _DsiftKeypoint(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_double), ("y", ctypes.c_double), ("s", ctypes.c_double),
+                ("norm", ctypes.c_double)]
+
+
+class _DsiftGeometry(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("numBinT", "numBinX", "numBinY", "binSizeX", "binSizeY")]
+
+
+class _DsiftFilter(ctypes.Structure):
+    """VlDsiftFilter (vl/dsift.h, 0.9.21): its setters are inline, so fields are set here."""
+    _fields_ = [
+        *[(name, ctypes.c_int) for name in ("imWidth", "imHeight", "stepX", "stepY", "boundMinX",
+                                              "boundMinY", "boundMaxX", "boundMaxY")],
+        ("geom", _DsiftGeometry),
+        ("useFlatWindow", ctypes.c_int),
+        ("windowSize", ctypes.c_double),
+        ("numFrames", ctypes.c_int),
+        ("descrSize", ctypes.c_int),
+        ("frames", ctypes.POINTER(_DsiftKeypoint)),
+        ("descrs", ctypes.POINTER(ctypes.c_float)),
+        ("numBinAlloc", ctypes.c_int),
+        ("numFrameAlloc", ctypes.c_int),
+        ("numGradAlloc", ctypes.c_int),
+        ("grads", ctypes.c_void_p),
+        ("convTmp1", ctypes.c_void_p),
+        ("convTmp2", ctypes.c_void_p),
+    ]
+
+
+def _declare_dsift(lib):
+    lib.vl_dsift_new_basic.argtypes = [ctypes.c_int] * 4
+    lib.vl_dsift_new_basic.restype = ctypes.POINTER(_DsiftFilter)
+    lib.vl_dsift_delete.argtypes = [ctypes.POINTER(_DsiftFilter)]
+    lib.vl_dsift_process.argtypes = [ctypes.POINTER(_DsiftFilter), ctypes.c_void_p]
+    lib._vl_dsift_update_buffers.argtypes = [ctypes.POINTER(_DsiftFilter)]
+    size = ctypes.c_size_t
+    lib.vl_imsmooth_f.argtypes = [ctypes.c_void_p, size, ctypes.c_void_p, size, size, size,
+                                  ctypes.c_double, ctypes.c_double]
+
+
+def phow_dsift(image, step=4, sizes=(4, 6, 8, 10), magnif=6.0, window_size=1.5):
+    """VLFeat's PHOW dense SIFT (``vl_phow``'s grey path, float descriptors), in C.
+
+    For each size: ``vl_imsmooth_f`` with sigma = sqrt((size / magnif)^2 - 0.25), then
+    ``vl_dsift`` with a flat window of ``window_size``, bounds starting at
+    floor(1.5 (max(sizes) - size)) so that all sizes share centres.
+
+    Parameters
+    ----------
+    image : (h, w) float32 in [0, 1]
+
+    Returns
+    -------
+    descriptors : (n, 128) float32, VLFeat's C layout (element (y * 4 + x) * 8 + t, t
+        counter-clockwise with y *down*), unit L2 norm
+    frames : (n, 4) float64, x, y, scale, norm (the norm before normalisation)
+    """
+    lib = load()
+    if not hasattr(lib, "_dsift_declared"):
+        _declare_dsift(lib)
+        lib._dsift_declared = True
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    height, width = image.shape
+    all_descriptors, all_frames = [], []
+    for size in sizes:
+        offset = int(np.floor(1.5 * (max(sizes) - size)))
+        sigma = np.sqrt(max((size / magnif) ** 2 - 0.25, 0.0))
+        smoothed = np.empty_like(image)
+        lib.vl_imsmooth_f(_ptr(smoothed), width, _ptr(image), width, height, width, sigma, sigma)
+        handle = lib.vl_dsift_new_basic(width, height, step, size)
+        try:
+            dsift = handle.contents
+            dsift.boundMinX, dsift.boundMinY = offset, offset
+            dsift.boundMaxX, dsift.boundMaxY = width - 1, height - 1
+            dsift.useFlatWindow = 1
+            dsift.windowSize = window_size
+            lib._vl_dsift_update_buffers(handle)
+            lib.vl_dsift_process(handle, _ptr(smoothed))
+            n, dim = dsift.numFrames, dsift.descrSize
+            descriptors = np.ctypeslib.as_array(dsift.descrs, shape=(n * dim,)).reshape(n, dim).copy()
+            frames_pointer = ctypes.cast(dsift.frames, ctypes.POINTER(ctypes.c_double))
+            frames = np.ctypeslib.as_array(frames_pointer, shape=(n * 4,)).reshape(n, 4).copy()
+        finally:
+            lib.vl_dsift_delete(handle)
+        all_descriptors.append(descriptors)
+        all_frames.append(frames.reshape(-1, 4))
+    return np.concatenate(all_descriptors), np.concatenate(all_frames)
+
+
+def vlfeat_dsift_to_vladkit_order(descriptors):
+    """VLFeat's C layout to vladkit's (OpenCV's): the same spatial order, orientation bins
+    mirrored (VLFeat measures angles with y down, OpenCV with y up): o' = (8 - o) % 8."""
+    d = np.asarray(descriptors).reshape(len(descriptors), 16, 8)
+    return d[:, :, (-np.arange(8)) % 8].reshape(len(descriptors), 128)

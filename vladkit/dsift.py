@@ -97,6 +97,11 @@ def _describe_size(image, size, xs, ys, smooth):
         pooled, xs, ys, size, N_SPATIAL,
         _window_weights(size), CLAMP, DESCRIPTOR_SCALE, descriptors, contrast,
     )
+    # VLFeat's contrast, the quantity PHOW thresholds at 0.005: the descriptor's mass in
+    # its units (its spatial kernel has unit area, i.e. ours / s^2) over the frame's area
+    # in bins ((3 s + 1) / s)^2; together, our mass / (3 s + 1)^2.
+    frame_side = (N_SPATIAL - 1) * size + 1
+    contrast /= np.float32(frame_side**2)
     return descriptors, contrast
 
 
@@ -119,8 +124,9 @@ def dense_sift(image, *, step=4, sizes=(4, 6, 8, 10), smooth=True):
     descriptors : (n, 128) float32, L2 norm 512 (0 for a flat window)
     positions : (n, 2) float32, descriptor centres (x, y) in pixels
     bin_sizes : (n,) float32, the bin size of each descriptor
-    contrast : (n,) float32, the L2 norm before normalisation (for image values in [0, 1]);
-        VLFeat PHOW treats descriptors under 0.005 as empty.
+    contrast : (n,) float32, VLFeat's contrast measure (``vl_dsift``'s frame "norm"): the
+        sum of the descriptor before normalisation (image values in [0, 1]) over
+        (3 s + 1)^2; VLFeat PHOW treats descriptors under 0.005 as empty.
     """
     if image.dtype == np.uint8:
         image = image.astype(np.float32) / 255.0

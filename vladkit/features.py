@@ -249,8 +249,9 @@ class DenseSIFT(_Extractor):
     sizes : tuple of int, default=(4, 6, 8, 10)
         Spatial bin sizes in pixels.
     contrast_threshold : float or None, default=0.005
-        Descriptors whose gradient energy (L2 norm before normalisation, image in [0, 1])
-        is below this are "low contrast" (PHOW's rule). ``None`` disables the test.
+        Descriptors whose contrast is below this are "low contrast" (PHOW's rule). The
+        contrast is VLFeat's ``vl_dsift`` frame norm: the descriptor's sum before
+        normalisation (image in [0, 1]) over (3 s + 1)^2. ``None`` disables the test.
     low_contrast : {"zero", "drop"}, default="zero"
         What to do with low-contrast descriptors: set them to 0 and keep the grid (VLFeat
         PHOW), or drop them.

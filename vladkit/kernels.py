@@ -216,9 +216,10 @@ def sample_sift_descriptors(pooled, xs, ys, size, n_spatial, window, clamp, scal
 
     Descriptor ``i = iy * len(xs) + ix`` has its bin (r, c) at pixel
     ``(ys[iy] + r*size, xs[ix] + c*size)`` of ``pooled`` and weight ``window[r]*window[c]``;
-    element ``(r * n_spatial + c) * n_orientations + o``. It is then L2-normalised
-    (its norm before that goes to ``contrast``), clamped at ``clamp``, re-normalised and
-    multiplied by ``scale``. A descriptor of norm 0 stays 0.
+    element ``(r * n_spatial + c) * n_orientations + o``. Its sum before normalisation
+    (the gradient "mass", VLFeat's contrast measure) goes to ``contrast``; it is then
+    L2-normalised, clamped at ``clamp``, re-normalised and multiplied by ``scale``. A
+    descriptor of norm 0 stays 0.
 
     Parameters
     ----------
@@ -238,6 +239,7 @@ def sample_sift_descriptors(pooled, xs, ys, size, n_spatial, window, clamp, scal
         for ix in range(xs.shape[0]):
             k = 0
             total = 0.0
+            mass = 0.0
             for r in range(n_spatial):
                 y = ys[iy] + r * size
                 for c in range(n_spatial):
@@ -247,9 +249,10 @@ def sample_sift_descriptors(pooled, xs, ys, size, n_spatial, window, clamp, scal
                         value = weight * pooled[y, x, o]
                         out[i, k] = value
                         total += value * value
+                        mass += value
                         k += 1
             norm = math.sqrt(total)
-            contrast[i] = norm
+            contrast[i] = mass
             inverse = 1.0 / (norm + eps)
             total = 0.0
             for k in range(out.shape[1]):
