@@ -5,7 +5,6 @@ import sys
 import time
 
 import cv2
-import numpy as np
 import pytest
 
 from vladkit import load_vocabulary

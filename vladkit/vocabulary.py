@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 from ._threads import effective_n_jobs
-from .kernels import diagonal_gaussian_terms, log_posteriors, nearest_words, squared_distances, squared_norms
+from .kernels import diagonal_gaussian_terms, log_posteriors, nearest_words, squared_distances
 
 __all__ = [
     "DescriptorSampler",

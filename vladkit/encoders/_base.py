@@ -18,6 +18,22 @@ from ..vocabulary import _Vocabulary, load_vocabulary
 CHUNK_ROWS = 1 << 15
 
 
+def check_params(estimator, positive_ints=(), positive_or_none=(), choices=None):
+    """Raise ValueError naming the first parameter of ``estimator`` out of its range."""
+    for name in positive_ints:
+        value = getattr(estimator, name)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in positive_or_none:
+        value = getattr(estimator, name)
+        if value is not None and not (isinstance(value, (int, float, np.number))
+                                      and np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    for name, allowed in (choices or {}).items():
+        if getattr(estimator, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(estimator, name)!r}")
+
+
 def descriptor_sets(X):
     """The (n_i, D) descriptor arrays of X: a list of LocalFeatures or of 2-D arrays."""
     if isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype != object:

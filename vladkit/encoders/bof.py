@@ -7,7 +7,7 @@ import numpy as np
 from ..kernels import histogram_sparse, knn_weights, nearest_words, squared_norms
 from ..normalize import l1_normalize, l2_normalize, power_normalize
 from ..vocabulary import KMeansVocabulary
-from ._base import BaseEncoder, add_tasks, mean_nearest_squared_distance, row_chunks, split_tasks, work_dtype
+from ._base import BaseEncoder, add_tasks, check_params, mean_nearest_squared_distance, row_chunks, split_tasks, work_dtype
 
 NORMS = ("l2", "l1", None)
 
@@ -65,16 +65,8 @@ class BoFEncoder(BaseEncoder):
         self.n_jobs = n_jobs
 
     def _validate_params(self):
-        if self.assignment not in ("hard", "soft"):
-            raise ValueError(f"assignment must be 'hard' or 'soft', got {self.assignment!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be 'l2', 'l1' or None, got {self.norm!r}")
-        if not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 1:
-            raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
-        if self.sigma is not None and not (np.isfinite(self.sigma) and self.sigma > 0):
-            raise ValueError(f"sigma must be a positive number or None, got {self.sigma!r}")
-        if self.power is not None and not (np.isfinite(self.power) and self.power > 0):
-            raise ValueError(f"power must be a positive number or None, got {self.power!r}")
+        check_params(self, positive_ints=("n_neighbors",), positive_or_none=("sigma", "power"),
+                     choices={"assignment": ("hard", "soft"), "norm": NORMS})
 
     def _fit_encoding(self, sets):
         if self.assignment == "hard":

@@ -7,7 +7,7 @@ import numpy as np
 from ..kernels import accumulate_fisher, diagonal_gaussian_terms, softmax_rows
 from ..normalize import l2_normalize, power_normalize
 from ..vocabulary import GMMVocabulary
-from ._base import BaseEncoder, add_tasks, split_tasks
+from ._base import BaseEncoder, add_tasks, check_params, split_tasks
 
 #: VLFeat drops posteriors below this, and skips components whose prior is below it.
 POSTERIOR_THRESHOLD = 1e-6
@@ -74,8 +74,7 @@ class FisherEncoder(BaseEncoder):
         self.n_jobs = n_jobs
 
     def _validate_params(self):
-        if self.power is not None and not (np.isfinite(self.power) and self.power > 0):
-            raise ValueError(f"power must be a positive number or None, got {self.power!r}")
+        check_params(self, positive_or_none=("power",))
 
     def _start(self, n_images, dtype):
         vocabulary = self.vocabulary_

@@ -15,7 +15,7 @@ from ..kernels import (
 )
 from ..normalize import intra_normalize, l2_normalize, power_normalize
 from ..vocabulary import KMeansVocabulary
-from ._base import BaseEncoder, add_tasks, mean_nearest_squared_distance, split_tasks
+from ._base import BaseEncoder, add_tasks, check_params, mean_nearest_squared_distance, split_tasks
 
 ASSIGNMENTS = ("hard", "knn", "soft")
 
@@ -87,14 +87,8 @@ class VLADEncoder(BaseEncoder):
         self.n_jobs = n_jobs
 
     def _validate_params(self):
-        if self.assignment not in ASSIGNMENTS:
-            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
-        if not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 1:
-            raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
-        if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"alpha must be a positive number or None, got {self.alpha!r}")
-        if self.power is not None and not (np.isfinite(self.power) and self.power > 0):
-            raise ValueError(f"power must be a positive number or None, got {self.power!r}")
+        check_params(self, positive_ints=("n_neighbors",), positive_or_none=("alpha", "power"),
+                     choices={"assignment": ASSIGNMENTS})
 
     def _fit_encoding(self, sets):
         if self.assignment == "hard":
