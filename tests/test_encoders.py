@@ -245,6 +245,10 @@ def test_vocabulary_from_file_and_unfitted_template(data, tmp_path):
     assert direct.vocabulary_ is trained
     template = VLADEncoder(vocabulary=KMeansVocabulary(4, random_state=0)).fit(data["sets"])
     np.testing.assert_array_equal(template.vocabulary_.centers_, trained.centers_)
+    assert template.vocabulary_ is not template.vocabulary  # the template stays unfitted
+    # A fitted vocabulary survives sklearn.clone (it is a trained artifact, like its file).
+    cloned = clone(VLADEncoder(vocabulary=trained)).fit(data["sets"][:1])
+    assert cloned.vocabulary_ is trained
 
 
 def test_errors(data):

@@ -148,6 +148,15 @@ class _Vocabulary(BaseEstimator):
     _size_param = None
     _word_arrays = ()
 
+    def __sklearn_clone__(self):
+        """A fitted vocabulary is a trained artifact, like its file: ``sklearn.clone``
+        (pipelines, grid searches, SpatialPyramid, ImageEncoder) returns it as is rather
+        than an unfitted copy, so an encoder given one keeps using it. An unfitted
+        vocabulary clones as usual."""
+        if hasattr(self, "descriptor_dim_"):
+            return self
+        return super().__sklearn_clone__()
+
     # -- fitting --------------------------------------------------------------------
 
     def _seeds(self):

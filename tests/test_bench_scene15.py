@@ -1,0 +1,24 @@
+"""The 15-Scene comparison's --quick path, so the script does not rot."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "scene15"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "train").is_dir(), reason=f"15-Scene not found at {DATA}")
+def test_quick_benchmark_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_scene15.py"), "--quick", "--per-class", "2",
+         "--data", str(DATA), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "scene15.md").read_text()
+    assert table.count("| BoF") == 2 and table.count("| VLAD") == 4 and table.count("| FV") == 4
+    assert "balanced accuracy" in table and "%" in table
