@@ -167,11 +167,11 @@ def main(argv=None):
                 plain = l2_normalize(spm[:, :block].copy())  # the 1x1 cell, re-normalised
                 rows[name]["encoding s"] += time.perf_counter() - start
                 for variant, vectors in ((name, plain), (name + " + SPM", spm)):
-                    if split == "train":
-                        train_vectors.setdefault(variant, []).append(vectors.astype(np.float16))
+                    if split == "train":  # preallocated: no list of batches to concatenate
+                        if variant not in train_vectors:
+                            train_vectors[variant] = np.empty((len(paths), vectors.shape[1]), np.float16)
+                        train_vectors[variant][first:first + len(vectors)] = vectors
                     else:
-                        if not isinstance(train_vectors[variant], np.ndarray):
-                            train_vectors[variant] = np.concatenate(train_vectors[variant])
                         test_kernels.setdefault(variant, []).append(gram(vectors, train_vectors[variant]))
             done = first + len(features)
             print(f"  pass 2, {split}: {done}/{len(paths)} images, peak memory {peak_memory_mb():,.0f} MB",
