@@ -88,10 +88,13 @@ def variants(quick):
 
 
 def gram(A, B, block=256):
-    """A @ B.T in float32 from float16 blocks (the float32 copy of B is never whole)."""
+    """A @ B.T in float32, from blocks of rows of both (float16 storage is never
+    converted whole: 1,498 x 327,680 float32 would be 2 GB)."""
     out = np.empty((len(A), len(B)), dtype=np.float32)
-    for start in range(0, len(B), block):
-        out[:, start:start + block] = A.astype(np.float32) @ B[start:start + block].astype(np.float32).T
+    for i in range(0, len(A), block):
+        rows = A[i:i + block].astype(np.float32)
+        for j in range(0, len(B), block):
+            out[i:i + block, j:j + block] = rows @ B[j:j + block].astype(np.float32).T
     return out
 
 
