@@ -10,13 +10,18 @@ PHOW smoothing) and is run with and without a spatial pyramid (1x1 + 2x2 + 1x3):
 * VLAD, K = 64 and 256, signed square root + intra + L2
 * Fisher vector, K = 64 on PCA-64 and K = 256 on PCA-80 descriptors, improved
 
-Memory stays bounded (see DESIGN.md, "Memory model"): one pass over the training images
-samples descriptors for the vocabularies; a second pass extracts each image once and
-encodes it with every variant. Training vectors are kept (float16) to form the linear
-kernel matrix; test vectors are turned into kernel rows batch by batch and dropped. The
-classifier is a linear SVM on that precomputed kernel (scikit-learn's SVC, one-vs-one),
-C chosen by 5-fold cross-validation on the training set. A pyramid's 1x1 cell is the
-whole-image encoding, so the plain variant is read off the pyramid's first block.
+"FV K=64 defaults" is what a user gets without tuning: ``FisherEncoder(64)``, whose
+default GMM works on the 128-D descriptors without PCA.
+
+Memory stays bounded whatever the number of images (see DESIGN.md, "Memory model"): one
+pass over the training images samples descriptors for the vocabularies; a second pass
+extracts each image once and encodes it with every variant, appending the vectors batch by
+batch to float16 files in a scratch folder (``--scratch``, default a temporary folder,
+~7 GB for the full run, deleted at the end). The linear kernel matrices are then formed
+from row blocks read back from those files. The classifier is a linear SVM on the
+precomputed kernel (scikit-learn's SVC, one-vs-one), C chosen by 5-fold cross-validation
+on the training set. A pyramid's 1x1 cell is the whole-image encoding, so only pyramids are
+stored and the plain variant is read off their first block (re-normalised).
 
 Writes ``scene15.md`` (table) and ``scene15.png`` (plot, needs matplotlib: the ``bench``
 extra) into --out. ``--quick`` (a few images per class, small vocabularies) is a smoke
@@ -30,6 +35,7 @@ import vladkit  # noqa: F401  (first: thread-wait settings before numpy loads)
 import argparse
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +79,7 @@ def variants(quick):
     """(name, vocabulary factory, encoder factory) for each encoding."""
     k_bof, k_small, k_large = (100, 8, 16) if quick else (1000, 64, 256)
     pca_small, pca_large = (32, 32) if quick else (64, 80)
+    defaults = FisherEncoder(k_small)  # the parameters a user gets, vocabulary included
     return [
         (f"BoF K={k_bof} Hellinger", lambda s: KMeansVocabulary(k_bof, random_state=s),
          lambda v: BoFEncoder(vocabulary=v, power=0.5, norm="l2")),
@@ -84,17 +91,52 @@ def variants(quick):
          lambda v: FisherEncoder(vocabulary=v)),
         (f"FV K={k_large} PCA-{pca_large}", lambda s: GMMVocabulary(k_large, pca=pca_large, random_state=s),
          lambda v: FisherEncoder(vocabulary=v)),
+        (f"FV K={k_small} defaults",
+         lambda s: GMMVocabulary(k_small, pca=defaults.pca, random_state=s),
+         lambda v: FisherEncoder(k_small, vocabulary=v)),
     ]
 
 
-def gram(A, B, block=256):
-    """A @ B.T in float32, from blocks of rows of both (float16 storage is never
-    converted whole: 1,498 x 327,680 float32 would be 2 GB)."""
-    out = np.empty((len(A), len(B)), dtype=np.float32)
-    for i in range(0, len(A), block):
-        rows = A[i:i + block].astype(np.float32)
-        for j in range(0, len(B), block):
-            out[i:i + block, j:j + block] = rows @ B[j:j + block].astype(np.float32).T
+class RowFile:
+    """Vectors appended batch by batch to a float16 file, read back in blocks of rows.
+
+    Reads are explicit (not a memory map, whose resident pages would count as the
+    process's memory), so holding 1,498 x 327,680 training vectors costs no RAM.
+    """
+
+    def __init__(self, path, dim):
+        self.path, self.dim, self.n_rows = Path(path), dim, 0
+        self._file = open(self.path, "wb")  # noqa: SIM115 (appended to across batches)
+
+    def append(self, vectors):
+        self._file.write(np.ascontiguousarray(vectors, dtype=np.float16).tobytes())
+        self.n_rows += len(vectors)
+
+    def blocks(self, rows, columns=None):
+        """Yield (first row, float32 block); ``columns`` keeps the first columns only,
+        each row re-normalised (a pyramid's 1x1 cell)."""
+        self._file.flush()
+        row_bytes = self.dim * 2
+        with open(self.path, "rb") as file:
+            for first in range(0, self.n_rows, rows):
+                count = min(rows, self.n_rows - first) * self.dim
+                file.seek(first * row_bytes)
+                block = np.fromfile(file, dtype=np.float16, count=count).reshape(-1, self.dim)
+                if columns is not None:
+                    yield first, l2_normalize(block[:, :columns].astype(np.float32))
+                else:
+                    yield first, block.astype(np.float32)
+
+    def close(self):
+        self._file.close()
+
+
+def gram(A, B, columns=None, rows=256):
+    """A @ B.T (float32) for two RowFiles, one pair of row blocks at a time."""
+    out = np.empty((A.n_rows, B.n_rows), dtype=np.float32)
+    for i, a in A.blocks(rows, columns):
+        for j, b in B.blocks(rows, columns):
+            out[i:i + len(a), j:j + len(b)] = a @ b.T
     return out
 
 
@@ -124,8 +166,13 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results", help="folder for scene15.md / .png")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scratch", help="folder for the vectors on disk (default: a temporary folder)")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="scene15-", dir=args.scratch) as scratch:
+        return run(args, parser, Path(scratch))
 
+
+def run(args, parser, scratch):
     per_class = args.per_class if args.quick else None
     train_paths, y_train, classes = labelled_images(Path(args.data) / "train", per_class)
     test_paths, y_test, _ = labelled_images(Path(args.data) / "test", per_class)
@@ -155,9 +202,8 @@ def main(argv=None):
         print(f"  {name}: vocabulary in {rows[name]['vocabulary s']:.0f} s")
     del sample, sampler
 
-    # Pass 2: extract each image once, encode with every variant (pyramid; plain = 1x1 cell).
-    train_vectors = {}
-    test_kernels = {}
+    # Pass 2: extract each image once, encode with every variant's pyramid, append to disk.
+    stored = {}
     for split, paths in (("train", train_paths), ("test", test_paths)):
         for first in range(0, len(paths), args.batch_size):
             start = time.perf_counter()
@@ -166,39 +212,38 @@ def main(argv=None):
             for name, pyramid in encoders:
                 start = time.perf_counter()
                 spm = pyramid.transform(features)
-                block = pyramid.encoder_.n_features_out_
-                plain = l2_normalize(spm[:, :block].copy())  # the 1x1 cell, re-normalised
                 rows[name]["encoding s"] += time.perf_counter() - start
-                for variant, vectors in ((name, plain), (name + " + SPM", spm)):
-                    if split == "train":  # preallocated: no list of batches to concatenate
-                        if variant not in train_vectors:
-                            train_vectors[variant] = np.empty((len(paths), vectors.shape[1]), np.float16)
-                        train_vectors[variant][first:first + len(vectors)] = vectors
-                    else:
-                        test_kernels.setdefault(variant, []).append(gram(vectors, train_vectors[variant]))
+                key = (name, split)
+                if key not in stored:
+                    stored[key] = RowFile(scratch / f"{len(stored)}.f16", spm.shape[1])
+                stored[key].append(spm)
             done = first + len(features)
             print(f"  pass 2, {split}: {done}/{len(paths)} images, peak memory {peak_memory_mb():,.0f} MB",
                   end="\r", flush=True)
         print()
 
     results = []
-    for name, _ in encoders:
-        for variant in (name, name + " + SPM"):
-            X_train = train_vectors.pop(variant)
+    for name, pyramid in encoders:
+        train, test = stored.pop((name, "train")), stored.pop((name, "test"))
+        block = pyramid.encoder_.n_features_out_
+        for variant, columns in ((name, block), (name + " + SPM", None)):
             start = time.perf_counter()
-            K_train = gram(X_train, X_train)
-            K_test = np.concatenate(test_kernels.pop(variant))
-            accuracy, C, fit_seconds = choose_c_and_score(K_train, y_train, K_test, y_test, args.seed)
+            K_train = gram(train, train, columns)
+            K_test = gram(test, train, columns)
+            accuracy, C, _ = choose_c_and_score(K_train, y_train, K_test, y_test, args.seed)
             training = time.perf_counter() - start
-            results.append((variant, X_train.shape[1], accuracy, C, rows[name], training))
-            print(f"  {variant}: dim {X_train.shape[1]:,}, balanced accuracy {100 * accuracy:.1f}% (C={C})")
-            del X_train, K_train, K_test
+            dim = columns or train.dim
+            results.append((variant, dim, accuracy, C, rows[name], training))
+            print(f"  {variant}: dim {dim:,}, balanced accuracy {100 * accuracy:.1f}% (C={C})")
+            del K_train, K_test
+        train.close()
+        test.close()
 
     peak = peak_memory_mb()
     lines = [
-        f"15-Scene, {len(train_paths)} train / {len(test_paths)} test images, dense RootSIFT "
-        f"(step 4, sizes 4/6/8/10); extraction {timing['extraction']:.0f} s for all encodings "
-        f"together; peak resident memory {peak:,.0f} MB.",
+        (f"15-Scene, {len(train_paths)} train / {len(test_paths)} test images, dense RootSIFT "
+         f"(step 4, sizes 4/6/8/10); extraction {timing['extraction']:.0f} s for all encodings "
+         f"together; peak resident memory {peak:,.0f} MB."),
         "",
         "| encoding | dim | balanced accuracy | C | vocabulary s | encoding s | training s |",
         "|---|---|---|---|---|---|---|",
