@@ -1,3 +1,6 @@
+import tracemalloc
+
+import cv2
 import numpy as np
 import pytest
 from sklearn.pipeline import make_pipeline
@@ -95,3 +98,44 @@ def test_one_line_classifier_from_images():
     )
     classifier.fit(train, labels)
     assert np.mean(classifier.predict(test) == np.array([0] * 5 + [1] * 5)) >= 0.9
+
+
+def _traced_peak(function):
+    """Peak of the memory traced by tracemalloc (numpy's buffers included) during a call."""
+    tracemalloc.start()
+    try:
+        result = function()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, result
+
+
+def test_transform_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    # 2,000 image files: distinct crops of one textured picture.
+    picture = textured_image(7, (400, 400))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2000):
+        y, x = rng.integers(0, 400 - 64, size=2)
+        paths.append(tmp_path / f"{i:04d}.png")
+        cv2.imwrite(str(paths[-1]), picture[y:y + 64, x:x + 64])
+    batch_size = 50
+    model = ImageEncoder(DenseSIFT(step=6, sizes=(4, 8), root=True), VLADEncoder(16, random_state=0),
+                         batch_size=batch_size, max_descriptors=5000, random_state=0).fit(paths[:100])
+    descriptors_per_image = len(model.extractor_.transform(paths[:1])[0].descriptors)
+
+    peak_small, out_small = _traced_peak(lambda: model.transform(paths[:200]))
+    peak_large, out_large = _traced_peak(lambda: model.transform(paths))
+    working_small = peak_small - out_small.nbytes
+    working_large = peak_large - out_large.nbytes
+
+    print(f"working memory: 200 images {working_small / 1e6:.1f} MB, 2,000 images {working_large / 1e6:.1f} MB, "
+          f"one batch of descriptors {batch_size * descriptors_per_image * 512 / 1e6:.1f} MB")
+    # The measurement sees the batch: at least one batch of descriptors is traced...
+    one_batch = batch_size * descriptors_per_image * 128 * 4
+    assert working_small >= one_batch
+    # ...and 10x the images costs no more working memory (all 2,000 images' descriptors
+    # at once would be 40x a batch).
+    assert working_large <= 1.25 * working_small, (working_small, working_large)
+    np.testing.assert_array_equal(out_large[:200], out_small)
