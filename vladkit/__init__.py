@@ -13,10 +13,20 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from .datasets import labelled_images
 from .encoders import BoFEncoder, FisherEncoder, SpatialPyramid, VLADEncoder
 from .features import SIFT, DenseSIFT, LocalFeatures, root_sift
 from .image_encoder import ImageEncoder
+from .evaluation import (
+    GroundTruth,
+    average_precision,
+    folder_ground_truth,
+    holidays_ground_truth,
+    mean_average_precision,
+    recall_at_k,
+)
 from .images import ImageReadError, list_images, read_image
+from .index import IndexFileError, PCAWhitening, VectorIndex
 from .vocabulary import (
     DescriptorSampler,
     GMMVocabulary,
@@ -36,6 +46,16 @@ __all__ = [
     "KMeansVocabulary",
     "VocabularyFileError",
     "load_vocabulary",
+    "GroundTruth",
+    "average_precision",
+    "folder_ground_truth",
+    "holidays_ground_truth",
+    "mean_average_precision",
+    "recall_at_k",
+    "IndexFileError",
+    "PCAWhitening",
+    "VectorIndex",
+    "labelled_images",
     "ImageReadError",
     "LocalFeatures",
     "SIFT",

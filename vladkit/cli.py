@@ -7,12 +7,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import shutil
 import sys
 import threading
+from pathlib import Path
+
+import numpy as np
 
 from . import __version__
+from ._io import atomic_output
+from .encodings import (
+    EXTRACTORS,
+    EncodedImages,
+    EncodingsFileError,
+    Recipe,
+    default_encoder,
+    describe_extractor,
+    file_sha256,
+    load_encodings,
+    parse_extractor,
+)
+from .evaluation import folder_ground_truth, holidays_ground_truth, mean_average_precision, recall_at_k
 from .features import SIFT, DenseSIFT
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, list_images
+from .index import IndexFileError, PCAWhitening, VectorIndex
 from .vocabulary import (
     DescriptorSampler,
     GMMVocabulary,
@@ -22,6 +41,7 @@ from .vocabulary import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PYRAMID = ((1, 1), (2, 2), (1, 3))
 
 
 class CommandError(Exception):
@@ -68,19 +88,12 @@ def _extractor_from_args(args):
     return DenseSIFT(step=args.step, sizes=tuple(args.sizes), **common)
 
 
-def _describe(extractor):
-    params = extractor.get_params()
-    shown = {k: v for k, v in params.items() if k not in ("n_jobs", "max_pixels")}
-    return f"{type(extractor).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+def _read_batches(extractor, paths, batch_size, progress, skipped):
+    """Yield, batch by batch, the [(index, LocalFeatures)] of the readable images.
 
-
-def _extract_batches(extractor, paths, batch_size, on_image, progress):
-    """Extract batch by batch; unreadable images are reported on stderr and skipped.
-
-    Calls ``on_image(index, features)`` for each readable image; returns the skipped
-    (path, reason) pairs.
+    Unreadable images are reported on stderr, appended to ``skipped`` as (path, reason)
+    and left out.
     """
-    skipped = []
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
         try:
@@ -93,10 +106,9 @@ def _extract_batches(extractor, paths, batch_size, on_image, progress):
                 except ImageReadError as exc:
                     skipped.append((str(path), exc.reason))
                     progress.write(f"vladkit: skipped {path}: {exc.reason}", file=sys.stderr)
-        for index, features in results:
-            on_image(index, features)
         progress.update(len(batch))
-    return skipped
+        if results:
+            yield results
 
 
 # ---------------------------------------------------------------------- vocab build
@@ -109,11 +121,11 @@ def cmd_vocab_build(args):
     extractor = _extractor_from_args(args)
     sampler = DescriptorSampler(len(paths), args.max_descriptors, args.max_per_image, args.seed)
     show = not args.quiet
+    skipped = []
     with _progress(len(paths), "extracting", show) as bar:
-        skipped = _extract_batches(
-            extractor, paths, args.batch_size,
-            lambda index, features: sampler.add(index, features.descriptors), bar,
-        )
+        for batch in _read_batches(extractor, paths, args.batch_size, bar, skipped):
+            for index, features in batch:
+                sampler.add(index, features.descriptors)
     if len(skipped) == len(paths):
         raise CommandError(f"none of the {len(paths)} images could be read")
     sample = sampler.sample()
@@ -121,7 +133,7 @@ def cmd_vocab_build(args):
     size = {"n_clusters": args.k} if args.kind == "kmeans" else {"n_components": args.k}
     vocab = cls(**size, max_descriptors=args.max_descriptors, max_per_image=args.max_per_image,
                 pca=args.pca, whiten=args.whiten, random_state=args.seed,
-                descriptor_type=_describe(extractor))
+                descriptor_type=describe_extractor(extractor))
     with _elapsed(f"training {args.kind} (K={args.k}) on {len(sample):,} x {sample.shape[1]} descriptors", show):
         vocab.fit_sample(sample)
     vocab.save(args.output)
@@ -152,6 +164,176 @@ def cmd_vocab_info(args):
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- encode
+
+
+def _recipe_from_args(args, vocab):
+    """The extractor the vocabulary was built with (its recorded descriptor type),
+    overridden by the feature options given, and the encoder asked for."""
+    recorded = parse_extractor(vocab.get_params().get("descriptor_type"))
+    given = {name: getattr(args, name) for name in ("root", "step", "sizes", "max_side")
+             if getattr(args, name) is not None}
+    kind = args.features or (recorded[0] if recorded else None)
+    if kind is None:
+        raise CommandError(f"the vocabulary {args.vocab!r} does not record which local features it was "
+                           "built on: give them (--features, --root, --step, --sizes) as used to build it")
+    kind = {"dense": "DenseSIFT", "sift": "SIFT"}.get(kind, kind)
+    params = dict(recorded[1]) if recorded and recorded[0] == kind else {}
+    valid = EXTRACTORS[kind]().get_params()
+    params.update({k: (tuple(v) if k == "sizes" else v) for k, v in given.items() if k in valid})
+    encoder_kind = args.encoder or default_encoder(vocab)
+    recipe = Recipe(kind, params, encoder_kind, {}, [list(level) for level in PYRAMID] if args.pyramid else None,
+                    str(Path(args.vocab).resolve()), file_sha256(args.vocab))
+    _, encoder = recipe.build(n_jobs=1)
+    inner = encoder.encoder if args.pyramid else encoder
+    # Record every parameter (defaults included): the file says exactly how it was made.
+    recipe.encoder_params = {k: v for k, v in inner.get_params(deep=False).items() if k not in ("vocabulary", "n_jobs")}
+    return recipe
+
+
+def cmd_encode(args):
+    paths = list_images(args.folder, recursive=not args.no_recursive)
+    if not paths:
+        raise CommandError(f"no images found in {args.folder!r}")
+    vocab = load_vocabulary(args.vocab)
+    recipe = _recipe_from_args(args, vocab)
+    extractor, encoder = recipe.build(n_jobs=args.jobs)
+    extractor.set_params(max_pixels=None if args.max_pixels == 0 else args.max_pixels)
+    vectors = np.zeros((len(paths), encoder.n_features_out_), dtype=np.float32)
+    encoded = np.zeros(len(paths), dtype=bool)
+    skipped = []
+    with _progress(len(paths), "encoding", not args.quiet) as bar:
+        for batch in _read_batches(extractor, paths, args.batch_size, bar, skipped):
+            rows = [index for index, _ in batch]
+            vectors[rows] = encoder.transform([features for _, features in batch])
+            encoded[rows] = True
+    if not encoded.any():
+        raise CommandError(f"none of the {len(paths)} images could be read")
+    ids = [str(path) for path, ok in zip(paths, encoded) if ok]
+    EncodedImages(vectors[encoded], ids, recipe, skipped).save(args.output)
+    print(f"wrote {args.output}: {len(ids)} images x {vectors.shape[1]:,} ({recipe.encoder}"
+          f"{' + spatial pyramid' if recipe.pyramid else ''}, {recipe.extractor})"
+          + (f", {len(skipped)} skipped" if skipped else ""))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- index
+
+RECIPE_FILE, VOCABULARY_FILE = "recipe.json", "vocabulary.npz"
+
+
+def cmd_index_build(args):
+    encoded = load_encodings(args.encodings)
+    training = load_encodings(args.train).vectors if args.train else encoded.vectors
+    whitening = None
+    if args.pca:
+        whitening = PCAWhitening(args.pca, whiten=args.whiten, power=args.power, random_state=0).fit(training)
+    kind = "ivfpq" if args.nlist else "pq" if args.pq else "flat"
+    index = VectorIndex(kind, pq=args.pq or "16x8", nlist=args.nlist, nprobe=args.nprobe, whitening=whitening)
+    index.train(training)
+    index.add(encoded.vectors, encoded.ids)
+    vocabulary = encoded.recipe.vocabulary_path
+    if not Path(vocabulary).is_file() or file_sha256(vocabulary) != encoded.recipe.vocabulary_sha256:
+        raise CommandError(f"the vocabulary {vocabulary!r} that encoded {args.encodings!r} is missing or has "
+                           "changed since: the index could not encode queries the same way")
+    index.save(args.output)
+    # The recipe and the vocabulary travel with the index, so that `vladkit search` can
+    # encode query images exactly as the indexed ones.
+    with atomic_output(Path(args.output) / VOCABULARY_FILE) as handle, open(vocabulary, "rb") as source:
+        shutil.copyfileobj(source, handle)
+    with atomic_output(Path(args.output) / RECIPE_FILE, "w") as handle:
+        json.dump(encoded.recipe.to_json(), handle, indent=1, sort_keys=True)
+    size = index.bytes_per_vector
+    print(f"wrote {args.output}: {len(index)} images, {kind} index of dimension {index.index_dim}, "
+          f"{size:,} bytes per image")
+    return EXIT_OK
+
+
+def _load_search_index(folder):
+    index = VectorIndex.load(folder)
+    recipe_path = Path(folder) / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise CommandError(f"{folder!r} has no {RECIPE_FILE}: build it with 'vladkit index build'")
+    try:
+        recipe = Recipe.from_json(json.loads(recipe_path.read_text(encoding="utf-8")))
+    except ValueError as exc:
+        raise CommandError(f"{recipe_path}: {exc}") from None
+    return index, recipe
+
+
+def cmd_search(args):
+    index, recipe = _load_search_index(args.index)
+    extractor, encoder = recipe.build(vocabulary=str(Path(args.index) / VOCABULARY_FILE), n_jobs=args.jobs)
+    failed, answers = [], []
+    for image in args.images:
+        try:
+            features = extractor.transform([image])
+        except ImageReadError as exc:
+            failed.append(image)
+            print(f"vladkit: cannot read {image}: {exc.reason}", file=sys.stderr)
+            continue
+        scores, ids = index.search(encoder.transform(features), k=args.top)
+        answers.append({"query": image, "results": [{"id": i, "score": round(float(s), 6)}
+                                                     for i, s in zip(ids[0], scores[0])]})
+    if args.json:
+        json.dump(answers, sys.stdout, indent=1, ensure_ascii=False)
+        print()
+    else:
+        for answer in answers:
+            print(answer["query"])
+            for rank, result in enumerate(answer["results"], 1):
+                print(f"  {rank:3d}  {result['score']:.4f}  {result['id']}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_evaluate(args):
+    index = VectorIndex.load(args.index)
+    queries = load_encodings(args.queries)
+    rule = holidays_ground_truth if args.ground_truth == "holidays" else folder_ground_truth
+    truth = rule(queries.ids)
+    if not truth:
+        raise CommandError(f"the {args.ground_truth} rule finds no query with positives among the "
+                           f"{len(queries.ids)} images of {args.queries!r}")
+    indexed = set(index.ids)
+    absent = [q for q, positives in truth.items() if not set(positives) & indexed]
+    if absent:
+        raise CommandError(f"{len(absent)} queries have none of their positives in the index "
+                           f"(e.g. {absent[0]!r}): evaluate with the encodings the index was built from")
+    rows = {image: row for row, image in enumerate(queries.ids)}
+    names = list(truth)
+    _, ranked = index.search(queries.vectors[[rows[q] for q in names]], k=min(args.top or len(index), len(index)))
+    rankings = dict(zip(names, ranked))
+    result = {"queries": len(names), "mAP": mean_average_precision(rankings, truth)}
+    result.update({f"recall@{k}": v for k, v in recall_at_k(rankings, truth, k=args.k).items()})
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{len(names)} queries ({args.ground_truth} ground truth), index {args.index}")
+        for key, value in result.items():
+            if key != "queries":
+                print(f"  {key:10s} {value:.4f}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args):
+    import time
+
+    from .demo import format_table, run_demo
+
+    start = time.perf_counter()
+    log = (lambda message: None) if args.quiet else (lambda message: print(f"vladkit demo: {message}", file=sys.stderr))
+    results = run_demo(args.output, seed=args.seed, log=log)
+    print(format_table(results))
+    print()
+    print("seconds (encoding, or whitening/quantizer training + indexing): "
+          + ", ".join(f"{r.encoding} {r.seconds:.1f}" for r in results))
+    print(f"total {time.perf_counter() - start:.0f} s; report: {Path(args.output) / 'report.html'}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -165,17 +347,25 @@ def _positive_int(text):
     return value
 
 
-def _add_feature_options(parser):
-    group = parser.add_argument_group("local features")
-    group.add_argument("--features", choices=("dense", "sift"), default="dense",
-                       help="dense multi-scale SIFT on a grid (PHOW) or sparse SIFT keypoints "
-                            "(default: dense)")
-    group.add_argument("--root", action="store_true", help="RootSIFT descriptors")
-    group.add_argument("--step", type=_positive_int, default=4, metavar="PX", help="dense grid step in pixels (default 4)")
-    group.add_argument("--sizes", type=_positive_int, nargs="+", default=[4, 6, 8, 10], metavar="PX",
-                       help="dense bin sizes in pixels (default 4 6 8 10)")
+def _add_feature_options(parser, from_vocabulary=False):
+    """Local-feature options; with ``from_vocabulary`` the defaults are the vocabulary's."""
+    group = parser.add_argument_group(
+        "local features" + (" (default: those the vocabulary was built on)" if from_vocabulary else ""))
+    default = (lambda value: None) if from_vocabulary else (lambda value: value)
+    group.add_argument("--features", choices=("dense", "sift"), default=default("dense"),
+                       help="dense multi-scale SIFT on a grid (PHOW) or sparse SIFT keypoints"
+                            + ("" if from_vocabulary else " (default: dense)"))
+    group.add_argument("--root", action="store_true", default=default(False), help="RootSIFT descriptors")
+    group.add_argument("--step", type=_positive_int, default=default(4), metavar="PX",
+                       help="dense grid step in pixels" + ("" if from_vocabulary else " (default 4)"))
+    group.add_argument("--sizes", type=_positive_int, nargs="+", default=default([4, 6, 8, 10]), metavar="PX",
+                       help="dense bin sizes in pixels" + ("" if from_vocabulary else " (default 4 6 8 10)"))
     group.add_argument("--max-side", type=_positive_int, default=None, metavar="PX",
                        help="downscale images whose long side is larger than this")
+    _add_input_options(group)
+
+
+def _add_input_options(group):
     group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                        help=f"refuse images with more pixels than this, read from the header "
                             f"(default {DEFAULT_MAX_PIXELS:,}; 0 lifts the limit)")
@@ -183,6 +373,23 @@ def _add_feature_options(parser):
     group.add_argument("-j", "--jobs", type=int, default=-1, metavar="N",
                        help="threads for extraction (default -1: every core)")
     group.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="images per batch (default 64)")
+
+
+def _pq_code(text):
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts) or int(parts[0]) < 1 or not 1 <= int(parts[1]) <= 16:
+        raise argparse.ArgumentTypeError(f"expected MxB (M sub-quantizers of B bits, e.g. 16x8), got {text!r}")
+    return text.lower()
+
+
+def _whiten(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"expected an exponent between 0 and 0.5, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +436,110 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("vocabulary", help="a .npz file written by 'vladkit vocab build'")
     info.set_defaults(run=cmd_vocab_info)
     vocab.set_defaults(run=lambda args: (vocab.print_help(), EXIT_USAGE)[1])
+
+    encode = commands.add_parser(
+        "encode", help="encode the images of a folder into vectors (BoF, VLAD, Fisher)",
+        description="Extract local features from the images of FOLDER (recursively) and encode "
+                    "each image into one vector with the vocabulary, batch by batch. The output "
+                    "(.npz: vectors, image paths, and the recipe: features, encoder, vocabulary) "
+                    "is written atomically. Unreadable images are reported and skipped.",
+        epilog="example: vladkit encode photos/ --vocab words.npz --encoder vlad -o photos.npz",
+    )
+    encode.add_argument("folder", help="folder of images")
+    encode.add_argument("--vocab", required=True, metavar="FILE", help="vocabulary from 'vladkit vocab build'")
+    encode.add_argument("--encoder", choices=("bof", "vlad", "fisher"), default=None,
+                        help="default: fisher for a GMM vocabulary, vlad for k-means words")
+    encode.add_argument("--pyramid", action="store_true",
+                        help="spatial pyramid: encode 1x1 + 2x2 + 1x3 cells and concatenate (8x longer)")
+    encode.add_argument("-o", "--output", required=True, metavar="FILE", help="encodings file to write (.npz)")
+    encode.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_feature_options(encode, from_vocabulary=True)
+    encode.set_defaults(run=cmd_encode)
+
+    index = commands.add_parser("index", help="build a search index from encodings",
+                                description="Build a search index from encodings.")
+    index_commands = index.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
+    build_index = index_commands.add_parser(
+        "build", help="index the vectors of an encodings file",
+        description="Index the vectors of ENCODINGS (from 'vladkit encode') for inner-product "
+                    "search: exact (default), or compressed with a product quantizer (--pq), "
+                    "optionally with an inverted file (--nlist). --pca first reduces the vectors "
+                    "with PCA-whitening (Jegou & Chum 2012), learnt on the vectors themselves or "
+                    "on --train. The folder also keeps the recipe and the vocabulary, so that "
+                    "'vladkit search' encodes queries the same way. Written atomically.",
+        epilog="example: vladkit index build photos.npz --pca 256 --pq 64x8 -o photos.index",
+    )
+    build_index.add_argument("encodings", help="encodings file from 'vladkit encode'")
+    build_index.add_argument("--pca", type=_positive_int, default=None, metavar="D",
+                             help="PCA-whiten to D dimensions before indexing")
+    build_index.add_argument("--whiten", type=_whiten, default=0.5, metavar="A",
+                             help="whitening exponent: variances^-A (0.5 full whitening, default; 0.25 "
+                                  "partial, better with few training vectors; 0 plain PCA)")
+    build_index.add_argument("--power", type=float, default=None, metavar="P",
+                             help="signed power normalization after whitening (e.g. 0.5)")
+    build_index.add_argument("--pq", type=_pq_code, default=None, metavar="MxB",
+                             help="product quantization, M sub-quantizers of B bits: M*B/8 bytes per image")
+    build_index.add_argument("--nlist", type=_positive_int, default=None, metavar="N",
+                             help="inverted file with N lists on top of --pq (IVF-PQ) for large collections")
+    build_index.add_argument("--nprobe", type=_positive_int, default=8, metavar="N",
+                             help="lists visited per query with --nlist (default 8)")
+    build_index.add_argument("--train", default=None, metavar="FILE",
+                             help="encodings to learn the PCA and quantizer on (default: the indexed ones)")
+    build_index.add_argument("-o", "--output", required=True, metavar="FOLDER", help="index folder to write")
+    build_index.set_defaults(run=cmd_index_build)
+    index.set_defaults(run=lambda args: (index.print_help(), EXIT_USAGE)[1])
+
+    search = commands.add_parser(
+        "search", help="find the indexed images most similar to query images",
+        description="Encode each IMAGE as the indexed images were, and print its nearest indexed "
+                    "images (rank, inner-product score, path).",
+        epilog="example: vladkit search photos.index query.jpg --top 5",
+    )
+    search.add_argument("index", help="index folder from 'vladkit index build'")
+    search.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
+    search.add_argument("--top", type=_positive_int, default=10, metavar="K", help="results per query (default 10)")
+    search.add_argument("--json", action="store_true", help="print JSON instead of a listing")
+    search.add_argument("-j", "--jobs", type=int, default=-1, metavar="N", help="threads (default -1: every core)")
+    search.set_defaults(run=cmd_search)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="mean average precision and recall@k of an index",
+        description="Search the index with the query images of QUERIES (an encodings file, usually "
+                    "the one the index was built from) and score the rankings against a ground "
+                    "truth read from the image names: 'holidays' (INRIA Holidays: NNNNNN.jpg, a "
+                    "query every 100, its group's other images are positives) or 'folders' "
+                    "(every image is a query, its folder's other images are its positives). The "
+                    "query itself is excluded from its ranking; AP is the Holidays/Oxford "
+                    "trapezoidal AP.",
+        epilog="example: vladkit evaluate holidays.index holidays.npz --ground-truth holidays",
+    )
+    evaluate.add_argument("index", help="index folder from 'vladkit index build'")
+    evaluate.add_argument("queries", help="encodings file holding the query images")
+    evaluate.add_argument("--ground-truth", choices=("holidays", "folders"), required=True,
+                          help="how positives are read from the image paths")
+    evaluate.add_argument("--k", type=_positive_int, nargs="+", default=[1, 5, 10], metavar="K",
+                          help="recall@k for these k (default 1 5 10)")
+    evaluate.add_argument("--top", type=_positive_int, default=None, metavar="N",
+                          help="rank only the top N (default: the whole index, exact mAP)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    demo = commands.add_parser(
+        "demo", help="the whole product on a built-in near-duplicate benchmark (about 2 minutes)",
+        description="Build an INRIA Copydays-style near-duplicate benchmark from the sample photos "
+                    "that ship with scikit-learn, scikit-image and matplotlib (nothing is "
+                    "downloaded): originals and distractors as the database, seven attacks of each "
+                    "original (crop, JPEG, rotation, scaling, blur, contrast, strong) as queries. "
+                    "Train vocabularies on separate images, encode with BoF, VLAD and Fisher "
+                    "vectors, index them exactly and compressed (PCA + product quantization), and "
+                    "print mAP and recall@1 against bytes per image. Writes an HTML report with a "
+                    "plot and the top results of some queries. Seeded: the same table every run.",
+    )
+    demo.add_argument("-o", "--output", default="vladkit-demo", metavar="FOLDER",
+                      help="folder for report.html (default: ./vladkit-demo)")
+    demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 
@@ -243,7 +554,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("vladkit: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (CommandError, ImageReadError, VocabularyFileError, ValueError, OSError) as exc:
+    except (CommandError, ImageReadError, VocabularyFileError, EncodingsFileError, IndexFileError,
+            ValueError, OSError, RuntimeError) as exc:
         print(f"vladkit: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

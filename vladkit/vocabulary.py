@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
-import zipfile
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -30,6 +28,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from . import __version__
+from ._io import write_npz_atomically
 from ._threads import effective_n_jobs
 from .kernels import diagonal_gaussian_terms, log_posteriors, nearest_words, squared_distances
 
@@ -309,7 +308,7 @@ class _Vocabulary(BaseEstimator):
         }
         metadata.update(self._extra_metadata())
         arrays["metadata"] = np.array(json.dumps(metadata, sort_keys=True))
-        _write_npz_atomically(path, arrays)
+        write_npz_atomically(path, arrays)
 
     def _extra_metadata(self):
         return {}
@@ -571,30 +570,6 @@ def _jsonable(params):
         else:  # e.g. a RandomState: not reproducible from the file anyway
             out[key] = None
     return out
-
-
-def _write_npz_atomically(path, arrays):
-    """An .npz (uncompressed zip of .npy files) with fixed timestamps, via temp + rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
-                for name in sorted(arrays):
-                    info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-                    info.external_attr = 0o644 << 16
-                    with archive.open(info, "w") as member:
-                        np.lib.format.write_array(member, np.asarray(arrays[name]), allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        # Interrupted or failed: leave nothing behind, least of all a partial file.
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def load_vocabulary(path, *, descriptor_dim=None):

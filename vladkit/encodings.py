@@ -1,0 +1,186 @@
+"""Encoded image sets on disk (``vladkit encode``'s output), and the recipe that made them.
+
+An encodings file is an ``.npz`` archive (plain arrays, read with ``allow_pickle=False``):
+``vectors`` (n, dim) float32, ``ids`` (n,) the image paths as strings, and a JSON
+``metadata`` entry holding the *recipe*: the local-feature extractor, the encoder and its
+parameters, the spatial pyramid if any, and the vocabulary's path and SHA-256. With the
+recipe, new images (search queries) are encoded exactly as the indexed ones were.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from ._io import write_npz_atomically
+from .encoders import BoFEncoder, FisherEncoder, SpatialPyramid, VLADEncoder
+from .features import SIFT, DenseSIFT
+from .vocabulary import GMMVocabulary, _jsonable, load_vocabulary
+
+__all__ = ["EncodedImages", "EncodingsFileError", "Recipe", "load_encodings"]
+
+FILE_FORMAT = "vladkit-encodings"
+FILE_FORMAT_VERSION = 1
+
+ENCODERS = {"bof": BoFEncoder, "vlad": VLADEncoder, "fisher": FisherEncoder}
+EXTRACTORS = {"SIFT": SIFT, "DenseSIFT": DenseSIFT}
+
+
+class EncodingsFileError(ValueError):
+    """An encodings file vladkit cannot use (the message says why)."""
+
+
+def describe_extractor(extractor):
+    """``DenseSIFT(step=4, sizes=(4, 6, 8, 10), ...)``: the parameters that change the
+    descriptors (not the thread count or the pixel limit). Stored in vocabularies as
+    their ``descriptor_type``; :func:`parse_extractor` reads it back."""
+    shown = {k: v for k, v in extractor.get_params().items() if k not in ("n_jobs", "max_pixels")}
+    return f"{type(extractor).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+def parse_extractor(text):
+    """(class name, parameters) from :func:`describe_extractor`'s text, or None if the
+    text is not such a description (a vocabulary trained from the API may hold anything)."""
+    try:
+        call = ast.parse(text or "", mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in EXTRACTORS
+            and not call.args):
+        return None
+    try:
+        params = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    except ValueError:
+        return None
+    valid = EXTRACTORS[call.func.id]().get_params()
+    return call.func.id, {k: v for k, v in params.items() if k in valid}
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Recipe:
+    """How images become vectors: extractor + encoder (+ pyramid) + vocabulary file."""
+
+    extractor: str                 # "SIFT" or "DenseSIFT"
+    extractor_params: dict
+    encoder: str                   # "bof", "vlad" or "fisher"
+    encoder_params: dict = field(default_factory=dict)
+    pyramid: list | None = None    # levels [[n_x, n_y], ...] or None
+    vocabulary_path: str = ""
+    vocabulary_sha256: str = ""
+
+    def build(self, vocabulary=None, n_jobs=-1):
+        """(extractor, fitted encoder). ``vocabulary``: a path overriding the recorded one."""
+        path = vocabulary or self.vocabulary_path
+        if not os.path.isfile(path):
+            raise EncodingsFileError(f"vocabulary file {path!r} not found (it was used to encode; "
+                                     "give its new place with --vocab)")
+        vocab = load_vocabulary(path)
+        extractor = EXTRACTORS[self.extractor](**self.extractor_params, n_jobs=n_jobs)
+        encoder = ENCODERS[self.encoder](vocabulary=vocab, **self.encoder_params)
+        if self.pyramid is not None:
+            encoder = SpatialPyramid(encoder, levels=[tuple(level) for level in self.pyramid])
+        empty = np.zeros((0, vocab.descriptor_dim_), np.float32)
+        return extractor, encoder.fit([empty])
+
+    def to_json(self):
+        return {
+            "extractor": {"class": self.extractor, "params": _jsonable_deep(self.extractor_params)},
+            "encoder": {"kind": self.encoder, "params": _jsonable(self.encoder_params)},
+            "pyramid": self.pyramid,
+            "vocabulary": {"path": self.vocabulary_path, "sha256": self.vocabulary_sha256},
+        }
+
+    @classmethod
+    def from_json(cls, data):
+        try:
+            extractor, encoder = data["extractor"], data["encoder"]
+            if extractor["class"] not in EXTRACTORS or encoder["kind"] not in ENCODERS:
+                raise KeyError("class")
+            params = dict(extractor["params"])
+            if "sizes" in params:
+                params["sizes"] = tuple(params["sizes"])
+            return cls(extractor["class"], params, encoder["kind"], dict(encoder["params"]),
+                       data.get("pyramid"), data["vocabulary"]["path"], data["vocabulary"]["sha256"])
+        except (KeyError, TypeError) as exc:
+            raise EncodingsFileError(f"the recipe is incomplete or unknown ({exc})") from None
+
+
+def _jsonable_deep(params):
+    """Extractor parameters for JSON: tuples (bin sizes) as lists; nothing else needed."""
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in _jsonable({k: v for k, v in params.items() if not isinstance(v, tuple)}).items()
+            } | {key: list(value) for key, value in params.items() if isinstance(value, tuple)}
+
+
+def default_encoder(vocabulary):
+    """Fisher vectors for a GMM, VLAD for k-means words."""
+    return "fisher" if isinstance(vocabulary, GMMVocabulary) else "vlad"
+
+
+@dataclass
+class EncodedImages:
+    """Vectors of images with their ids (paths) and the recipe that made them."""
+
+    vectors: np.ndarray
+    ids: list
+    recipe: Recipe
+    skipped: list = field(default_factory=list)   # [(path, reason), ...]
+
+    def save(self, path):
+        """Write atomically (temporary file + rename) and reproducibly."""
+        metadata = {
+            "format": FILE_FORMAT,
+            "format_version": FILE_FORMAT_VERSION,
+            "recipe": self.recipe.to_json(),
+            "skipped": [list(item) for item in self.skipped],
+            "vladkit_version": __version__,
+        }
+        write_npz_atomically(path, {
+            "vectors": np.ascontiguousarray(self.vectors, dtype=np.float32),
+            "ids": np.array([str(i) for i in self.ids], dtype=str) if self.ids else np.zeros(0, "U1"),
+            "metadata": np.array(json.dumps(metadata, sort_keys=True)),
+        })
+
+
+def load_encodings(path):
+    """Read a file written by :meth:`EncodedImages.save` (``vladkit encode``)."""
+    name = os.fspath(path)
+    try:
+        archive = np.load(name, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise EncodingsFileError(f"{name!r} is not an encodings file (not a readable .npz: {exc})") from exc
+    with archive:
+        missing = {"vectors", "ids", "metadata"} - set(archive.files)
+        if missing:
+            raise EncodingsFileError(f"{name!r} is not a vladkit encodings file (missing {sorted(missing)})")
+        try:
+            vectors, ids, metadata = archive["vectors"], archive["ids"], json.loads(str(archive["metadata"]))
+        except ValueError as exc:
+            raise EncodingsFileError(f"{name!r}: unreadable entry ({exc})") from exc
+    if not isinstance(metadata, dict) or metadata.get("format") != FILE_FORMAT:
+        raise EncodingsFileError(f"{name!r} is not a vladkit encodings file")
+    if metadata.get("format_version") != FILE_FORMAT_VERSION:
+        raise EncodingsFileError(f"{name!r} has encodings format version {metadata.get('format_version')!r}; "
+                                 f"this vladkit reads version {FILE_FORMAT_VERSION}")
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise EncodingsFileError(f"{name!r}: {len(ids)} ids for vectors of shape {vectors.shape}")
+    try:
+        recipe = Recipe.from_json(metadata.get("recipe", {}))
+    except EncodingsFileError as exc:
+        raise EncodingsFileError(f"{name!r}: {exc}") from None
+    return EncodedImages(vectors, [str(i) for i in ids], recipe,
+                         [tuple(item) for item in metadata.get("skipped", [])])

@@ -1,0 +1,922 @@
+"""Image-vector search: PCA whitening and a faiss index of inner products.
+
+:class:`PCAWhitening` is Jégou & Chum's post-processing of VLAD / Fisher / BoF vectors
+(centre, project on the principal axes, divide by the square root of the variances,
+L2-normalise). :class:`VectorIndex` stores one vector per image under a string id (e.g.
+its path) and returns, for each query, the ids with the largest inner products; the
+vectors are L2-normalised, so the inner product is the cosine similarity. It is exact
+(``"flat"``) or compressed by product quantization (``"pq"``, ``"ivfpq"``), on faiss.
+
+An index is saved as a folder::
+
+    folder/
+        metadata.json    format and version, kind, dimensions, parameters, vladkit version
+        index.faiss      the faiss index (faiss.write_index's format; faiss.read_index reads it)
+        ids.json         the ids, a JSON list of strings, in insertion order
+        whitening.npz    the PCAWhitening arrays (only with whitening; plain arrays, no pickle)
+
+written into a temporary sibling folder and renamed into place, so a reader never sees a
+half-written index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+
+import faiss
+import numpy as np
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+)
+from sklearn.decomposition import PCA
+from sklearn.utils.validation import check_is_fitted
+
+from . import __version__
+from ._io import write_npz_atomically
+from .normalize import l2_normalize, power_normalize
+from .vocabulary import _check_positive_int, _jsonable
+
+__all__ = ["IndexFileError", "PCAWhitening", "VectorIndex"]
+
+INDEX_FORMAT = "vladkit-index"
+INDEX_FORMAT_VERSION = 1
+KINDS = ("flat", "pq", "ivfpq")
+
+METADATA_FILE = "metadata.json"
+FAISS_FILE = "index.faiss"
+IDS_FILE = "ids.json"
+WHITENING_FILE = "whitening.npz"
+_INDEX_FILES = (METADATA_FILE, FAISS_FILE, IDS_FILE, WHITENING_FILE)
+
+#: Elements per chunk when projecting (bounds the centred copy of the input to 16 MB).
+_CHUNK_ELEMENTS = 1 << 22
+#: A principal variance below this fraction of the largest is treated as "no variance".
+_DEGENERATE_VARIANCE = 1e-10
+#: Arrays of a fitted PCAWhitening, as saved with an index.
+_WHITENING_ARRAYS = ("mean_", "components_", "explained_variance_", "explained_variance_ratio_",
+                     "projection_")
+
+
+class IndexFileError(ValueError):
+    """A folder is not a vladkit index that this version can load (the message says why)."""
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _as_matrix(X, name, dtype=np.float32):
+    """X as a C-contiguous (n, D) array of finite numbers in ``dtype``, or a clear error."""
+    X = np.asarray(X)
+    if X.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be an array of numbers, got dtype {X.dtype}")
+    if X.ndim != 2:
+        hint = " (one vector: use X.reshape(1, -1))" if X.ndim == 1 else ""
+        raise ValueError(f"{name} must be a 2-D (n, dim) array, got shape {X.shape}{hint}")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+        X = np.ascontiguousarray(X, dtype=dtype)
+    finite = np.isfinite(X)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise ValueError(f"{name} contains NaN or inf (first in row {row}; float64 values beyond "
+                         "float32's range overflow to inf)")
+    return X
+
+
+def _check_dim(X, expected, name, what):
+    if X.shape[1] != expected:
+        raise ValueError(f"{name} has dimension {X.shape[1]}, but {what} expects dimension {expected}")
+
+
+# ------------------------------------------------------------------------ whitening
+
+
+class PCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    r"""PCA whitening of image vectors, then L2 normalisation (Jégou & Chum, ECCV 2012).
+
+    Jégou & Chum, "Negative evidences and co-occurrences in image retrieval: the benefit
+    of PCA and whitening", ECCV 2012: each vector ``x`` (a VLAD, Fisher or BoF vector) is
+    centred, projected on the ``n_components`` leading principal axes of the training
+    vectors, each axis divided by the square root of its variance, and L2-normalised:
+
+    .. math::
+
+        y = \frac{\tilde y}{\lVert \tilde y \rVert_2}, \qquad
+        \tilde y = \operatorname{diag}(\lambda_1 + \epsilon, \dots,
+        \lambda_d + \epsilon)^{-1/2} \, P \, (x - \mu)
+
+    with ``mu`` the training mean, ``P`` the ``(d, D)`` matrix of principal axes (rows)
+    and ``lambda_i`` their variances. Whitening gives every direction the same weight,
+    which down-weights the co-occurring (bursty) components that dominate the raw vectors.
+    ``whiten=False`` drops the ``diag(...)^(-1/2)`` factor (plain PCA, then L2). With
+    ``power``, the signed power ``sign(y) |y|^power`` follows, then L2 again.
+
+    The PCA is fitted with scikit-learn's :class:`~sklearn.decomposition.PCA` in float64
+    (memory: up to two float64 copies of the training set); the projection is applied in
+    float32, in chunks. An all-zero input row (an image without descriptors) gives an
+    all-zero output row; no output is ever NaN (norms are clamped at 1e-12).
+
+    Parameters
+    ----------
+    n_components : int, default=128
+        Output dimension ``d``; at most ``min(n_samples, n_features)`` of the training set.
+        Whitening a direction with no variance in the training set (e.g. ``n_components``
+        of ``n_samples`` or more: the centred data has rank ``n_samples - 1``) amplifies
+        noise by ``1 / sqrt(eps)``; ``fit`` warns when that happens.
+    whiten : bool or float, default=True
+        True divides each component by ``sqrt(lambda_i + eps)`` (full whitening). A number
+        ``a`` in (0, 0.5] divides by ``(lambda_i + eps)^a`` instead: partial whitening,
+        which damps the amplification of the weakest components, estimated poorly from a
+        small training set (``a = 0.25`` works well with a few hundred vectors, e.g. in
+        ``vladkit demo``). False (or 0) is plain PCA.
+    power : float or None, default=None
+        Exponent of the signed power applied after the first L2 normalisation (0.5 is the
+        signed square root), followed by a second L2 normalisation.
+    eps : float, default=1e-9
+        Added to every variance before the square root, so no division is by zero. The
+        vectors are L2-normalised, so their variances are at most 1 and an absolute
+        regulariser is meaningful.
+    svd_solver : str, default="auto"
+        Passed to scikit-learn's PCA. "full" and "covariance_eigh" are exact; "auto" may
+        pick the (much faster, approximate) "randomized" solver for large inputs.
+    random_state : int, RandomState or None, default=None
+        Seeds the randomized and arpack solvers.
+
+    Attributes
+    ----------
+    mean_ : (n_features,) float32 ndarray
+        ``mu``.
+    components_ : (n_components, n_features) float32 ndarray
+        ``P``: unit principal axes, by decreasing variance; each axis' largest-magnitude
+        entry is positive (deterministic signs).
+    explained_variance_ : (n_components,) float64 ndarray
+        ``lambda_i``.
+    explained_variance_ratio_ : (n_components,) float64 ndarray
+    projection_ : (n_components, n_features) float32 ndarray
+        The matrix applied: ``diag(lambda + eps)^(-1/2) P`` (``P`` when not whitening).
+    n_components_ : int
+    n_features_in_ : int
+
+    References
+    ----------
+    H. Jégou and O. Chum. Negative evidences and co-occurrences in image retrieval: the
+    benefit of PCA and whitening. ECCV 2012.
+    """
+
+    def __init__(self, n_components=128, *, whiten=True, power=None, eps=1e-9,
+                 svd_solver="auto", random_state=None):
+        self.n_components = n_components
+        self.whiten = whiten
+        self.power = power
+        self.eps = eps
+        self.svd_solver = svd_solver
+        self.random_state = random_state
+
+    def _validate_params(self):
+        _check_positive_int(self, "n_components")
+        if not isinstance(self.whiten, (bool, np.bool_)) and not (
+            isinstance(self.whiten, (int, float, np.number)) and 0 <= self.whiten <= 0.5
+        ):
+            raise ValueError(f"whiten must be True, False or an exponent in [0, 0.5], got {self.whiten!r}")
+        if self.power is not None and not (
+            isinstance(self.power, (int, float, np.number)) and not isinstance(self.power, bool)
+            and np.isfinite(self.power) and self.power > 0
+        ):
+            raise ValueError(f"power must be a positive number or None, got {self.power!r}")
+        if not (isinstance(self.eps, (int, float, np.number)) and not isinstance(self.eps, bool)
+                and np.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be a non-negative number, got {self.eps!r}")
+
+    def fit(self, X, y=None):
+        """Learn the mean, principal axes and variances of the training vectors.
+
+        Parameters
+        ----------
+        X : (n_samples, n_features) array
+            Training vectors (e.g. L2-normalised VLAD vectors), at least 2 of them.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        X = _as_matrix(X, "X", dtype=np.float64)  # float64 for an accurate PCA
+        n_samples, n_features = X.shape
+        if n_samples < 2:
+            raise ValueError(f"PCAWhitening needs at least 2 training vectors, got {n_samples}")
+        limit = min(n_samples, n_features)
+        if self.n_components > limit:
+            raise ValueError(
+                f"n_components={self.n_components} exceeds min(n_samples, n_features) = "
+                f"min({n_samples}, {n_features}) = {limit}: use at most {limit} components "
+                "or more training vectors"
+            )
+        if np.all(X.min(axis=0) == X.max(axis=0)):
+            raise ValueError("all training vectors are identical: there are no principal axes to learn")
+        pca = PCA(n_components=int(self.n_components), svd_solver=self.svd_solver,
+                  random_state=self.random_state)
+        pca.fit(X)
+        components = np.array(pca.components_, dtype=np.float64)
+        # Deterministic signs whatever the solver and scikit-learn version: the
+        # largest-magnitude entry of each axis positive (as KMeansVocabulary's PCA).
+        rows = np.arange(len(components))
+        components *= np.sign(components[rows, np.abs(components).argmax(axis=1)])[:, None]
+        variances = np.maximum(np.asarray(pca.explained_variance_, dtype=np.float64), 0.0)
+        if variances[0] == 0:
+            raise ValueError("all training vectors are identical: there are no principal axes to learn")
+        degenerate = np.flatnonzero(variances < _DEGENERATE_VARIANCE * variances[0])
+        if self.whiten and len(degenerate):
+            warnings.warn(
+                f"{len(degenerate)} of the {len(variances)} principal components (from "
+                f"component {degenerate[0]}) have no variance in the {n_samples} training "
+                f"vectors; whitening multiplies them by up to 1/sqrt(eps) = "
+                f"{1 / math.sqrt(self.eps) if self.eps else math.inf:.3g}, so they can dominate "
+                "new vectors: use fewer components or more training vectors",
+                UserWarning, stacklevel=2,
+            )
+        projection = components
+        if self.whiten:
+            exponent = 0.5 if self.whiten is True or isinstance(self.whiten, np.bool_) else float(self.whiten)
+            with np.errstate(divide="ignore"):
+                projection = components / ((variances + self.eps) ** exponent)[:, None]
+            if not np.all(np.isfinite(projection)):
+                raise ValueError("eps=0 and a component has zero variance: whitening would divide "
+                                 "by zero; use eps > 0 or fewer components")
+        self.mean_ = np.asarray(pca.mean_, dtype=np.float32)
+        self.components_ = np.ascontiguousarray(components, dtype=np.float32)
+        self.explained_variance_ = variances
+        self.explained_variance_ratio_ = np.asarray(pca.explained_variance_ratio_, dtype=np.float64)
+        self.projection_ = np.ascontiguousarray(projection, dtype=np.float32)
+        self.n_components_ = int(self.components_.shape[0])
+        self.n_features_in_ = int(n_features)
+        return self
+
+    def transform(self, X):
+        """Whiten (or project) and L2-normalise; see the class docstring for the formula.
+
+        Parameters
+        ----------
+        X : (n, n_features) array
+            float32 or float64 (computed in float32); no NaN or inf.
+
+        Returns
+        -------
+        (n, n_components) float32 ndarray
+            Unit rows, or zero rows for all-zero inputs.
+        """
+        check_is_fitted(self, "projection_")
+        X = _as_matrix(X, "X")
+        _check_dim(X, self.n_features_in_, "X", "this PCAWhitening")
+        return self._transform(X)
+
+    def _transform(self, X):
+        """:meth:`transform` for an already validated float32 C-contiguous X."""
+        out = np.empty((len(X), self.n_components_), dtype=np.float32)
+        projection_t = self.projection_.T
+        step = max(1, _CHUNK_ELEMENTS // max(X.shape[1], 1))
+        zero = np.empty(len(X), dtype=bool)
+        for start in range(0, len(X), step):
+            block = X[start:start + step]
+            zero[start:start + step] = ~block.any(axis=1)
+            np.matmul(block - self.mean_, projection_t, out=out[start:start + step])
+        l2_normalize(out)
+        if self.power is not None:
+            power_normalize(out, self.power)
+            l2_normalize(out)
+        out[zero] = 0
+        return out
+
+    @property
+    def _n_features_out(self):
+        return self.n_components_
+
+
+# ------------------------------------------------------------------------- the index
+
+
+def _parse_pq(pq):
+    """'MxB' -> (M, B): M sub-quantizers of B bits."""
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", pq) if isinstance(pq, str) else None
+    if match is None:
+        raise ValueError(f"pq must be a string 'MxB' (M sub-quantizers of B bits each, e.g. '16x8'), got {pq!r}")
+    m, bits = int(match.group(1)), int(match.group(2))
+    if m < 1 or not 1 <= bits <= 16:
+        raise ValueError(f"pq={pq!r}: need M >= 1 sub-quantizers and 1 <= B <= 16 bits, got M={m}, B={bits}")
+    return m, bits
+
+
+def _check_int_or_none(value, name):
+    if value is None:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if name == 'nlist' else ''}, got {value!r}")
+
+
+def _as_ids(ids, n_rows):
+    """ids as a list of str (os.PathLike converted), one per row."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError("ids must be a list of strings (one per vector), not a single string")
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise TypeError(f"ids must be a list of strings, got {type(ids).__name__}") from None
+    if len(ids) != n_rows:
+        raise ValueError(f"got {n_rows} vectors but {len(ids)} ids: give one id per vector")
+    out = []
+    for position, value in enumerate(ids):
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise TypeError(f"ids[{position}] is {value!r} ({type(value).__name__}); ids must be strings "
+                            "(e.g. image paths)")
+        out.append(value)
+    return out
+
+
+def _fsync_directory(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path, data):
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _json_bytes(value):
+    """Pretty, sorted JSON in UTF-8; strings that UTF-8 cannot encode (lone surrogates, as
+    os.fsdecode makes of non-UTF-8 file names) make the whole file ASCII with escapes, which
+    still reads back exactly."""
+    try:
+        return (json.dumps(value, ensure_ascii=False, sort_keys=True, indent=1) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(value, ensure_ascii=True, sort_keys=True, indent=1) + "\n").encode("ascii")
+
+
+def _read_json(folder, name):
+    path = os.path.join(folder, name)
+    try:
+        with open(path, "rb") as handle:
+            return json.loads(handle.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise IndexFileError(f"{folder!r} is not a vladkit index folder: {name} is missing") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise IndexFileError(f"{folder!r}: {name} is not valid UTF-8 JSON ({exc})") from exc
+
+
+class VectorIndex:
+    """Nearest-neighbour search over image vectors by inner product, on faiss.
+
+    Vectors are stored under string ids (e.g. image paths). They are meant to be
+    L2-normalised (vladkit's encoders and :class:`PCAWhitening` output unit vectors), so
+    the inner product is the cosine similarity; the index itself does not normalise.
+
+    Parameters
+    ----------
+    kind : {"flat", "pq", "ivfpq"}, default="flat"
+        "flat": exact search (faiss ``IndexFlatIP``), ``4 * dim`` bytes per vector.
+        "pq": product quantization with asymmetric distance computation (faiss
+        ``IndexPQ``, inner-product metric): each vector is cut into M sub-vectors, each
+        replaced by the nearest of ``2**B`` centroids learnt by k-means, so a vector costs
+        ``M * B / 8`` bytes; queries are not quantized, the score is the inner product
+        of the query with the vector's reconstruction. The scan is still exhaustive.
+        "ivfpq": an inverted file (faiss ``IndexIVFPQ`` over an ``IndexFlatIP`` coarse
+        quantizer with ``nlist`` lists, spherical k-means) whose lists hold PQ codes of
+        the residuals; a query scans only the ``nprobe`` lists whose centroids have the
+        largest inner products with it.
+    pq : str, default="16x8"
+        "MxB" for "pq" and "ivfpq": M sub-quantizers of B bits (1 to 16). M must divide
+        the dimension. Training needs at least ``2**B`` vectors; faiss recommends about
+        ``39 * 2**B`` for good codebooks (9,984 for B = 8).
+    nlist : int or None, default=None
+        Inverted lists for "ivfpq"; None: ``round(4 * sqrt(n))`` for ``n`` training
+        vectors (at least 1, at most ``n``).
+    nprobe : int, default=8
+        Lists scanned per query by "ivfpq" (capped at ``nlist``). A query whose lists
+        hold fewer than ``k`` vectors is searched again with twice as many lists, until
+        it has ``k`` results.
+    whitening : PCAWhitening or None, default=None
+        A fitted :class:`PCAWhitening` applied to every vector given to ``train``, ``add``
+        and ``search``; it is saved with the index.
+
+    Attributes
+    ----------
+    dim : int or None
+        Dimension of the vectors ``add`` and ``search`` take (None until known).
+    index_dim : int or None
+        Dimension of the stored vectors (after whitening).
+    bytes_per_vector : int or None
+        ``4 * index_dim`` for "flat"; the PQ code size ``ceil(M * B / 8)`` otherwise
+        (an "ivfpq" list also stores an 8-byte label per vector).
+    ids : list of str
+        The ids, in insertion order.
+    faiss_index : faiss.Index or None
+        The underlying faiss index (None before training).
+
+    Notes
+    -----
+    Results are deterministic: scores in decreasing order, exact ties broken by insertion
+    order (the earlier vector first), including ties at the k-th place. ``search``
+    returns ``min(k, len(index))`` columns and never faiss's -1 placeholder.
+    """
+
+    def __init__(self, kind="flat", *, pq="16x8", nlist=None, nprobe=8, whitening=None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self._pq = _parse_pq(pq)
+        _check_int_or_none(nlist, "nlist")
+        _check_int_or_none(nprobe, "nprobe")
+        if nprobe is None:
+            raise ValueError("nprobe must be a positive integer, got None")
+        if whitening is not None:
+            if not isinstance(whitening, PCAWhitening):
+                raise TypeError(f"whitening must be a fitted PCAWhitening or None, got {type(whitening).__name__}")
+            check_is_fitted(whitening, "projection_")
+        self.kind = kind
+        self.pq = pq
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.whitening = whitening
+        self._index = None
+        self._ids = []
+        self._id_set = set()
+        self._dim = whitening.n_features_in_ if whitening is not None else None
+        if kind == "flat" and whitening is not None:
+            self._index = faiss.IndexFlatIP(whitening.n_components_)
+
+    # -- properties -------------------------------------------------------------------
+
+    def __len__(self):
+        return 0 if self._index is None else int(self._index.ntotal)
+
+    def __repr__(self):
+        extra = "" if self.kind == "flat" else f", pq={self.pq!r}"
+        if self.kind == "ivfpq":
+            extra += f", nlist={self.nlist_!r}, nprobe={self.nprobe}"
+        return (f"VectorIndex(kind={self.kind!r}{extra}, dim={self.dim}, n={len(self)}"
+                f"{', whitening' if self.whitening is not None else ''})")
+
+    @property
+    def dim(self):
+        return self._dim
+
+    @property
+    def index_dim(self):
+        if self.whitening is not None:
+            return self.whitening.n_components_
+        return self._dim
+
+    @property
+    def is_trained(self):
+        """True when vectors can be added: always for "flat", after ``train`` otherwise."""
+        return self.kind == "flat" or self._index is not None
+
+    @property
+    def nlist_(self):
+        """The number of inverted lists of a trained "ivfpq" index (else None)."""
+        if self.kind != "ivfpq" or self._index is None:
+            return None
+        return int(self._index.nlist)
+
+    @property
+    def bytes_per_vector(self):
+        if self.kind == "flat":
+            return None if self.index_dim is None else 4 * self.index_dim
+        m, bits = self._pq
+        return (m * bits + 7) // 8
+
+    @property
+    def ids(self):
+        return list(self._ids)
+
+    @property
+    def faiss_index(self):
+        return self._index
+
+    # -- building ----------------------------------------------------------------------
+
+    def _prepare(self, X, name, *, fix_dim=False):
+        """Validate X, check (or, with fix_dim, set when unknown) its dimension, whiten."""
+        X = _as_matrix(X, name)
+        if self._dim is None:
+            if not fix_dim:
+                return X
+        else:
+            _check_dim(X, self._dim, name, "this index")
+        if self.whitening is not None:
+            X = self.whitening._transform(X)
+        return X
+
+    def _require_trained(self, action):
+        if not self.is_trained:
+            raise ValueError(f"this {self.kind!r} index is not trained: call train(X) with "
+                             f"representative vectors before {action}")
+
+    def train(self, X):
+        """Learn the quantizers ("pq", "ivfpq") from representative vectors.
+
+        For "flat" only the input is checked (and fixes the dimension). An index can be
+        trained again only while it holds no vectors.
+
+        Parameters
+        ----------
+        X : (n, dim) array
+            At least ``2**B`` vectors (and ``nlist`` for "ivfpq").
+
+        Returns
+        -------
+        self
+        """
+        X = self._prepare(X, "X", fix_dim=True)
+        dim = self._dim if self._dim is not None else X.shape[1]
+        d = X.shape[1]
+        if self.kind == "flat":
+            if self._index is None:
+                self._dim, self._index = dim, faiss.IndexFlatIP(d)
+            return self
+        if len(self):
+            raise ValueError(f"this index already holds {len(self)} vectors; training again would "
+                             "invalidate their codes: create a new VectorIndex")
+        m, bits = self._pq
+        if d % m:
+            raise ValueError(f"pq={self.pq!r}: the dimension {d} of the indexed vectors is not a "
+                             f"multiple of M={m} sub-quantizers; choose M dividing {d}")
+        n, needed = len(X), 2 ** bits
+        if n < needed:
+            raise ValueError(f"pq={self.pq!r} needs at least 2**{bits} = {needed} training vectors "
+                             f"(one per centroid of each sub-quantizer), got {n}")
+        if self.kind == "pq":
+            index = faiss.IndexPQ(d, m, bits, faiss.METRIC_INNER_PRODUCT)
+        else:
+            nlist = self.nlist if self.nlist is not None else min(n, max(1, round(4 * math.sqrt(n))))
+            if nlist > n:
+                raise ValueError(f"nlist={nlist} inverted lists need at least {nlist} training vectors, got {n}")
+            index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, int(nlist), m, bits,
+                                     faiss.METRIC_INNER_PRODUCT)
+            # faiss only prints a warning below 39 points per centroid; the docstring says it.
+            index.cp.min_points_per_centroid = 1
+        index.pq.cp.min_points_per_centroid = 1
+        index.train(X)
+        self._dim, self._index = dim, index
+        return self
+
+    def add(self, X, ids):
+        """Add vectors under string ids.
+
+        Parameters
+        ----------
+        X : (n, dim) array
+        ids : sequence of n str (or path-like, stored as str)
+            Unique: an id already in the index, or repeated in ``ids``, is refused.
+
+        Returns
+        -------
+        self
+        """
+        self._require_trained("adding vectors")
+        X = self._prepare(X, "X", fix_dim=True)
+        ids = _as_ids(ids, len(X))
+        seen = set()
+        duplicates = [i for i in ids if i in self._id_set or (i in seen or seen.add(i))]
+        if duplicates:
+            shown = ", ".join(repr(i) for i in duplicates[:3])
+            raise ValueError(f"duplicate ids ({len(duplicates)}, e.g. {shown}): each id must be "
+                             "unique in the index")
+        if self._index is None:  # flat, first vectors
+            self._dim, self._index = X.shape[1], faiss.IndexFlatIP(X.shape[1])
+        if len(X):
+            self._index.add(X)
+        self._ids.extend(ids)
+        self._id_set.update(ids)
+        return self
+
+    # -- searching ---------------------------------------------------------------------
+
+    def search(self, X, k=10):
+        """The ``k`` indexed vectors with the largest inner products with each query.
+
+        Parameters
+        ----------
+        X : (n, dim) array
+            Queries (whitened like the indexed vectors when the index has whitening).
+        k : int, default=10
+
+        Returns
+        -------
+        scores : (n, min(k, len(self))) float32 ndarray
+            Inner products (approximate for "pq" / "ivfpq"), decreasing along each row.
+        ids : list of n lists of str
+            The matching ids; exact ties in order of insertion.
+        """
+        _check_int_or_none(k, "k")
+        if k is None:
+            raise ValueError("k must be a positive integer, got None")
+        self._require_trained("searching")
+        Q = self._prepare(X, "queries")
+        if self.nprobe is None or isinstance(self.nprobe, bool) or int(self.nprobe) < 1:
+            raise ValueError(f"nprobe must be a positive integer, got {self.nprobe!r}")
+        n, k = len(Q), min(int(k), len(self))
+        if n == 0 or k == 0:
+            return np.zeros((n, k), dtype=np.float32), [[] for _ in range(n)]
+        scores, labels = self._search(Q, k)
+        ids = self._ids
+        return scores, [[ids[j] for j in row] for row in labels.tolist()]
+
+    def _faiss_search(self, Q, kk, nprobe):
+        if self.kind == "ivfpq":
+            return self._index.search(Q, kk, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        return self._index.search(Q, kk)
+
+    def _search(self, Q, k):
+        """Top k (1 <= k <= ntotal) with deterministic ties and no missing results.
+
+        Asks faiss for one more result than needed: if the (k+1)-th score equals the k-th,
+        tied vectors may have been cut arbitrarily, so the query is searched again with
+        twice as many results until the tie is complete; then the results are ordered by
+        (score descending, insertion order). An "ivfpq" query with fewer than k vectors in
+        its lists is searched again with twice the lists. Each query is processed on its
+        own terms, so its results do not depend on the other queries of the batch.
+        """
+        ntotal = len(self)
+        nlist = self.nlist_ or 1
+        scores = np.empty((len(Q), k), dtype=np.float32)
+        labels = np.empty((len(Q), k), dtype=np.int64)
+        pending = {(min(k + 1, ntotal), min(int(self.nprobe), nlist)): np.arange(len(Q))}
+        while pending:
+            (kk, nprobe), rows = pending.popitem()
+            D, I = self._faiss_search(Q[rows], kk, nprobe)
+            complete = I[:, k - 1] >= 0
+            exhausted = (kk >= ntotal) | (I[:, kk - 1] < 0)
+            resolved = complete & (exhausted | (D[:, kk - 1] < D[:, k - 1]))
+            if resolved.any():
+                d, i = D[resolved], I[resolved]
+                d = np.where(i >= 0, d, -np.inf)
+                i = np.where(i >= 0, i, np.iinfo(np.int64).max)
+                order = np.lexsort((i, -d), axis=-1)[:, :k]
+                scores[rows[resolved]] = np.take_along_axis(d, order, axis=1)
+                labels[rows[resolved]] = np.take_along_axis(i, order, axis=1)
+            incomplete = ~complete
+            if incomplete.any():
+                if nprobe >= nlist:  # every list was scanned: cannot happen, all vectors are in lists
+                    raise RuntimeError(f"faiss returned fewer than {k} results from {ntotal} vectors")
+                key = (kk, min(2 * nprobe, nlist))
+                pending[key] = np.concatenate([pending.get(key, rows[:0]), rows[incomplete]])
+            tied = complete & ~resolved
+            if tied.any():
+                key = (min(2 * kk, ntotal), nprobe)
+                pending[key] = np.concatenate([pending.get(key, rows[:0]), rows[tied]])
+        return scores, labels
+
+    # -- files -------------------------------------------------------------------------
+
+    def _metadata(self):
+        return {
+            "format": INDEX_FORMAT,
+            "format_version": INDEX_FORMAT_VERSION,
+            "kind": self.kind,
+            "dim": int(self._dim),
+            "index_dim": int(self.index_dim),
+            "pq": self.pq,
+            "nlist": self.nlist_,
+            "nprobe": int(self.nprobe),
+            "ntotal": len(self),
+            "params": {"nlist": None if self.nlist is None else int(self.nlist)},
+            "whitening": None if self.whitening is None else _jsonable(self.whitening.get_params()),
+            "vladkit_version": __version__,
+        }
+
+    def save(self, folder):
+        """Write the index to ``folder``, atomically.
+
+        Everything is written into a temporary sibling folder, which is then renamed to
+        ``folder``. An existing index folder there is replaced (it is renamed aside first
+        and deleted once the new one is in place; if the rename fails, it is put back).
+        Anything else at ``folder`` (a file, a folder with other contents) is refused.
+
+        Parameters
+        ----------
+        folder : str or path-like
+        """
+        if self._index is None:
+            raise ValueError("nothing to save: this index has no dimension yet (train or add vectors first)"
+                             if self.kind == "flat" else
+                             f"this {self.kind!r} index is not trained: train it before saving")
+        target = os.path.abspath(os.fspath(folder))
+        parent, name = os.path.split(target)
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"cannot save the index to {target!r}: the folder {parent!r} does not exist")
+        if os.path.lexists(target):
+            _check_replaceable(target)
+        temporary = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+        try:
+            _write_file(os.path.join(temporary, FAISS_FILE),
+                        faiss.serialize_index(self._index).tobytes())
+            _write_file(os.path.join(temporary, IDS_FILE), _json_bytes(self._ids))
+            if self.whitening is not None:
+                write_npz_atomically(os.path.join(temporary, WHITENING_FILE),
+                                      {key: getattr(self.whitening, key) for key in _WHITENING_ARRAYS})
+            # metadata last: a folder with metadata.json is complete.
+            _write_file(os.path.join(temporary, METADATA_FILE), _json_bytes(self._metadata()))
+            os.chmod(temporary, 0o755)
+            _fsync_directory(temporary)
+            _move_into_place(temporary, target)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        _fsync_directory(parent)
+
+    @classmethod
+    def load(cls, folder):
+        """Read an index written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``folder`` does not exist.
+        IndexFileError
+            ``folder`` is not a vladkit index (missing or unreadable files), has another
+            format version, or is inconsistent (ids vs. vectors, dimensions, kind).
+
+        Notes
+        -----
+        faiss parses ``index.faiss`` in C++: load folders from sources you trust.
+        """
+        folder = os.fspath(folder)
+        if not os.path.exists(folder):
+            raise FileNotFoundError(f"no index folder at {folder!r}")
+        if not os.path.isdir(folder):
+            raise IndexFileError(f"{folder!r} is not a vladkit index folder (it is not a folder)")
+        metadata = _read_json(folder, METADATA_FILE)
+        if not isinstance(metadata, dict) or metadata.get("format") != INDEX_FORMAT:
+            raise IndexFileError(f"{folder!r} is not a vladkit index folder ({METADATA_FILE} has format "
+                                 f"{metadata.get('format') if isinstance(metadata, dict) else None!r})")
+        version = metadata.get("format_version")
+        if version != INDEX_FORMAT_VERSION:
+            raise IndexFileError(
+                f"{folder!r} has index format version {version!r}; this vladkit ({__version__}) reads "
+                f"version {INDEX_FORMAT_VERSION} (rebuild the index, or use the vladkit version that "
+                f"wrote it: {metadata.get('vladkit_version')!r})"
+            )
+        try:
+            kind, dim, index_dim = metadata["kind"], metadata["dim"], metadata["index_dim"]
+            pq, nlist, nprobe = metadata["pq"], metadata["nlist"], metadata["nprobe"]
+            whitening_params = metadata["whitening"]
+        except KeyError as exc:
+            raise IndexFileError(f"{folder!r}: {METADATA_FILE} lacks the entry {exc.args[0]!r}") from None
+        try:
+            params = metadata.get("params")
+            self = cls(kind, pq=pq, nlist=params.get("nlist") if isinstance(params, dict) else None,
+                       nprobe=nprobe)
+        except (TypeError, ValueError) as exc:
+            raise IndexFileError(f"{folder!r}: bad parameters in {METADATA_FILE}: {exc}") from exc
+        for key, value in (("dim", dim), ("index_dim", index_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise IndexFileError(f"{folder!r}: {METADATA_FILE} has {key}={value!r}, expected a positive integer")
+
+        if whitening_params is not None:
+            self.whitening = _load_whitening(folder, whitening_params, dim, index_dim)
+        elif dim != index_dim:
+            raise IndexFileError(f"{folder!r}: dim={dim} differs from index_dim={index_dim} without whitening")
+
+        path = os.path.join(folder, FAISS_FILE)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            raise IndexFileError(f"{folder!r} is not a complete vladkit index: {FAISS_FILE} is missing") from None
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except Exception as exc:  # faiss raises RuntimeError on a bad file
+            raise IndexFileError(f"{folder!r}: {FAISS_FILE} is not a readable faiss index ({exc})") from exc
+        _check_faiss_index(folder, index, self, index_dim, nlist)
+
+        ids = _read_json(folder, IDS_FILE)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise IndexFileError(f"{folder!r}: {IDS_FILE} must hold a JSON list of strings")
+        if len(ids) != index.ntotal:
+            raise IndexFileError(f"{folder!r} is inconsistent: {IDS_FILE} has {len(ids)} ids but "
+                                 f"{FAISS_FILE} holds {index.ntotal} vectors")
+        if len(set(ids)) != len(ids):
+            raise IndexFileError(f"{folder!r}: {IDS_FILE} contains duplicate ids")
+        self._dim, self._index = dim, index
+        self._ids, self._id_set = ids, set(ids)
+        return self
+
+
+# --------------------------------------------------------------- folder helpers
+
+
+def _check_replaceable(target):
+    """Refuse to replace anything but an index folder (or an empty folder)."""
+    if os.path.islink(target) or not os.path.isdir(target):
+        raise FileExistsError(f"cannot save the index to {target!r}: it exists and is not a folder "
+                              "(or is a symbolic link); remove it or choose another name")
+    entries = os.listdir(target)
+    if not entries:
+        return
+    unexpected = sorted(set(entries) - set(_INDEX_FILES))
+    try:
+        with open(os.path.join(target, METADATA_FILE), "rb") as handle:
+            is_index = json.loads(handle.read().decode("utf-8")).get("format") == INDEX_FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_index = False
+    if unexpected or not is_index:
+        reason = f"it contains {unexpected[:3]}" if unexpected else f"it has no vladkit {METADATA_FILE}"
+        raise FileExistsError(f"refusing to replace {target!r}: it is not a vladkit index folder "
+                              f"({reason}); remove it or choose another name")
+
+
+def _move_into_place(temporary, target):
+    if not os.path.lexists(target):
+        os.rename(temporary, target)
+        return
+    backup = temporary + ".old"
+    os.rename(target, backup)
+    try:
+        os.rename(temporary, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _load_whitening(folder, params, dim, index_dim):
+    path = os.path.join(folder, WHITENING_FILE)
+    if not isinstance(params, dict):
+        raise IndexFileError(f"{folder!r}: bad whitening parameters in {METADATA_FILE}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise IndexFileError(f"{folder!r} is not a complete vladkit index: {WHITENING_FILE} is missing") from None
+    except Exception as exc:
+        raise IndexFileError(f"{folder!r}: {WHITENING_FILE} is not a readable .npz archive ({exc})") from exc
+    arrays = {}
+    with archive:
+        for key in _WHITENING_ARRAYS:
+            try:
+                arrays[key] = archive[key]
+            except KeyError:
+                raise IndexFileError(f"{folder!r}: {WHITENING_FILE} lacks the array {key!r}") from None
+            except ValueError as exc:  # object arrays need pickle: refused
+                raise IndexFileError(f"{folder!r}: {WHITENING_FILE} entry {key!r} cannot be read "
+                                     f"without pickle ({exc})") from exc
+    expected = {"mean_": (dim,), "components_": (index_dim, dim), "explained_variance_": (index_dim,),
+                "explained_variance_ratio_": (index_dim,), "projection_": (index_dim, dim)}
+    for key, shape in expected.items():
+        array = arrays[key]
+        if array.shape != shape or array.dtype.kind != "f" or not np.all(np.isfinite(array)):
+            raise IndexFileError(f"{folder!r}: {WHITENING_FILE} {key} has shape {array.shape} and dtype "
+                                 f"{array.dtype}, expected {shape} finite floats")
+    whitening = PCAWhitening()
+    try:
+        whitening.set_params(**{k: v for k, v in params.items() if k in whitening.get_params()})
+        whitening._validate_params()
+    except ValueError as exc:
+        raise IndexFileError(f"{folder!r}: bad whitening parameters in {METADATA_FILE}: {exc}") from exc
+    whitening.mean_ = np.ascontiguousarray(arrays["mean_"], dtype=np.float32)
+    whitening.components_ = np.ascontiguousarray(arrays["components_"], dtype=np.float32)
+    whitening.explained_variance_ = arrays["explained_variance_"].astype(np.float64)
+    whitening.explained_variance_ratio_ = arrays["explained_variance_ratio_"].astype(np.float64)
+    whitening.projection_ = np.ascontiguousarray(arrays["projection_"], dtype=np.float32)
+    whitening.n_components_ = int(index_dim)
+    whitening.n_features_in_ = int(dim)
+    return whitening
+
+
+def _check_faiss_index(folder, index, owner, index_dim, nlist):
+    expected = {"flat": faiss.IndexFlatIP, "pq": faiss.IndexPQ, "ivfpq": faiss.IndexIVFPQ}[owner.kind]
+    problem = None
+    if not isinstance(index, expected):
+        problem = f"a {type(index).__name__}, expected {expected.__name__} for kind {owner.kind!r}"
+    elif index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        problem = "an index with another metric than the inner product"
+    elif index.d != index_dim:
+        problem = f"an index of dimension {index.d}, expected {index_dim}"
+    elif not index.is_trained:
+        problem = "an untrained index"
+    elif owner.kind != "flat":
+        m, bits = owner._pq
+        if (index.pq.M, index.pq.nbits) != (m, bits):
+            problem = f"PQ codes {index.pq.M}x{index.pq.nbits}, expected pq={owner.pq!r}"
+        elif owner.kind == "ivfpq" and index.nlist != nlist:
+            problem = f"{index.nlist} inverted lists, expected nlist={nlist!r}"
+    if problem:
+        raise IndexFileError(f"{folder!r} is inconsistent: {FAISS_FILE} holds {problem}")
