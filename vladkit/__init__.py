@@ -15,7 +15,7 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .datasets import labelled_images
 from .encoders import BoFEncoder, FisherEncoder, SpatialPyramid, VLADEncoder
-from .features import SIFT, DenseSIFT, LocalFeatures, root_sift
+from .features import SIFT, DenseSIFT, ImageSkippedWarning, LocalFeatures, root_sift
 from .image_encoder import ImageEncoder
 from .evaluation import (
     GroundTruth,
@@ -57,6 +57,7 @@ __all__ = [
     "VectorIndex",
     "labelled_images",
     "ImageReadError",
+    "ImageSkippedWarning",
     "LocalFeatures",
     "SIFT",
     "SpatialPyramid",

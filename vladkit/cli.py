@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from ._io import atomic_output
+from ._io import atomic_output, write_npz_atomically
 from .encodings import (
     EXTRACTORS,
     EncodedImages,
@@ -88,27 +88,47 @@ def _extractor_from_args(args):
     return DenseSIFT(step=args.step, sizes=tuple(args.sizes), **common)
 
 
-def _read_batches(extractor, paths, batch_size, progress, skipped):
-    """Yield, batch by batch, the [(index, LocalFeatures)] of the readable images.
+def _read_batches(extractor, paths, batch_size, progress, skipped, on_error="skip", first=0):
+    """Yield, batch by batch, the [(index, LocalFeatures)] of the readable images
+    (indices from ``first``).
 
-    Unreadable images are reported on stderr, appended to ``skipped`` as (path, reason)
-    and left out.
+    An unreadable image is reported on stderr, appended to ``skipped`` as (path, reason)
+    and left out, or with ``on_error="raise"`` stops the job naming it.
     """
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
         try:
-            results = list(enumerate(extractor.transform(batch), start))
+            results = list(enumerate(extractor.transform(batch), first + start))
         except ImageReadError:
             results = []  # isolate the bad file(s): one image at a time
-            for index, path in enumerate(batch, start):
+            for index, path in enumerate(batch, first + start):
                 try:
                     results.append((index, extractor.transform([path])[0]))
                 except ImageReadError as exc:
+                    if on_error == "raise":
+                        raise CommandError(f"cannot read {path}: {exc.reason} (--on-error skip "
+                                           "reports unreadable images and goes on)") from None
                     skipped.append((str(path), exc.reason))
                     progress.write(f"vladkit: skipped {path}: {exc.reason}", file=sys.stderr)
         progress.update(len(batch))
         if results:
             yield results
+
+
+def _report_skipped(skipped, n_images, error_log):
+    """The end-of-job summary on stderr (n read, n skipped, why), and the JSON-lines log."""
+    if error_log:
+        with atomic_output(error_log, "w") as handle:
+            for path, reason in skipped:
+                handle.write(json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n")
+    if not skipped:
+        return
+    reasons = {}
+    for _, reason in skipped:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    why = "; ".join(f"{count} x {reason}" for reason, count in sorted(reasons.items(), key=lambda r: -r[1]))
+    print(f"vladkit: read {n_images - len(skipped)} of {n_images} images, skipped {len(skipped)}: {why}"
+          + (f" (list in {error_log})" if error_log else ""), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- vocab build
@@ -123,9 +143,10 @@ def cmd_vocab_build(args):
     show = not args.quiet
     skipped = []
     with _progress(len(paths), "extracting", show) as bar:
-        for batch in _read_batches(extractor, paths, args.batch_size, bar, skipped):
+        for batch in _read_batches(extractor, paths, args.batch_size, bar, skipped, args.on_error):
             for index, features in batch:
                 sampler.add(index, features.descriptors)
+    _report_skipped(skipped, len(paths), args.error_log)
     if len(skipped) == len(paths):
         raise CommandError(f"none of the {len(paths)} images could be read")
     sample = sampler.sample()
@@ -191,26 +212,84 @@ def _recipe_from_args(args, vocab):
     return recipe
 
 
+def _encode_job(args, paths, recipe):
+    """The folder, shard by shard, in ``OUTPUT.parts/``; returns (vectors, encoded mask,
+    skipped). Each shard (whole batches, so the vectors do not depend on where a run
+    stopped) is written atomically; a rerun of the same command after a crash or a kill
+    finds the manifest, keeps the finished shards and computes the others."""
+    parts = Path(str(args.output) + ".parts")
+    shard_size = -(-args.shard_size // args.batch_size) * args.batch_size
+    manifest = {
+        "format": "vladkit-encode-job", "format_version": 1, "paths": [str(p) for p in paths],
+        "recipe": recipe.to_json(), "batch_size": args.batch_size, "shard_size": shard_size,
+        "max_pixels": args.max_pixels, "max_side": args.max_side,
+    }
+    manifest_path = parts / "manifest.json"
+    if parts.is_dir():
+        try:
+            previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if previous != manifest:
+            print(f"vladkit: {parts} holds a partial run for other images or settings: starting over",
+                  file=sys.stderr)
+            shutil.rmtree(parts)
+    if not parts.is_dir():
+        parts.mkdir(parents=True)
+        with atomic_output(manifest_path, "w") as handle:
+            json.dump(manifest, handle)
+    extractor, encoder = recipe.build(n_jobs=args.jobs)
+    extractor.set_params(max_pixels=None if args.max_pixels == 0 else args.max_pixels)
+    vectors = np.zeros((len(paths), encoder.n_features_out_), dtype=np.float32)
+    encoded = np.zeros(len(paths), dtype=bool)
+    skipped, resumed = [], 0
+    with _progress(len(paths), "encoding", not args.quiet) as bar:
+        for number, first in enumerate(range(0, len(paths), shard_size)):
+            last = min(first + shard_size, len(paths))
+            shard = parts / f"shard-{number:06d}.npz"
+            if shard.is_file():
+                with np.load(shard, allow_pickle=False) as stored:
+                    vectors[first:last], encoded[first:last] = stored["vectors"], stored["encoded"]
+                    skipped += [tuple(item) for item in json.loads(str(stored["skipped"]))]
+                resumed += last - first
+                bar.update(last - first)
+                continue
+            shard_skipped = []
+            for batch in _read_batches(extractor, paths[first:last], args.batch_size, bar, shard_skipped,
+                                       args.on_error, first):
+                rows = [index for index, _ in batch]
+                vectors[rows] = encoder.transform([features for _, features in batch])
+                encoded[rows] = True
+            write_npz_atomically(shard, {"vectors": vectors[first:last], "encoded": encoded[first:last],
+                                         "skipped": np.array(json.dumps(shard_skipped))})
+            skipped += shard_skipped
+    if resumed:
+        print(f"vladkit: resumed: {resumed} of {len(paths)} images were already encoded in {parts}",
+              file=sys.stderr)
+    return vectors, encoded, skipped, parts
+
+
 def cmd_encode(args):
     paths = list_images(args.folder, recursive=not args.no_recursive)
     if not paths:
         raise CommandError(f"no images found in {args.folder!r}")
     vocab = load_vocabulary(args.vocab)
     recipe = _recipe_from_args(args, vocab)
-    extractor, encoder = recipe.build(n_jobs=args.jobs)
-    extractor.set_params(max_pixels=None if args.max_pixels == 0 else args.max_pixels)
-    vectors = np.zeros((len(paths), encoder.n_features_out_), dtype=np.float32)
-    encoded = np.zeros(len(paths), dtype=bool)
-    skipped = []
-    with _progress(len(paths), "encoding", not args.quiet) as bar:
-        for batch in _read_batches(extractor, paths, args.batch_size, bar, skipped):
-            rows = [index for index, _ in batch]
-            vectors[rows] = encoder.transform([features for _, features in batch])
-            encoded[rows] = True
+    try:
+        vectors, encoded, skipped, parts = _encode_job(args, paths, recipe)
+    except CommandError:
+        # Stopped by a bad image (--on-error raise): keep finished shards for a rerun,
+        # but leave no empty work folder behind.
+        parts = Path(str(args.output) + ".parts")
+        if parts.is_dir() and not any(parts.glob("shard-*.npz")):
+            shutil.rmtree(parts)
+        raise
+    _report_skipped(skipped, len(paths), args.error_log)
     if not encoded.any():
         raise CommandError(f"none of the {len(paths)} images could be read")
     ids = [str(path) for path, ok in zip(paths, encoded) if ok]
     EncodedImages(vectors[encoded], ids, recipe, skipped).save(args.output)
+    shutil.rmtree(parts)
     print(f"wrote {args.output}: {len(ids)} images x {vectors.shape[1]:,} ({recipe.encoder}"
           f"{' + spatial pyramid' if recipe.pyramid else ''}, {recipe.extractor})"
           + (f", {len(skipped)} skipped" if skipped else ""))
@@ -236,13 +315,10 @@ def cmd_index_build(args):
     if not Path(vocabulary).is_file() or file_sha256(vocabulary) != encoded.recipe.vocabulary_sha256:
         raise CommandError(f"the vocabulary {vocabulary!r} that encoded {args.encodings!r} is missing or has "
                            "changed since: the index could not encode queries the same way")
-    index.save(args.output)
-    # The recipe and the vocabulary travel with the index, so that `vladkit search` can
-    # encode query images exactly as the indexed ones.
-    with atomic_output(Path(args.output) / VOCABULARY_FILE) as handle, open(vocabulary, "rb") as source:
-        shutil.copyfileobj(source, handle)
-    with atomic_output(Path(args.output) / RECIPE_FILE, "w") as handle:
-        json.dump(encoded.recipe.to_json(), handle, indent=1, sort_keys=True)
+    # The recipe and the vocabulary travel with the index (same atomic write), so that
+    # `vladkit search` can encode query images exactly as the indexed ones.
+    recipe = json.dumps(encoded.recipe.to_json(), indent=1, sort_keys=True).encode()
+    index.save(args.output, extra_files={RECIPE_FILE: recipe, VOCABULARY_FILE: Path(vocabulary).read_bytes()})
     size = index.bytes_per_vector
     print(f"wrote {args.output}: {len(index)} images, {kind} index of dimension {index.index_dim}, "
           f"{size:,} bytes per image")
@@ -366,6 +442,11 @@ def _add_feature_options(parser, from_vocabulary=False):
 
 
 def _add_input_options(group):
+    group.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                       help="unreadable image: report it on stderr and go on (skip, default), or "
+                            "stop with exit status 1 and write nothing (raise)")
+    group.add_argument("--error-log", default=None, metavar="FILE",
+                       help="also write the skipped images as JSON lines {path, reason}")
     group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                        help=f"refuse images with more pixels than this, read from the header "
                             f"(default {DEFAULT_MAX_PIXELS:,}; 0 lifts the limit)")
@@ -453,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="spatial pyramid: encode 1x1 + 2x2 + 1x3 cells and concatenate (8x longer)")
     encode.add_argument("-o", "--output", required=True, metavar="FILE", help="encodings file to write (.npz)")
     encode.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    encode.add_argument("--shard-size", type=_positive_int, default=1024, metavar="N",
+                        help="images per shard of the resumable job (default 1024): finished shards "
+                             "are kept in OUTPUT.parts/ until the output is written, and a rerun of "
+                             "the same command after a crash resumes from them")
     _add_feature_options(encode, from_vocabulary=True)
     encode.set_defaults(run=cmd_encode)
 

@@ -187,7 +187,7 @@ def montage(result, data, top=5):
     rows = []
     for row in range(n_attacks):
         # queries are photo-major: photo p's attack a is query p * n_attacks + a
-        query, image, _ = data.queries[(row * 3 % n_photos) * n_attacks + row]
+        query, image, _ = data.queries[(row % n_photos) * n_attacks + row]
         tiles = [_thumbnail(image, border=(80, 80, 80))]
         positives = set(data.ground_truth[query])
         for found in result.rankings[query][:top]:

@@ -9,6 +9,7 @@ per image, in input order. They hold no fitted state, so ``fit`` does nothing an
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,9 +19,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from ._threads import effective_n_jobs
 from .dsift import DESCRIPTOR_DIM, dense_sift
-from .images import DEFAULT_MAX_PIXELS, read_image
+from .images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 
-__all__ = ["DenseSIFT", "LocalFeatures", "SIFT", "root_sift"]
+__all__ = ["DenseSIFT", "ImageSkippedWarning", "LocalFeatures", "SIFT", "root_sift"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,12 +108,18 @@ def _empty_features(dim, image_shape):
     )
 
 
+class ImageSkippedWarning(UserWarning):
+    """An unreadable image was skipped (``on_error="skip"``); the message names it."""
+
+
 class _Extractor(TransformerMixin, BaseEstimator):
     """Shared machinery: reading, parallelism over images, the stateless fit."""
 
     def fit(self, X=None, y=None):
         """Do nothing (the extractor has no fitted state); present for pipelines."""
         return self
+
+    _descriptor_dim = DESCRIPTOR_DIM
 
     def transform(self, X):
         """Extract the local features of each image.
@@ -133,6 +140,8 @@ class _Extractor(TransformerMixin, BaseEstimator):
             An image cannot be read (its path and the reason are in the message).
         """
         self._validate_params()
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         images = _check_images(X)
         n_jobs = effective_n_jobs(self.n_jobs) or 1
         if n_jobs == 1 or len(images) <= 1:
@@ -143,7 +152,13 @@ class _Extractor(TransformerMixin, BaseEstimator):
             return list(pool.map(self._extract_one, images))
 
     def _extract_one(self, image):
-        grey = read_image(image, mode="gray", max_pixels=self.max_pixels, max_side=self.max_side)
+        try:
+            grey = read_image(image, mode="gray", max_pixels=self.max_pixels, max_side=self.max_side)
+        except ImageReadError as error:
+            if self.on_error != "skip":
+                raise
+            warnings.warn(f"skipped {error.path}: {error.reason}", ImageSkippedWarning, stacklevel=2)
+            return _empty_features(self._descriptor_dim, (0, 0))
         features = self._extract(grey)
         if self.root:
             features = LocalFeatures(
@@ -179,6 +194,11 @@ class SIFT(_Extractor):
         Return RootSIFT descriptors (see :func:`root_sift`).
     max_side, max_pixels
         Passed to :func:`vladkit.images.read_image`.
+    on_error : {"raise", "skip"}, default="raise"
+        An image that cannot be read raises :class:`vladkit.ImageReadError` (naming the
+        file and the reason), or with "skip" is reported by an
+        :class:`ImageSkippedWarning` and gives empty features (no descriptors, so zero
+        vectors downstream): a folder with a few broken files is still encoded.
     n_jobs : int, default=1
         Images processed in parallel (threads); -1 uses every core.
 
@@ -190,7 +210,7 @@ class SIFT(_Extractor):
 
     def __init__(self, n_features=0, *, n_octave_layers=3, contrast_threshold=0.04,
                  edge_threshold=10.0, sigma=1.6, root=False, max_side=None,
-                 max_pixels=DEFAULT_MAX_PIXELS, n_jobs=1):
+                 max_pixels=DEFAULT_MAX_PIXELS, on_error="raise", n_jobs=1):
         self.n_features = n_features
         self.n_octave_layers = n_octave_layers
         self.contrast_threshold = contrast_threshold
@@ -199,6 +219,7 @@ class SIFT(_Extractor):
         self.root = root
         self.max_side = max_side
         self.max_pixels = max_pixels
+        self.on_error = on_error
         self.n_jobs = n_jobs
 
     def _validate_params(self):
@@ -261,6 +282,11 @@ class DenseSIFT(_Extractor):
         Return RootSIFT descriptors (see :func:`root_sift`).
     max_side, max_pixels
         Passed to :func:`vladkit.images.read_image`.
+    on_error : {"raise", "skip"}, default="raise"
+        An image that cannot be read raises :class:`vladkit.ImageReadError` (naming the
+        file and the reason), or with "skip" is reported by an
+        :class:`ImageSkippedWarning` and gives empty features (no descriptors, so zero
+        vectors downstream): a folder with a few broken files is still encoded.
     n_jobs : int, default=1
         Images processed in parallel (threads); -1 uses every core.
 
@@ -272,7 +298,7 @@ class DenseSIFT(_Extractor):
 
     def __init__(self, step=4, sizes=(4, 6, 8, 10), *, contrast_threshold=0.005,
                  low_contrast="zero", smooth=True, root=False, max_side=None,
-                 max_pixels=DEFAULT_MAX_PIXELS, n_jobs=1):
+                 max_pixels=DEFAULT_MAX_PIXELS, on_error="raise", n_jobs=1):
         self.step = step
         self.sizes = sizes
         self.contrast_threshold = contrast_threshold
@@ -281,6 +307,7 @@ class DenseSIFT(_Extractor):
         self.root = root
         self.max_side = max_side
         self.max_pixels = max_pixels
+        self.on_error = on_error
         self.n_jobs = n_jobs
 
     def _validate_params(self):

@@ -38,7 +38,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 #: File name endings :func:`list_images` treats as images (compared case-insensitively).
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp",
-    ".pbm", ".pgm", ".ppm", ".pnm",
+    ".pbm", ".pgm", ".ppm", ".pnm", ".gif",  # GIF: OpenCV >= 4.11 reads the first frame
 )
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]

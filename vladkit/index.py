@@ -703,7 +703,7 @@ class VectorIndex:
             "vladkit_version": __version__,
         }
 
-    def save(self, folder):
+    def save(self, folder, extra_files=None):
         """Write the index to ``folder``, atomically.
 
         Everything is written into a temporary sibling folder, which is then renamed to
@@ -714,7 +714,15 @@ class VectorIndex:
         Parameters
         ----------
         folder : str or path-like
+        extra_files : dict or None
+            More files to keep in the folder, ``{name: bytes}`` (e.g. the command line's
+            recipe and vocabulary), written with the rest, inside the same atomic step;
+            their names are recorded in the metadata, so a rebuild may replace them.
         """
+        extra_files = dict(extra_files or {})
+        for extra in extra_files:
+            if extra in _INDEX_FILES or os.path.basename(extra) != extra or extra.startswith("."):
+                raise ValueError(f"extra_files: {extra!r} is not a plain file name of its own")
         if self._index is None:
             raise ValueError("nothing to save: this index has no dimension yet (train or add vectors first)"
                              if self.kind == "flat" else
@@ -733,8 +741,13 @@ class VectorIndex:
             if self.whitening is not None:
                 write_npz_atomically(os.path.join(temporary, WHITENING_FILE),
                                       {key: getattr(self.whitening, key) for key in _WHITENING_ARRAYS})
+            for extra, data in sorted(extra_files.items()):
+                _write_file(os.path.join(temporary, extra), bytes(data))
             # metadata last: a folder with metadata.json is complete.
-            _write_file(os.path.join(temporary, METADATA_FILE), _json_bytes(self._metadata()))
+            metadata = self._metadata()
+            if extra_files:
+                metadata["extra_files"] = sorted(extra_files)
+            _write_file(os.path.join(temporary, METADATA_FILE), _json_bytes(metadata))
             os.chmod(temporary, 0o755)
             _fsync_directory(temporary)
             _move_into_place(temporary, target)
@@ -832,12 +845,14 @@ def _check_replaceable(target):
     entries = os.listdir(target)
     if not entries:
         return
-    unexpected = sorted(set(entries) - set(_INDEX_FILES))
     try:
         with open(os.path.join(target, METADATA_FILE), "rb") as handle:
-            is_index = json.loads(handle.read().decode("utf-8")).get("format") == INDEX_FORMAT
-    except (OSError, ValueError, AttributeError):
-        is_index = False
+            metadata = json.loads(handle.read().decode("utf-8"))
+        is_index = metadata.get("format") == INDEX_FORMAT
+        extras = [str(name) for name in metadata.get("extra_files", [])] if is_index else []
+    except (OSError, ValueError, AttributeError, TypeError):
+        is_index, extras = False, []
+    unexpected = sorted(set(entries) - set(_INDEX_FILES) - set(extras))
     if unexpected or not is_index:
         reason = f"it contains {unexpected[:3]}" if unexpected else f"it has no vladkit {METADATA_FILE}"
         raise FileExistsError(f"refusing to replace {target!r}: it is not a vladkit index folder "
