@@ -56,6 +56,9 @@ IDS_FILE = "ids.json"
 WHITENING_FILE = "whitening.npz"
 _INDEX_FILES = (METADATA_FILE, FAISS_FILE, IDS_FILE, WHITENING_FILE)
 
+#: Vectors are compared by float32 inner products: norms beyond 1e18 could overflow them.
+_MAX_SQUARED_NORM = 1e36
+
 #: Elements per chunk when projecting (bounds the centred copy of the input to 16 MB).
 _CHUNK_ELEMENTS = 1 << 22
 #: A principal variance below this fraction of the largest is treated as "no variance".
@@ -522,7 +525,12 @@ class VectorIndex:
         else:
             _check_dim(X, self._dim, name, "this index")
         if self.whitening is not None:
-            X = self.whitening._transform(X)
+            return self.whitening._transform(X)  # unit rows
+        if len(X) and np.einsum("ij,ij->i", X, X, dtype=np.float64).max() > _MAX_SQUARED_NORM:
+            raise ValueError(
+                f"{name} has vectors of norm above {_MAX_SQUARED_NORM ** 0.5:.0e}: their float32 "
+                "inner products would overflow; L2-normalise them (or index with a whitening)"
+            )
         return X
 
     def _require_trained(self, action):

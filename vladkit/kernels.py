@@ -281,7 +281,7 @@ def knn_weights(X, centers, n_neighbors, alpha, centers_sqnorm=None):
     """
     n_words = centers.shape[0]
     m = min(n_neighbors, n_words)
-    distances = squared_distances(X, centers, centers_sqnorm)
+    distances = _shifted_distances(X, centers, centers_sqnorm)
     if m < n_words:
         neighbors = np.argpartition(distances, m - 1, axis=1)[:, :m]
     else:
@@ -293,12 +293,30 @@ def knn_weights(X, centers, n_neighbors, alpha, centers_sqnorm=None):
     # Shift by the nearest distance: exp() cannot underflow to an all-zero row.
     weights = np.exp(-alpha * (nearest - nearest[:, :1]))
     weights /= weights.sum(axis=1, keepdims=True)
+    # A weight float32 cannot represent is 0 in both precisions: with mass normalisation
+    # any positive weight makes a full block, so float32 and float64 must agree on which.
+    weights[weights < np.finfo(np.float32).tiny] = 0
     return neighbors.astype(np.int64), weights.astype(X.dtype, copy=False)
+
+
+def _shifted_distances(X, centers, centers_sqnorm=None):
+    """||x - c_k||^2 - ||x||^2 = ||c_k||^2 - 2 x.c_k, (n, K).
+
+    The row constant ||x||^2 changes neither the nearest words nor the softmax over them,
+    and leaving it out keeps the differences between words exact for large x (with it,
+    they drown in ||x||^2 from |x| ~ 1e4 in float32 and it overflows beyond ~1e19).
+    """
+    if centers_sqnorm is None:
+        centers_sqnorm = squared_norms(centers)
+    out = X @ centers.T
+    out *= -2
+    out += centers_sqnorm
+    return out
 
 
 def softmax_weights(X, centers, alpha, centers_sqnorm=None):
     """(n, K) NetVLAD soft assignment: softmax_k(-alpha ||x - c_k||^2) (Arandjelovic et al. 2016)."""
-    scores = squared_distances(X, centers, centers_sqnorm)
+    scores = _shifted_distances(X, centers, centers_sqnorm)
     scores *= -alpha
     softmax_rows(scores, 0.0, False)
     return scores
@@ -397,9 +415,10 @@ def softmax_rows(scores, threshold, fast, offsets=None):
             row[arg] = 1.0
             continue
         total = 0.0
-        floor = top - cutoff
         for j in range(k):
-            if row[j] > floor:
+            # (not row[j] > top - cutoff: for |top| > ~1e17 that floor rounds to top and
+            # every score, the maximum included, would be dropped)
+            if row[j] - top > -cutoff:
                 e = math.exp(row[j] - top)
                 row[j] = e
                 total += e

@@ -116,9 +116,15 @@ def _pack(parts, dtype):
     return out
 
 
-def work_dtype(sets):
-    """float64 if any image's descriptors are float64 (kept for precision), else float32."""
-    return np.float64 if any(s.dtype == np.float64 for s in sets) else np.float32
+def work_dtype(sets, float32_limit=None):
+    """float64 if any image's descriptors are float64 (kept for precision), else float32;
+    also float64 if a value exceeds ``float32_limit`` in magnitude (an encoder that
+    squares descriptors would overflow float32 beyond ~1e19)."""
+    if any(s.dtype == np.float64 for s in sets):
+        return np.float64
+    if float32_limit is not None and any(s.size and max(s.max(), -s.min()) > float32_limit for s in sets):
+        return np.float64
+    return np.float32
 
 
 class BaseEncoder(TransformerMixin, BaseEstimator):
@@ -132,6 +138,8 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
     _vocabulary_class = None
     _size_param = None
     _prefix = None
+    #: see work_dtype: None, or the magnitude above which float32 input is encoded in float64
+    _float32_limit = None
 
     # -- fit -------------------------------------------------------------------------
 
@@ -140,7 +148,7 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         if vocabulary is None:
             vocabulary = self._vocabulary_class(
                 getattr(self, self._size_param), max_descriptors=self.max_descriptors,
-                pca=getattr(self, "pca", None), random_state=self.random_state,
+                pca=self._vocabulary_pca(X), random_state=self.random_state,
             )
         elif isinstance(vocabulary, (str, os.PathLike)):
             vocabulary = load_vocabulary(vocabulary)
@@ -158,6 +166,10 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
             # An unfitted vocabulary (e.g. after sklearn.clone) is a template: train a copy.
             vocabulary = clone(vocabulary).fit(X)
         return vocabulary
+
+    def _vocabulary_pca(self, X):
+        """The ``pca`` of the vocabulary ``fit`` trains (None: none)."""
+        return getattr(self, "pca", None)
 
     def fit(self, X, y=None):
         """Resolve the vocabulary: train one on X (``vocabulary=None`` or an unfitted
@@ -206,7 +218,7 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "vocabulary_")
         sets = descriptor_sets(X)
-        dtype = work_dtype(sets)
+        dtype = work_dtype(sets, self._float32_limit)
         vocabulary = self.vocabulary_
         acc = self._start(len(sets), dtype)
         # threadpool_limits costs ~10 ms (it scans the loaded libraries): only when asked.

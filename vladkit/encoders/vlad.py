@@ -123,12 +123,17 @@ class VLADEncoder(BaseEncoder):
             add_tasks(residuals, tasks, task_residuals)
             add_tasks(mass, tasks, task_mass)
         else:
-            # Dense weights: two BLAS products per image, W^T X - (W^T 1) c.
+            # Dense weights: two BLAS products per image, W^T X - (W^T 1) c, in float64:
+            # for a word its descriptors sit close to, the difference is small next to
+            # either term, and float32 would leave mostly round-off (which intra-
+            # normalisation would then scale up to a whole block).
             weights = softmax_weights(X, centers, self.alpha_, acc["centers_sqnorm"])
+            centers64 = centers.astype(np.float64)
             for image, start, end in segments:
-                image_mass = weights[start:end].sum(axis=0, dtype=np.float64)
-                residuals[image] += weights[start:end].T @ X[start:end]
-                residuals[image] -= image_mass[:, None].astype(X.dtype) * centers
+                w = weights[start:end].astype(np.float64)
+                image_mass = w.sum(axis=0)
+                block = w.T @ X[start:end].astype(np.float64) - image_mass[:, None] * centers64
+                residuals[image] += block.astype(residuals.dtype, copy=False)
                 mass[image] += image_mass
 
     def _finish(self, acc, counts):
