@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,13 +100,17 @@ def test_interrupted_build_leaves_no_file(tmp_path, sig):
     process = subprocess.Popen([*CLI, "vocab", "build", str(folder), "-k", "8", "--jobs", "1",
                                 "--batch-size", "4", "-o", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Wait until extraction is under way, then interrupt.
-    deadline = time.time() + 60
+    # Wait until a few batches are extracted (so the kernels are compiled: a fresh install
+    # compiles them in this process, and a signal during compilation is not the case
+    # tested here), then interrupt.
+    deadline = time.time() + 120
     seen = ""
-    while time.time() < deadline and "extracting" not in seen:
-        seen += process.stderr.read(1)
+    while time.time() < deadline and not any(int(n) >= 8 for n in re.findall(r"(\d+)/120", seen)):
+        character = process.stderr.read(1)
+        if not character:
+            break
+        seen += character
     assert process.poll() is None, "the job ended before it could be interrupted"
-    time.sleep(0.5)
     process.send_signal(sig)
     process.communicate(timeout=60)
     if sig == signal.SIGINT:

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -629,6 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # A job started in the background by a non-interactive shell (CI scripts, `cmd &`)
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: an explicit
+    # `kill -INT` would be silently ignored. Interrupting must always stop cleanly.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
