@@ -38,9 +38,9 @@ class EncodingsFileError(ValueError):
 
 def describe_extractor(extractor):
     """``DenseSIFT(step=4, sizes=(4, 6, 8, 10), ...)``: the parameters that change the
-    descriptors (not the thread count or the pixel limit). Stored in vocabularies as
+    descriptors (not the thread count, the pixel limit or the error policy). Stored in vocabularies as
     their ``descriptor_type``; :func:`parse_extractor` reads it back."""
-    shown = {k: v for k, v in extractor.get_params().items() if k not in ("n_jobs", "max_pixels")}
+    shown = {k: v for k, v in extractor.get_params().items() if k not in ("n_jobs", "max_pixels", "on_error")}
     return f"{type(extractor).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
