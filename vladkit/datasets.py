@@ -80,6 +80,20 @@ def _photo_files():
     return found
 
 
+def _decode(path):
+    """The file's pixels. Through Pillow where it is installed (it is a scikit-image
+    dependency): libpng, under OpenCV, prints a warning to stderr about one of
+    scikit-image's PNGs (page.png's colour profile), which the demo's user cannot act on."""
+    if path.suffix.lower() != ".png":
+        return path  # lossless PNG only: a JPEG decoder's pixels may differ by a level
+    try:
+        from PIL import Image
+    except ImportError:
+        return path
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def demo_photos(max_side=512, min_photos=12):
     """The sample photos of scikit-learn, scikit-image and matplotlib, as RGB arrays.
 
@@ -97,8 +111,8 @@ def demo_photos(max_side=512, min_photos=12):
     photos = []
     for name, path in _photo_files():
         try:
-            photos.append((name, read_image(path, mode="rgb", max_side=max_side)))
-        except ImageReadError:
+            photos.append((name, read_image(_decode(path), mode="rgb", max_side=max_side)))
+        except (ImageReadError, OSError):
             continue  # a damaged installation file: use the others
     if len(photos) < min_photos:
         raise RuntimeError(
