@@ -533,3 +533,15 @@ def test_demo_command(tmp_path, capsys):
     assert lines[-1].startswith("total ") and lines[-1].endswith(f"report: {out / 'report.html'}")
     page = (out / "report.html").read_text(encoding="utf-8")
     assert all(f"<tr><td>{name}</td><td>{size:,}</td>" in page for name, size in DEMO_ROWS)
+
+
+def test_extractor_description_round_trips_numpy_parameters():
+    from vladkit import DenseSIFT
+    from vladkit.encodings import describe_extractor, parse_extractor
+
+    text = describe_extractor(DenseSIFT(step=np.int64(6), sizes=[np.int64(4), 8], root=True, on_error="skip"))
+    assert "on_error" not in text and "np." not in text
+    kind, params = parse_extractor(text)
+    assert kind == "DenseSIFT" and params["step"] == 6 and params["sizes"] == (4, 8) and params["root"] is True
+    assert parse_extractor("DenseSIFT(step=__import__('os'))") is None  # literals only
+    assert parse_extractor("a vocabulary trained from the API") is None

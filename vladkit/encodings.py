@@ -40,7 +40,9 @@ def describe_extractor(extractor):
     """``DenseSIFT(step=4, sizes=(4, 6, 8, 10), ...)``: the parameters that change the
     descriptors (not the thread count, the pixel limit or the error policy). Stored in vocabularies as
     their ``descriptor_type``; :func:`parse_extractor` reads it back."""
-    shown = {k: v for k, v in extractor.get_params().items() if k not in ("n_jobs", "max_pixels", "on_error")}
+    shown = {k: v for k, v in _jsonable_deep(extractor.get_params()).items()
+             if k not in ("n_jobs", "max_pixels", "on_error")}
+    shown = {k: tuple(v) if isinstance(v, list) else v for k, v in shown.items()}
     return f"{type(extractor).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
@@ -119,11 +121,16 @@ class Recipe:
             raise EncodingsFileError(f"the recipe is incomplete or unknown ({exc})") from None
 
 
+def _plain(value):
+    """numpy scalars as Python numbers, sequences (the bin sizes) as lists of them."""
+    if isinstance(value, (tuple, list, np.ndarray)):
+        return [_plain(item) for item in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _jsonable_deep(params):
-    """Extractor parameters for JSON: tuples (bin sizes) as lists; nothing else needed."""
-    return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in _jsonable({k: v for k, v in params.items() if not isinstance(v, tuple)}).items()
-            } | {key: list(value) for key, value in params.items() if isinstance(value, tuple)}
+    """Extractor parameters as plain JSON values."""
+    return {key: _plain(value) for key, value in params.items()}
 
 
 def default_encoder(vocabulary):
