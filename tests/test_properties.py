@@ -14,8 +14,7 @@ also scales the other rows by 10**e, e in [-30, 30].
 The bugs these properties found (softmax cut-off at large scores, the ||x||^2 term in
 soft-assignment distances, float32 overflow in Fisher vectors, cancellation in soft VLAD,
 float32 underflow of knn weights, overflow in the index) are fixed; the ``test_fixed_*``
-tests keep them so. A new one goes into :data:`KNOWN_BUGS` (its inputs are then left out
-of the properties) with a strict-xfail test, until it is fixed.
+tests keep them so.
 """
 
 import functools
@@ -124,50 +123,11 @@ def _words():
     return np.concatenate([kmeans.centers_, gmm.means_]).astype(np.float64)
 
 
-# ---------------------------------------------------------------------- known bugs
-
-
-@dataclass(frozen=True)
-class KnownBug:
-    encoders: frozenset
-    magnitudes: dict  # dtype -> the smallest max |x| of a set on which the bug may show
-    when: object = None  # optional further condition (name, descriptors) -> bool
-
-    def affects(self, name, dtype, descriptors):
-        bound = self.magnitudes.get(np.dtype(dtype).type)
-        if name not in self.encoders or bound is None or descriptors.magnitude < bound:
-            return False
-        return self.when is None or self.when(name, descriptors)
-
-
 def _underflowing_weight(name, descriptors):
     """Some descriptor's multiple-assignment weight is below float32's smallest numbers."""
     encoder = fitted(name)
     Q = _knn_weights(descriptors.X, encoder.vocabulary_.centers_, encoder.n_neighbors, encoder.alpha_)
     return bool(np.any((Q > 0) & (Q < 1e-30)))
-
-
-def _ill_conditioned_soft_residual(name, descriptors):
-    """Some word's residual sum(w (x - c)) is under 1/20 of sum(w |x|) + sum(w) |c|, the
-    size of the two products soft VLAD subtracts (e.g. descriptors near the word)."""
-    X = descriptors.X
-    if not len(X):
-        return False
-    centers = fitted(name).vocabulary_.centers_.astype(np.float64)
-    W = _soft_weights(X, centers, fitted(name).alpha_)
-    residual = np.linalg.norm(np.einsum("ik,ikd->kd", W, X[:, None, :] - centers[None]), axis=1)
-    size = W.T @ np.linalg.norm(X, axis=1) + W.sum(axis=0) * np.linalg.norm(centers, axis=1)
-    return bool(np.any(size > 20 * residual))
-
-
-F32, F64 = np.float32, np.float64
-#: Inputs on which the current code fails a property; each is shown by a strict-xfail
-#: test_known_bug_* test below. Delete an entry (and its test) once the bug is fixed.
-KNOWN_BUGS = {}  # all fixed; the regression tests below keep them fixed
-
-
-def known_bug(name, dtype, descriptors):
-    return any(bug.affects(name, dtype, descriptors) for bug in KNOWN_BUGS.values())
 
 
 # ---------------------------------------------------------------------- strategies
@@ -371,8 +331,6 @@ def test_invariant_to_descriptor_order(data, dtype):
     descriptors = data.draw(descriptor_sets(), label="descriptors")
     order = np.array(data.draw(st.permutations(range(len(descriptors))), label="order"), dtype=np.int64)
     for name in SPECS:
-        if known_bug(name, dtype, descriptors):
-            continue
         original = fitted(name).transform([descriptors.as_input(name, dtype)])[0]
         permuted = fitted(name).transform([descriptors.as_input(name, dtype, order=order)])[0]
         assert_close(name, permuted, original, 1e-5, "order changed it")
@@ -384,8 +342,7 @@ def test_output_is_finite_and_normalised(descriptors, dtype):
     for name in SPECS:
         vectors = encode(name, [descriptors], dtype)
         assert vectors.shape == (1, fitted(name).n_features_out_) and vectors.dtype == np.float32
-        if not known_bug(name, dtype, descriptors):
-            assert_normalised(name, vectors[0], descriptors)
+        assert_normalised(name, vectors[0], descriptors)
 
 
 @PROPERTY
@@ -394,8 +351,6 @@ def test_float32_agrees_with_float64(descriptors):
     """The same (float32) values given as float32 or float64 encode alike, to float32's
     precision: 1e-4 on normalised vectors, 1e-5 on sign(v) v^2 for square-rooted ones."""
     for name in SPECS:
-        if known_bug(name, np.float32, descriptors):
-            continue
         single = encode(name, [descriptors], np.float32)[0]
         double = encode(name, [descriptors], np.float64)[0]
         assert_close(name, single, double, float32_atol(name), "float32 != float64")
@@ -423,20 +378,17 @@ def test_extreme_values(descriptors):
     equal to float64 (hard assignments; soft ones on moderate values, see HARD)."""
     for name in SPECS:
         double = encode(name, [descriptors], np.float64)[0]
-        if not known_bug(name, np.float64, descriptors):
-            assert_normalised(name, double, descriptors)
-            if not name.startswith("spm"):
-                expected = reference_encoding(name, descriptors.X)
-                assert_close(name, double, expected, 1e-6, "differs from tests/reference.py")
-        if not known_bug(name, np.float32, descriptors):
-            single = encode(name, [descriptors], np.float32)[0]
-            assert_normalised(name, single, descriptors)
-            comparable = name in HARD or descriptors.magnitude <= MODERATE
-            if comparable and not known_bug(name, np.float64, descriptors):
-                assert_close(name, single, double, float32_atol(name), "float32 != float64")
+        assert_normalised(name, double, descriptors)
+        if not name.startswith("spm"):
+            expected = reference_encoding(name, descriptors.X)
+            assert_close(name, double, expected, 1e-6, "differs from tests/reference.py")
+        single = encode(name, [descriptors], np.float32)[0]
+        assert_normalised(name, single, descriptors)
+        if name in HARD or descriptors.magnitude <= MODERATE:
+            assert_close(name, single, double, float32_atol(name), "float32 != float64")
 
 
-# ------------------------------------------------------------------ the known bugs
+# ------------------------------------------------------------------ the fixed bugs
 
 
 def _uniform(n, scale, seed=0):
