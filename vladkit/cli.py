@@ -206,14 +206,14 @@ def _recipe_from_args(args, vocab):
     encoder_kind = args.encoder or default_encoder(vocab)
     recipe = Recipe(kind, params, encoder_kind, {}, [list(level) for level in PYRAMID] if args.pyramid else None,
                     str(Path(args.vocab).resolve()), file_sha256(args.vocab))
-    _, encoder = recipe.build(n_jobs=1)
+    _, encoder = recipe.build(vocab, n_jobs=1)
     inner = encoder.encoder if args.pyramid else encoder
     # Record every parameter (defaults included): the file says exactly how it was made.
     recipe.encoder_params = {k: v for k, v in inner.get_params(deep=False).items() if k not in ("vocabulary", "n_jobs")}
     return recipe
 
 
-def _encode_job(args, paths, recipe):
+def _encode_job(args, paths, recipe, vocab):
     """The folder, shard by shard, in ``OUTPUT.parts/``; returns (vectors, encoded mask,
     skipped). Each shard (whole batches, so the vectors do not depend on where a run
     stopped) is written atomically; a rerun of the same command after a crash or a kill
@@ -239,7 +239,7 @@ def _encode_job(args, paths, recipe):
         parts.mkdir(parents=True)
         with atomic_output(manifest_path, "w") as handle:
             json.dump(manifest, handle)
-    extractor, encoder = recipe.build(n_jobs=args.jobs)
+    extractor, encoder = recipe.build(vocab, n_jobs=args.jobs)
     extractor.set_params(max_pixels=None if args.max_pixels == 0 else args.max_pixels)
     vectors = np.zeros((len(paths), encoder.n_features_out_), dtype=np.float32)
     encoded = np.zeros(len(paths), dtype=bool)
@@ -277,7 +277,7 @@ def cmd_encode(args):
     vocab = load_vocabulary(args.vocab)
     recipe = _recipe_from_args(args, vocab)
     try:
-        vectors, encoded, skipped, parts = _encode_job(args, paths, recipe)
+        vectors, encoded, skipped, parts = _encode_job(args, paths, recipe, vocab)
     except CommandError:
         # Stopped by a bad image (--on-error raise): keep finished shards for a rerun,
         # but leave no empty work folder behind.

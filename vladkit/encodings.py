@@ -21,7 +21,7 @@ from . import __version__
 from ._io import write_npz_atomically
 from .encoders import BoFEncoder, FisherEncoder, SpatialPyramid, VLADEncoder
 from .features import SIFT, DenseSIFT
-from .vocabulary import GMMVocabulary, _jsonable, load_vocabulary
+from .vocabulary import GMMVocabulary, _jsonable, _Vocabulary, load_vocabulary
 
 __all__ = ["EncodedImages", "EncodingsFileError", "Recipe", "load_encodings"]
 
@@ -85,12 +85,16 @@ class Recipe:
     vocabulary_sha256: str = ""
 
     def build(self, vocabulary=None, n_jobs=-1):
-        """(extractor, fitted encoder). ``vocabulary``: a path overriding the recorded one."""
-        path = vocabulary or self.vocabulary_path
-        if not os.path.isfile(path):
-            raise EncodingsFileError(f"vocabulary file {path!r} not found (it was used to encode; "
-                                     "give its new place with --vocab)")
-        vocab = load_vocabulary(path)
+        """(extractor, fitted encoder). ``vocabulary``: a loaded vocabulary, or a path
+        overriding the recorded one."""
+        if isinstance(vocabulary, _Vocabulary):
+            vocab = vocabulary
+        else:
+            path = vocabulary or self.vocabulary_path
+            if not os.path.isfile(path):
+                raise EncodingsFileError(f"vocabulary file {path!r} not found (it was used to encode; "
+                                         "give its new place with --vocab)")
+            vocab = load_vocabulary(path)
         extractor = EXTRACTORS[self.extractor](**self.extractor_params, n_jobs=n_jobs)
         encoder = ENCODERS[self.encoder](vocabulary=vocab, **self.encoder_params)
         if self.pyramid is not None:
