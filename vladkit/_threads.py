@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numba
@@ -28,3 +30,20 @@ def numba_threads(n_jobs):
         yield
     finally:
         numba.set_num_threads(previous)
+
+
+def ordered_map(function, items, n_threads):
+    """``map(function, items)`` on ``n_threads`` threads, results in input order, computed
+    at most ``n_threads`` ahead of the consumer (so at most ``n_threads + 1`` results
+    exist at once: memory stays bounded when results are large and consumed slowly)."""
+    if n_threads <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= n_threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

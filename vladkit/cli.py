@@ -29,9 +29,11 @@ from .encodings import (
     load_encodings,
     parse_extractor,
 )
+from .budget import DEFAULT_MAX_MEMORY, iter_batches, parse_memory
 from .evaluation import folder_ground_truth, holidays_ground_truth, mean_average_precision, recall_at_k
 from .features import SIFT, DenseSIFT
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, list_images
+from .image_encoder import encode_batches, sample_features
 from .index import IndexFileError, PCAWhitening, VectorIndex
 from .vocabulary import (
     DescriptorSampler,
@@ -82,38 +84,38 @@ def _elapsed(description, enabled):
 
 
 def _extractor_from_args(args):
-    common = dict(root=args.root, max_side=args.max_side, n_jobs=args.jobs,
+    common = dict(root=args.root, n_jobs=args.jobs,
                   max_pixels=None if args.max_pixels == 0 else args.max_pixels)
+    if args.max_side is not None:  # else the extractor's default for photos
+        common["max_side"] = args.max_side or None
     if args.features == "sift":
         return SIFT(**common)
     return DenseSIFT(step=args.step, sizes=tuple(args.sizes), **common)
 
 
-def _read_batches(extractor, paths, batch_size, progress, skipped, on_error="skip", first=0):
-    """Yield, batch by batch, the [(index, LocalFeatures)] of the readable images
-    (indices from ``first``).
+def _read_batches(extractor, paths, args, progress, skipped, encoder=None, first=0):
+    """Yield, batch by batch, the [(index, pieces)] of the readable images (indices from
+    ``first``; see :func:`vladkit.budget.iter_batches`), batches sized by ``--max-memory``
+    and at most ``--batch-size`` images.
 
     An unreadable image is reported on stderr, appended to ``skipped`` as (path, reason)
-    and left out, or with ``on_error="raise"`` stops the job naming it.
+    and left out, or with ``--on-error raise`` stops the job naming it.
     """
-    for start in range(0, len(paths), batch_size):
-        batch = paths[start:start + batch_size]
-        try:
-            results = list(enumerate(extractor.transform(batch), first + start))
-        except ImageReadError:
-            results = []  # isolate the bad file(s): one image at a time
-            for index, path in enumerate(batch, first + start):
-                try:
-                    results.append((index, extractor.transform([path])[0]))
-                except ImageReadError as exc:
-                    if on_error == "raise":
-                        raise CommandError(f"cannot read {path}: {exc.reason} (--on-error skip "
-                                           "reports unreadable images and goes on)") from None
-                    skipped.append((str(path), exc.reason))
-                    progress.write(f"vladkit: skipped {path}: {exc.reason}", file=sys.stderr)
-        progress.update(len(batch))
-        if results:
-            yield results
+    def unreadable(index, error):
+        if args.on_error == "raise":
+            raise CommandError(f"cannot read {paths[index]}: {error.reason} (--on-error skip "
+                               "reports unreadable images and goes on)")
+        skipped.append((str(paths[index]), error.reason))
+        progress.write(f"vladkit: skipped {paths[index]}: {error.reason}", file=sys.stderr)
+
+    done = 0
+    for batch in iter_batches(extractor, paths, max_memory=args.max_memory, max_images=args.batch_size,
+                              encoder=encoder, on_unreadable=unreadable):
+        yield [(first + index, pieces) for index, pieces in batch]
+        end = batch[-1][0] + 1
+        progress.update(end - done)
+        done = end
+    progress.update(len(paths) - done)
 
 
 def _report_skipped(skipped, n_images, error_log):
@@ -144,9 +146,9 @@ def cmd_vocab_build(args):
     show = not args.quiet
     skipped = []
     with _progress(len(paths), "extracting", show) as bar:
-        for batch in _read_batches(extractor, paths, args.batch_size, bar, skipped, args.on_error):
-            for index, features in batch:
-                sampler.add(index, features.descriptors)
+        for batch in _read_batches(extractor, paths, args, bar, skipped):
+            for index, pieces in batch:
+                sampler.keep(index, sample_features(sampler, index, pieces, extractor).descriptors)
     _report_skipped(skipped, len(paths), args.error_log)
     if len(skipped) == len(paths):
         raise CommandError(f"none of the {len(paths)} images could be read")
@@ -195,6 +197,8 @@ def _recipe_from_args(args, vocab):
     recorded = parse_extractor(vocab.get_params().get("descriptor_type"))
     given = {name: getattr(args, name) for name in ("root", "step", "sizes", "max_side")
              if getattr(args, name) is not None}
+    if given.get("max_side") == 0:
+        given["max_side"] = None  # --max-side 0: full resolution
     kind = args.features or (recorded[0] if recorded else None)
     if kind is None:
         raise CommandError(f"the vocabulary {args.vocab!r} does not record which local features it was "
@@ -223,7 +227,7 @@ def _encode_job(args, paths, recipe, vocab):
     manifest = {
         "format": "vladkit-encode-job", "format_version": 1, "paths": [str(p) for p in paths],
         "recipe": recipe.to_json(), "batch_size": args.batch_size, "shard_size": shard_size,
-        "max_pixels": args.max_pixels, "max_side": args.max_side,
+        "max_pixels": args.max_pixels, "max_side": args.max_side, "max_memory": args.max_memory,
     }
     manifest_path = parts / "manifest.json"
     if parts.is_dir():
@@ -256,10 +260,9 @@ def _encode_job(args, paths, recipe, vocab):
                 bar.update(last - first)
                 continue
             shard_skipped = []
-            for batch in _read_batches(extractor, paths[first:last], args.batch_size, bar, shard_skipped,
-                                       args.on_error, first):
-                rows = [index for index, _ in batch]
-                vectors[rows] = encoder.transform([features for _, features in batch])
+            batches = _read_batches(extractor, paths[first:last], args, bar, shard_skipped, encoder, first)
+            for rows, batch_vectors in encode_batches(encoder, batches):
+                vectors[rows] = batch_vectors
                 encoded[rows] = True
             write_npz_atomically(shard, {"vectors": vectors[first:last], "encoded": encoded[first:last],
                                          "skipped": np.array(json.dumps(shard_skipped))})
@@ -437,8 +440,11 @@ def _add_feature_options(parser, from_vocabulary=False):
                        help="dense grid step in pixels" + ("" if from_vocabulary else " (default 4)"))
     group.add_argument("--sizes", type=_positive_int, nargs="+", default=default([4, 6, 8, 10]), metavar="PX",
                        help="dense bin sizes in pixels" + ("" if from_vocabulary else " (default 4 6 8 10)"))
-    group.add_argument("--max-side", type=_positive_int, default=None, metavar="PX",
-                       help="downscale images whose long side is larger than this")
+    group.add_argument("--max-side", type=_max_side, default=None, metavar="PX",
+                       help="downscale images whose long side is larger than this; 0 keeps full "
+                            f"resolution (default: {DenseSIFT().max_side} for dense features, "
+                            f"{SIFT().max_side} for sparse"
+                            + (", or as the vocabulary was built)" if from_vocabulary else ")"))
     _add_input_options(group)
 
 
@@ -454,7 +460,29 @@ def _add_input_options(group):
     group.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
     group.add_argument("-j", "--jobs", type=int, default=-1, metavar="N",
                        help="threads for extraction (default -1: every core)")
-    group.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="images per batch (default 64)")
+    group.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+                       help="at most this many images per batch (default 64)")
+    group.add_argument("--max-memory", type=_memory, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
+                       help="working-memory budget, e.g. 512MB or 4GB (default 1GB): batches are "
+                            "sized by the descriptors their images give, and an image too large "
+                            "for it is processed in pieces")
+
+
+def _max_side(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels (0: full resolution), got {text!r}")
+    return value
+
+
+def _memory(text):
+    try:
+        return parse_memory(text, "the budget")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _pq_code(text):

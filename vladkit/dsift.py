@@ -25,13 +25,15 @@ VLFeat measures angles with y pointing down, so its orientation bins run the oth
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from ._threads import ordered_map
 from .kernels import orientation_planes, sample_sift_descriptors
 
-__all__ = ["dense_grid", "dense_sift"]
+__all__ = ["dense_grid", "dense_sift", "dense_sift_pieces"]
 
 N_ORIENTATIONS = 8
 N_SPATIAL = 4
@@ -79,22 +81,96 @@ def _window_weights(size):
     return weights.astype(np.float32)
 
 
-def _describe_size(image, size, xs, ys, smooth):
-    if smooth:
-        sigma = math.sqrt(max((size / SMOOTHING_MAGNIF) ** 2 - 0.25, 0.0))
-        if sigma > 0:
-            radius = int(math.ceil(4 * sigma))
-            image = cv2.GaussianBlur(
-                image, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_REPLICATE
-            )
-    planes = orientation_planes(image, N_ORIENTATIONS)
+#: Bytes of scratch per pixel of a band: the float image, its smoothed copy, the
+#: orientation planes, the pooled planes and OpenCV's intermediate row buffer.
+SCRATCH_BYTES_PER_PIXEL = 4 + 4 + 3 * 4 * N_ORIENTATIONS
+#: Bytes per descriptor handed out: 128 float32 values, the contrast, the centre and
+#: the bin size (and the float64 centres they are computed from).
+BYTES_PER_DESCRIPTOR = 4 * DESCRIPTOR_DIM + 4 + 8 + 4 + 16
+#: Default working-memory bound of one band (the whole image for photos up to ~1 MP).
+DEFAULT_BAND_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Band:
+    """Grid rows ``ys`` (all columns ``xs``) of bin size ``size``, computed from image rows
+    ``top:bottom``; its descriptors are rows ``first:first + len(xs) * len(ys)`` of the
+    whole image's output."""
+
+    size: int
+    xs: np.ndarray
+    ys: np.ndarray
+    top: int
+    bottom: int
+    first: int
+
+    def __len__(self):
+        return len(self.xs) * len(self.ys)
+
+
+def _smoothing_sigma(size, smooth):
+    return math.sqrt(max((size / SMOOTHING_MAGNIF) ** 2 - 0.25, 0.0)) if smooth else 0.0
+
+
+def _bands(height, width, step, sizes, smooth, max_bytes, with_descriptors):
+    """Cut the dense grid into bands of grid rows, size by size in output order, each
+    computed from a horizontal strip of the image whose scratch (and, with
+    ``with_descriptors``, whose descriptors) fit in ``max_bytes`` (at least one grid row).
+
+    A strip reaches ``margin`` rows beyond the rows its descriptors sample: the triangular
+    pooling (size - 1), the central difference (1) and the Gaussian (its radius). Inside
+    that margin every value equals the whole-image computation, since all three filters
+    are local and the strip keeps the image's own top and bottom border.
+    """
+    first = 0
+    for size, (xs, ys) in zip(sizes, dense_grid(height, width, step, sizes)):
+        if len(xs) == 0 or len(ys) == 0:
+            continue
+        sigma = _smoothing_sigma(size, smooth)
+        radius = int(math.ceil(4 * sigma)) if sigma > 0 else 0
+        margin = size + 1 + radius
+        span = (N_SPATIAL - 1) * size + 1  # image rows a descriptor samples
+        per_image_row = width * SCRATCH_BYTES_PER_PIXEL
+        per_grid_row = step * per_image_row + (len(xs) * BYTES_PER_DESCRIPTOR if with_descriptors else 0)
+        fixed = (span + 2 * margin) * per_image_row
+        rows = max(1, (max_bytes - fixed) // per_grid_row) if max_bytes is not None else len(ys)
+        for start in range(0, len(ys), rows):
+            band_ys = ys[start:start + rows]
+            top = max(0, int(band_ys[0]) - margin)
+            bottom = min(height, int(band_ys[-1]) + span + margin)
+            band = _Band(size, xs, band_ys, top, bottom, first)
+            first += len(band)
+            yield band
+
+
+def band_bytes(height, width, step, sizes, smooth, max_bytes=None, with_descriptors=False):
+    """The largest working memory of one band of :func:`_bands` (what extracting an
+    image in bands needs at once, per thread)."""
+    largest = 0
+    for band in _bands(height, width, step, sizes, smooth, max_bytes, with_descriptors):
+        scratch = (band.bottom - band.top) * width * SCRATCH_BYTES_PER_PIXEL
+        largest = max(largest, scratch + (len(band) * BYTES_PER_DESCRIPTOR if with_descriptors else 0))
+    return largest
+
+
+def _describe_band(image, band, smooth, descriptors, contrast):
+    """Compute ``band``'s descriptors and contrast into the given (len(band), 128) and
+    (len(band),) arrays."""
+    strip = image[band.top:band.bottom]
+    strip = strip.astype(np.float32) / np.float32(255) if strip.dtype == np.uint8 else strip.astype(np.float32)
+    size = band.size
+    sigma = _smoothing_sigma(size, smooth)
+    if sigma > 0:
+        radius = int(math.ceil(4 * sigma))
+        strip = cv2.GaussianBlur(strip, (2 * radius + 1, 2 * radius + 1), sigma,
+                                 borderType=cv2.BORDER_REPLICATE)
+    planes = orientation_planes(strip, N_ORIENTATIONS)
+    del strip
     triangle = ((size - np.abs(np.arange(-size + 1, size))) / size).astype(np.float32)
     pooled = cv2.sepFilter2D(planes, -1, triangle, triangle, borderType=cv2.BORDER_REPLICATE)
-    n = len(xs) * len(ys)
-    descriptors = np.empty((n, DESCRIPTOR_DIM), dtype=np.float32)
-    contrast = np.empty(n, dtype=np.float32)
+    del planes
     sample_sift_descriptors(
-        pooled, xs, ys, size, N_SPATIAL,
+        pooled, band.xs, band.ys - band.top, size, N_SPATIAL,
         _window_weights(size), CLAMP, DESCRIPTOR_SCALE, descriptors, contrast,
     )
     # VLFeat's contrast, the quantity PHOW thresholds at 0.005: the descriptor's mass in
@@ -102,11 +178,29 @@ def _describe_size(image, size, xs, ys, smooth):
     # in bins ((3 s + 1) / s)^2; together, our mass / (3 s + 1)^2.
     frame_side = (N_SPATIAL - 1) * size + 1
     contrast /= np.float32(frame_side**2)
-    return descriptors, contrast
 
 
-def dense_sift(image, *, step=4, sizes=(4, 6, 8, 10), smooth=True):
+def _band_frames(band):
+    """Descriptor centres (x, y) and bin sizes of a band, in output order (y outer)."""
+    centre_x, centre_y = np.meshgrid(band.xs + 1.5 * band.size, band.ys + 1.5 * band.size)
+    positions = np.stack([centre_x.ravel(), centre_y.ravel()], axis=1).astype(np.float32)
+    return positions, np.full(len(band), band.size, dtype=np.float32)
+
+
+def _check_image(image):
+    if image.ndim != 2:
+        raise ValueError(f"image must be a 2-D grey array, got shape {image.shape}")
+    return image if image.dtype == np.uint8 else image.astype(np.float32, copy=False)
+
+
+def dense_sift(image, *, step=4, sizes=(4, 6, 8, 10), smooth=True, max_bytes=DEFAULT_BAND_BYTES,
+               n_threads=1):
     """Dense SIFT descriptors of a grey image (see the module docstring for the algorithm).
+
+    The image is processed one bin size at a time, in horizontal bands whose scratch
+    (smoothed strip, orientation and pooled planes: ~104 bytes per pixel) fits in
+    ``max_bytes``; the descriptors are written straight into the output, so the working
+    memory beyond the output is one band per thread, whatever the image size.
 
     Parameters
     ----------
@@ -118,6 +212,10 @@ def dense_sift(image, *, step=4, sizes=(4, 6, 8, 10), smooth=True):
         Spatial bin sizes in pixels (a descriptor covers 4 x 4 bins).
     smooth : bool
         Apply PHOW's per-size Gaussian pre-smoothing.
+    max_bytes : int or None
+        Scratch bound of one band (None: one band per size, the whole image).
+    n_threads : int
+        Bands computed in parallel (the kernels release the GIL).
 
     Returns
     -------
@@ -128,25 +226,39 @@ def dense_sift(image, *, step=4, sizes=(4, 6, 8, 10), smooth=True):
         sum of the descriptor before normalisation (image values in [0, 1]) over
         (3 s + 1)^2; VLFeat PHOW treats descriptors under 0.005 as empty.
     """
-    if image.dtype == np.uint8:
-        image = image.astype(np.float32) / 255.0
-    else:
-        image = image.astype(np.float32, copy=False)
+    image = _check_image(image)
     height, width = image.shape
-    blocks, contrasts, centres, bin_sizes = [], [], [], []
-    for size, (xs, ys) in zip(sizes, dense_grid(height, width, step, sizes)):
-        if len(xs) == 0 or len(ys) == 0:
-            continue
-        descriptors, contrast = _describe_size(image, size, xs, ys, smooth)
-        blocks.append(descriptors)
-        contrasts.append(contrast)
-        centre_x, centre_y = np.meshgrid(xs + 1.5 * size, ys + 1.5 * size)
-        centres.append(np.stack([centre_x.ravel(), centre_y.ravel()], axis=1))
-        bin_sizes.append(np.full(len(xs) * len(ys), size, dtype=np.float32))
-    if not blocks:
-        empty = np.zeros(0, dtype=np.float32)
-        return np.zeros((0, DESCRIPTOR_DIM), np.float32), np.zeros((0, 2), np.float32), empty, empty
-    positions = np.concatenate(centres).astype(np.float32)
-    return (np.concatenate(blocks), positions, np.concatenate(bin_sizes),
-            np.concatenate(contrasts))
+    bands = list(_bands(height, width, step, sizes, smooth, max_bytes, with_descriptors=False))
+    n = sum(len(band) for band in bands)
+    descriptors = np.empty((n, DESCRIPTOR_DIM), dtype=np.float32)
+    contrast = np.empty(n, dtype=np.float32)
+    positions = np.empty((n, 2), dtype=np.float32)
+    bin_sizes = np.empty(n, dtype=np.float32)
 
+    def describe(band):
+        rows = slice(band.first, band.first + len(band))
+        _describe_band(image, band, smooth, descriptors[rows], contrast[rows])
+        positions[rows], bin_sizes[rows] = _band_frames(band)
+
+    for _ in ordered_map(describe, bands, n_threads):
+        pass
+    return descriptors, positions, bin_sizes, contrast
+
+
+def dense_sift_pieces(image, *, step=4, sizes=(4, 6, 8, 10), smooth=True, max_bytes=DEFAULT_BAND_BYTES,
+                      n_threads=1):
+    """:func:`dense_sift`, band by band: yields ``(descriptors, positions, bin_sizes,
+    contrast)`` for consecutive runs of output rows, whose concatenation is
+    :func:`dense_sift`'s result. A band's scratch and descriptors together fit in
+    ``max_bytes`` (at least one grid row); ``n_threads`` bands are computed ahead in
+    parallel, so at most ``n_threads + 1`` bands exist at once."""
+    image = _check_image(image)
+    height, width = image.shape
+
+    def describe(band):
+        descriptors = np.empty((len(band), DESCRIPTOR_DIM), dtype=np.float32)
+        contrast = np.empty(len(band), dtype=np.float32)
+        _describe_band(image, band, smooth, descriptors, contrast)
+        return (descriptors, *_band_frames(band), contrast)
+
+    yield from ordered_map(describe, _bands(height, width, step, sizes, smooth, max_bytes, True), n_threads)

@@ -18,7 +18,15 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from ._threads import effective_n_jobs
-from .dsift import DESCRIPTOR_DIM, dense_sift
+from .dsift import (
+    BYTES_PER_DESCRIPTOR,
+    DEFAULT_BAND_BYTES,
+    DESCRIPTOR_DIM,
+    band_bytes,
+    dense_grid,
+    dense_sift,
+    dense_sift_pieces,
+)
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 
 __all__ = ["DenseSIFT", "ImageSkippedWarning", "LocalFeatures", "SIFT", "root_sift"]
@@ -66,6 +74,16 @@ class LocalFeatures:
         return f"LocalFeatures(n={n}, dim={dim}, image_shape={tuple(self.image_shape)})"
 
 
+#: Default ``max_side`` of :class:`DenseSIFT`: photos are described at 640 x 480 (VLFeat's
+#: PHOW applications cap images at 480 rows), which keeps a 12-megapixel photo to ~70k
+#: descriptors instead of 3 million; see README, "Photos", for the measurements.
+DENSE_MAX_SIDE = 640
+#: Default ``max_side`` of :class:`SIFT`: 1024 x 768, the resolution of the INRIA Holidays
+#: retrieval experiments (Jegou et al. 2008); OpenCV's scale space of a full 12-megapixel
+#: photo takes ~3 GB and 3.5 s.
+SIFT_MAX_SIDE = 1024
+
+
 def root_sift(descriptors):
     """RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise each row, then square-root.
 
@@ -82,11 +100,23 @@ def root_sift(descriptors):
     ndarray (n, D), same float dtype (float32 for integer input)
     """
     x = np.asarray(descriptors)
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
-    x = np.maximum(x, 0)
-    l1 = x.sum(axis=1, keepdims=True)
-    return np.sqrt(x / np.maximum(l1, np.finfo(x.dtype).tiny))
+    dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
+    return _root_sift_inplace(np.array(x, dtype=dtype))
+
+
+#: Rows per block of the in-place RootSIFT (bounds its temporaries to a few MB).
+_ROOT_BLOCK_ROWS = 1 << 14
+
+
+def _root_sift_inplace(x):
+    """:func:`root_sift` of a float array, computed in place block by block."""
+    tiny = np.finfo(x.dtype).tiny
+    for start in range(0, len(x), _ROOT_BLOCK_ROWS):
+        block = x[start:start + _ROOT_BLOCK_ROWS]
+        np.maximum(block, 0, out=block)
+        block /= np.maximum(block.sum(axis=1, keepdims=True), tiny)
+        np.sqrt(block, out=block)
+    return x
 
 
 def _check_images(images):
@@ -99,6 +129,11 @@ def _check_images(images):
             f"{type(images).__name__}; wrap it in a list"
         )
     return list(images)
+
+
+def _read_bytes(pixels, decoded_pixels):
+    """Decoding's peak: the decoded image (up to 4 channels) and the grey one it becomes."""
+    return 4 * (decoded_pixels or pixels) + pixels
 
 
 def _empty_features(dim, image_shape):
@@ -139,33 +174,106 @@ class _Extractor(TransformerMixin, BaseEstimator):
         vladkit.images.ImageReadError
             An image cannot be read (its path and the reason are in the message).
         """
-        self._validate_params()
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        self._check_params()
         images = _check_images(X)
         n_jobs = effective_n_jobs(self.n_jobs) or 1
-        if n_jobs == 1 or len(images) <= 1:
+        if len(images) == 1:
+            # One image: its own work is split over the threads where it can be.
+            return [self._extract_one(images[0], n_jobs)]
+        if n_jobs == 1:
             return [self._extract_one(image) for image in images]
         # Threads suffice: OpenCV and numpy release the GIL in the heavy parts, and
         # map() returns results in input order.
         with ThreadPoolExecutor(max_workers=min(n_jobs, len(images))) as pool:
             return list(pool.map(self._extract_one, images))
 
-    def _extract_one(self, image):
+    def extract_pieces(self, image, max_bytes=None):
+        """The local features of one image as consecutive pieces, each within a memory bound.
+
+        For an image whose descriptors alone would not fit in memory (dense SIFT on a
+        50-megapixel panorama is ~12 million descriptors, 6 GB): the encoders' statistics
+        are sums, so the pieces can be encoded one after another
+        (:class:`vladkit.ImageEncoder` does). Concatenating the pieces' arrays gives
+        ``transform([image])[0]``, row for row.
+
+        Parameters
+        ----------
+        image : a path, encoded bytes or an array
+        max_bytes : int or None
+            Bound on one piece's descriptors together with the scratch that computes them
+            (at least one grid row is produced at a time). None: one piece. Sparse
+            :class:`SIFT` always gives one piece (OpenCV's detector needs the whole image:
+            bound it with ``max_side``).
+
+        Returns
+        -------
+        iterator of LocalFeatures
+            All with the image's ``image_shape``; no piece when the image is skipped
+            (``on_error="skip"``) or has no descriptors. The image is read by this call
+            (an unreadable one raises here), its pieces are computed as they are asked for.
+        """
+        self._check_params()
+        grey = self._read(image)  # now: a bad file is reported by this call
+        if grey is None:
+            return iter(())
+        return self._rooted_pieces(grey, max_bytes, effective_n_jobs(self.n_jobs) or 1)
+
+    def _rooted_pieces(self, grey, max_bytes, n_threads):
+        for piece in self._pieces(grey, max_bytes, n_threads):
+            if len(piece):
+                yield self._rooted(piece)
+
+    # -- what each extractor defines ------------------------------------------------------
+
+    def _pieces(self, grey, max_bytes, n_threads):
+        """Yield the features of a read image in pieces (before RootSIFT)."""
+        yield self._extract_raw(grey, n_threads)
+
+    def n_descriptors(self, height, width):
+        """``(n, exact)``: the number of descriptors of a ``height x width`` image (after
+        ``max_side``) if known before extraction, ``exact`` False for an upper bound;
+        ``(None, False)`` when unknown (sparse keypoints)."""
+        return None, False
+
+    def memory_estimate(self, height, width, decoded_pixels=None):
+        """Bytes needed to extract one image whole: ``(output, scratch)``.
+
+        ``output`` is what the returned :class:`LocalFeatures` hold (they live until they
+        are encoded), ``scratch`` the transient peak while computing them, including the
+        decoded image (``decoded_pixels``: pixels before ``max_side`` downscaling).
+        Estimates from the algorithm's arrays, checked against measured peaks in the
+        tests; used to size batches by a memory budget (:mod:`vladkit.budget`).
+        """
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------
+
+    def _check_params(self):
+        self._validate_params()
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+
+    def _read(self, image):
+        """The grey image, or None if it cannot be read and ``on_error="skip"``."""
         try:
-            grey = read_image(image, mode="gray", max_pixels=self.max_pixels, max_side=self.max_side)
+            return read_image(image, mode="gray", max_pixels=self.max_pixels, max_side=self.max_side)
         except ImageReadError as error:
             if self.on_error != "skip":
                 raise
-            warnings.warn(f"skipped {error.path}: {error.reason}", ImageSkippedWarning, stacklevel=2)
+            warnings.warn(f"skipped {error.path}: {error.reason}", ImageSkippedWarning, stacklevel=4)
+            return None
+
+    def _extract_one(self, image, n_threads=1):
+        grey = self._read(image)
+        if grey is None:
             return _empty_features(self._descriptor_dim, (0, 0))
-        features = self._extract(grey)
-        if self.root:
-            features = LocalFeatures(
-                root_sift(features.descriptors), features.positions, features.scales,
-                features.image_shape,
-            )
-        return features
+        return self._rooted(self._extract_raw(grey, n_threads))
+
+    def _rooted(self, features):
+        if not self.root:
+            return features
+        return LocalFeatures(_root_sift_inplace(features.descriptors), features.positions,
+                             features.scales, features.image_shape)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -192,7 +300,12 @@ class SIFT(_Extractor):
         Gaussian blur of the first octave.
     root : bool, default=False
         Return RootSIFT descriptors (see :func:`root_sift`).
-    max_side, max_pixels
+    max_side : int or None, default=1024
+        Downscale images whose long side is larger (see :func:`vladkit.images.read_image`;
+        JPEGs are decoded directly at a reduced size). OpenCV's scale space costs ~240
+        bytes per pixel: 3 GB and 3.5 s for a 12-megapixel photo, 190 MB and 0.3 s at
+        1024 x 768. None keeps full resolution.
+    max_pixels : int or None
         Passed to :func:`vladkit.images.read_image`.
     on_error : {"raise", "skip"}, default="raise"
         An image that cannot be read raises :class:`vladkit.ImageReadError` (naming the
@@ -209,7 +322,7 @@ class SIFT(_Extractor):
     """
 
     def __init__(self, n_features=0, *, n_octave_layers=3, contrast_threshold=0.04,
-                 edge_threshold=10.0, sigma=1.6, root=False, max_side=None,
+                 edge_threshold=10.0, sigma=1.6, root=False, max_side=SIFT_MAX_SIDE,
                  max_pixels=DEFAULT_MAX_PIXELS, on_error="raise", n_jobs=1):
         self.n_features = n_features
         self.n_octave_layers = n_octave_layers
@@ -232,7 +345,19 @@ class SIFT(_Extractor):
             if not np.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
 
-    def _extract(self, grey):
+    def memory_estimate(self, height, width, decoded_pixels=None):
+        # OpenCV doubles the image, then keeps n_octave_layers + 3 Gaussian and
+        # n_octave_layers + 2 difference-of-Gaussian float32 images per octave (each
+        # octave a quarter of the one before: 4/3 in all).
+        pixels = height * width
+        layers = 2 * int(self.n_octave_layers) + 5
+        scratch = int(4 * pixels * 4 * layers * 4 / 3) + _read_bytes(pixels, decoded_pixels)
+        # Keypoints: typically under one per 100 pixels; 128 float32 + position + scale,
+        # plus OpenCV's KeyPoint objects while converting (~100 bytes each).
+        output = (pixels // 50 + 1) * (4 * DESCRIPTOR_DIM + 12 + 100)
+        return output, scratch
+
+    def _extract_raw(self, grey, n_threads):
         # A detector per call: OpenCV's Feature2D objects are not documented thread-safe.
         detector = cv2.SIFT_create(
             nfeatures=int(self.n_features), nOctaveLayers=int(self.n_octave_layers),
@@ -280,7 +405,13 @@ class DenseSIFT(_Extractor):
         Apply the per-size Gaussian pre-smoothing.
     root : bool, default=False
         Return RootSIFT descriptors (see :func:`root_sift`).
-    max_side, max_pixels
+    max_side : int or None, default=640
+        Downscale images whose long side is larger (see :func:`vladkit.images.read_image`;
+        JPEGs are decoded directly at a reduced size). Dense SIFT's cost grows with the
+        pixels: a 12-megapixel photo at full resolution is ~3 million descriptors (1.5
+        GB); at 640 x 480, ~70,000. None keeps full resolution (then memory-bounded
+        streaming extracts such an image in pieces, see :meth:`extract_pieces`).
+    max_pixels : int or None
         Passed to :func:`vladkit.images.read_image`.
     on_error : {"raise", "skip"}, default="raise"
         An image that cannot be read raises :class:`vladkit.ImageReadError` (naming the
@@ -297,7 +428,7 @@ class DenseSIFT(_Extractor):
     """
 
     def __init__(self, step=4, sizes=(4, 6, 8, 10), *, contrast_threshold=0.005,
-                 low_contrast="zero", smooth=True, root=False, max_side=None,
+                 low_contrast="zero", smooth=True, root=False, max_side=DENSE_MAX_SIDE,
                  max_pixels=DEFAULT_MAX_PIXELS, on_error="raise", n_jobs=1):
         self.step = step
         self.sizes = sizes
@@ -325,11 +456,37 @@ class DenseSIFT(_Extractor):
         if self.low_contrast not in ("zero", "drop"):
             raise ValueError(f"low_contrast must be 'zero' or 'drop', got {self.low_contrast!r}")
 
-    def _extract(self, grey):
-        sizes = [int(s) for s in np.atleast_1d(self.sizes)]
+    def _sizes(self):
+        return [int(s) for s in np.atleast_1d(self.sizes)]
+
+    def n_descriptors(self, height, width):
+        n = sum(len(xs) * len(ys) for xs, ys in dense_grid(height, width, int(self.step), self._sizes()))
+        return n, self.contrast_threshold is None or self.low_contrast == "zero"
+
+    def memory_estimate(self, height, width, decoded_pixels=None):
+        step, sizes, smooth = int(self.step), self._sizes(), bool(self.smooth)
+        output = self.n_descriptors(height, width)[0] * BYTES_PER_DESCRIPTOR
+        if self.contrast_threshold is not None and self.low_contrast == "drop":
+            output *= 2  # the kept rows are copied out of the full grid
+        scratch = (band_bytes(height, width, step, sizes, smooth, DEFAULT_BAND_BYTES)
+                   + _read_bytes(height * width, decoded_pixels))
+        return output, scratch
+
+    def _pieces(self, grey, max_bytes, n_threads):
+        for descriptors, positions, bin_sizes, contrast in dense_sift_pieces(
+                grey, step=int(self.step), sizes=self._sizes(), smooth=bool(self.smooth),
+                max_bytes=max_bytes, n_threads=n_threads):
+            yield self._features(grey, descriptors, positions, bin_sizes, contrast)
+
+    def _extract_raw(self, grey, n_threads):
         descriptors, positions, bin_sizes, contrast = dense_sift(
-            grey, step=int(self.step), sizes=sizes, smooth=bool(self.smooth)
+            grey, step=int(self.step), sizes=self._sizes(), smooth=bool(self.smooth),
+            n_threads=n_threads,
         )
+        return self._features(grey, descriptors, positions, bin_sizes, contrast)
+
+    def _features(self, grey, descriptors, positions, bin_sizes, contrast):
+        """Apply the low-contrast rule to dense SIFT's output."""
         if self.contrast_threshold is not None:
             low = contrast < self.contrast_threshold
             if self.low_contrast == "zero":

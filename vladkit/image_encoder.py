@@ -3,26 +3,34 @@ in memory as descriptors (dense SIFT on 15-Scene alone is ~18 GB of float32)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from .features import LocalFeatures, _check_images
+from .budget import DEFAULT_MAX_MEMORY, iter_batches, parse_memory
+from .features import LocalFeatures, _check_images, _empty_features
 from .vocabulary import DescriptorSampler
 
-__all__ = ["ImageEncoder"]
+__all__ = ["ImageEncoder", "encode_batches", "sample_features"]
 
 
 class ImageEncoder(TransformerMixin, BaseEstimator):
-    """A local-feature extractor and an encoder, streamed over images in batches.
+    """A local-feature extractor and an encoder, streamed over images under a memory budget.
 
     ``fit`` extracts the images batch by batch and keeps only a bounded sample of each
     image's descriptors (:class:`vladkit.DescriptorSampler`: at most ``max_descriptors`` in
     all, spread over the images), then fits the encoder (its vocabulary, PCA, ...) on the
-    sample. ``transform`` extracts and encodes ``batch_size`` images at a time. Peak
-    memory is one batch of descriptors plus the output matrix, whatever the number of
-    images; the result equals ``encoder.transform(extractor.transform(images))``.
+    sample. ``transform`` extracts and encodes batch by batch. Batches are sized by the
+    memory their descriptors take, read from each file's header before decoding
+    (:mod:`vladkit.budget`): up to ``batch_size`` thumbnails together, a few phone photos,
+    and an image too large for ``max_memory`` on its own is extracted and encoded in pieces
+    (the encoders' statistics are sums). The working memory stays within ``max_memory``
+    whatever the number and size of the images; the output matrix comes on top. The
+    result equals ``encoder.transform(extractor.transform(images))`` up to float32
+    rounding (the sums are added in another order; below 1e-6).
 
     ``make_pipeline(ImageEncoder(DenseSIFT(root=True), FisherEncoder(64)), LinearSVC())``
     is a classifier from image files.
@@ -32,9 +40,13 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
     extractor : SIFT or DenseSIFT
     encoder : BoFEncoder, VLADEncoder, FisherEncoder or SpatialPyramid
     batch_size : int, default=64
-        Images extracted and encoded together.
+        At most this many images extracted and encoded together.
+    max_memory : int or str, default=1_000_000_000
+        Working-memory budget in bytes, or a size such as ``"512MB"`` or ``"2GB"``
+        (see :func:`vladkit.budget.parse_memory`). At least 256 MB.
     max_descriptors : int, default=200_000
-        Descriptors kept from the training images to fit the encoder.
+        Descriptors kept from the training images to fit the encoder (they are held on
+        top of the budget: 200,000 x 128 float32 is 100 MB).
     max_per_image : int or None, default=None
     random_state : int, RandomState or None
         Seeds the sample (the encoder has its own ``random_state``).
@@ -45,18 +57,19 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
     n_features_out_ : int
     """
 
-    def __init__(self, extractor, encoder, *, batch_size=64, max_descriptors=200_000,
-                 max_per_image=None, random_state=None):
+    def __init__(self, extractor, encoder, *, batch_size=64, max_memory=DEFAULT_MAX_MEMORY,
+                 max_descriptors=200_000, max_per_image=None, random_state=None):
         self.extractor = extractor
         self.encoder = encoder
         self.batch_size = batch_size
+        self.max_memory = max_memory
         self.max_descriptors = max_descriptors
         self.max_per_image = max_per_image
         self.random_state = random_state
 
-    def _batches(self, images):
-        for start in range(0, len(images), self.batch_size):
-            yield start, self.extractor_.transform(images[start:start + self.batch_size])
+    def _batches(self, images, encoder=None):
+        return iter_batches(self.extractor_, images, max_memory=parse_memory(self.max_memory),
+                            max_images=self.batch_size, encoder=encoder)
 
     def fit(self, X, y=None):
         """Extract a bounded sample of descriptors from the images and fit the encoder.
@@ -68,6 +81,7 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
         """
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        parse_memory(self.max_memory)  # a bad budget is refused before any work
         images = _check_images(X)
         if not images:
             raise ValueError("X holds no images")
@@ -75,20 +89,17 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
         seed = check_random_state(self.random_state).randint(2**31 - 1)
         sampler = DescriptorSampler(len(images), self.max_descriptors, self.max_per_image, seed)
         kept = []
-        for start, features in self._batches(images):
-            for offset, item in enumerate(features):
-                index = start + offset
-                rows = sampler.select(index, len(item))
+        for batch in self._batches(images):
+            for index, pieces in batch:
                 # Keep the sampled descriptors with their positions (a spatial pyramid's
                 # encoder is fitted on descriptors only, but stays given LocalFeatures).
-                kept.append(LocalFeatures(item.descriptors[rows], item.positions[rows],
-                                          item.scales[rows], item.image_shape))
+                kept.append(sample_features(sampler, index, pieces, self.extractor_))
         self.encoder_ = clone(self.encoder).fit(kept)
         self.n_features_out_ = self.encoder_.n_features_out_
         return self
 
     def transform(self, X):
-        """Extract and encode the images, ``batch_size`` at a time.
+        """Extract and encode the images, batch by batch within ``max_memory``.
 
         Returns
         -------
@@ -97,8 +108,8 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "encoder_")
         images = _check_images(X)
         out = np.empty((len(images), self.n_features_out_), dtype=np.float32)
-        for start, features in self._batches(images):
-            out[start:start + len(features)] = self.encoder_.transform(features)
+        for indices, vectors in encode_batches(self.encoder_, self._batches(images, self.encoder_)):
+            out[indices] = vectors
         return out
 
     def get_feature_names_out(self, input_features=None):
@@ -109,3 +120,50 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
         return tags
+
+
+def encode_batches(encoder, batches):
+    """Encode the batches :func:`vladkit.budget.iter_batches` yields, pieces included.
+
+    Yields
+    ------
+    (indices, vectors)
+        The images' indices and their (len(indices), dim) float32 vectors, per batch.
+    """
+    for batch in batches:
+        with encoder._thread_limits():
+            accumulation = encoder._accumulate(len(batch))
+            for position, (_, pieces) in enumerate(batch):
+                for piece in pieces:
+                    accumulation.add(position, piece)
+            yield [index for index, _ in batch], accumulation.finish()
+
+
+def sample_features(sampler, index, pieces, extractor):
+    """The rows of image ``index`` that belong to ``sampler``'s sample, as LocalFeatures,
+    from its whole features or from its pieces (see :func:`vladkit.budget.iter_batches`)."""
+    pieces = iter(pieces)
+    first = next(pieces, None)
+    if first is None:
+        return _empty_features(extractor._descriptor_dim, (0, 0))
+    second = next(pieces, None)
+    if second is None:  # whole
+        rows = sampler.select(index, len(first))
+        return LocalFeatures(first.descriptors[rows], first.positions[rows], first.scales[rows],
+                             first.image_shape)
+    # In pieces: the rows are drawn as for the whole image when the count is known before
+    # extraction (dense SIFT's grid). With low-contrast descriptors dropped it is only
+    # bounded by the grid's: each piece then gives its share of the image's quota.
+    total, exact = extractor.n_descriptors(*first.image_shape)
+    selected = sampler.select(index, total) if exact else None
+    kept, offset = [], 0
+    for number, piece in enumerate(itertools.chain([first, second], pieces)):
+        if selected is not None:
+            rows = selected[(selected >= offset) & (selected < offset + len(piece))] - offset
+        else:
+            rows = sampler.select_share(index, number, len(piece), len(piece) / total)
+        offset += len(piece)
+        kept.append(LocalFeatures(piece.descriptors[rows], piece.positions[rows], piece.scales[rows],
+                                  piece.image_shape))
+    return LocalFeatures(*(np.concatenate([getattr(p, name) for p in kept])
+                           for name in ("descriptors", "positions", "scales")), first.image_shape)

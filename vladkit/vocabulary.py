@@ -99,6 +99,14 @@ class DescriptorSampler:
     def add(self, index, descriptors):
         """Take this image's share of ``descriptors`` ((n, D)); checks finiteness and D."""
         descriptors = _descriptors_of(descriptors, index)
+        if not np.all(np.isfinite(descriptors)):
+            raise ValueError(f"image {index}: descriptors contain NaN or inf")
+        self.keep(index, descriptors[self.select(index, len(descriptors))])
+
+    def keep(self, index, descriptors):
+        """Keep image ``index``'s rows already drawn with :meth:`select` (or, piece by
+        piece, :meth:`select_share`); checks finiteness and D."""
+        descriptors = _descriptors_of(descriptors, index)
         if len(descriptors) and self._dim is None:
             self._dim = descriptors.shape[1]
         if len(descriptors) and descriptors.shape[1] != self._dim:
@@ -108,7 +116,7 @@ class DescriptorSampler:
             )
         if not np.all(np.isfinite(descriptors)):
             raise ValueError(f"image {index}: descriptors contain NaN or inf")
-        self._parts[index] = descriptors[self.select(index, len(descriptors))]
+        self._parts[index] = descriptors
 
     def select(self, index, n_rows):
         """Sorted indices of the rows of image ``index`` (which has ``n_rows`` descriptors)
@@ -117,6 +125,16 @@ class DescriptorSampler:
             return np.arange(n_rows)
         rng = np.random.default_rng([self.seed, 0, index])
         return np.sort(rng.choice(n_rows, self.quota, replace=False))
+
+    def select_share(self, index, piece, n_rows, fraction):
+        """Rows of piece number ``piece`` of image ``index`` (``n_rows`` descriptors, about
+        ``fraction`` of the image's): its share ``ceil(fraction * quota)`` of the quota.
+        For images extracted in pieces whose total is not known in advance."""
+        quota = math.ceil(min(fraction, 1.0) * self.quota)
+        if n_rows <= quota:
+            return np.arange(n_rows)
+        rng = np.random.default_rng([self.seed, 2, index, piece])
+        return np.sort(rng.choice(n_rows, quota, replace=False))
 
     def sample(self):
         """The pooled sample, (n, D), in image order; at most ``max_descriptors`` rows."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numba
 import numpy as np
@@ -54,35 +54,71 @@ def descriptor_sets(X):
     return sets
 
 
-def row_chunks(sets, dim, dtype, max_rows=CHUNK_ROWS):
-    """Stream the descriptors of all images in chunks of at most ``max_rows`` rows.
+class Accumulation:
+    """Descriptor sets streamed into an encoder's per-image sums, chunk by chunk.
 
-    Yields (X, segments): X is (rows, dim) in ``dtype``; segments is an (S, 3) int64 array
-    of (image index, first row, end row), each image at most once per chunk. Images with
-    no descriptors never appear; a large image is split across consecutive chunks.
+    Every encoder's statistics are sums over an image's descriptors, so an image can be
+    given whole or in pieces, in any number of ``add`` calls (consecutive pieces of one
+    image join one segment of a chunk). Rows are packed into chunks of at most
+    ``max_rows`` (which bound the (rows, K) assignment scratch) and handed to the
+    encoder's ``_add``; ``finish`` normalises and returns the vectors.
+
+    Parameters
+    ----------
+    encoder : a fitted BaseEncoder
+    n_images : int
+    dtype : float32 or float64, the precision of the sums
     """
-    parts, segments, rows = [], [], 0
-    for index, descriptors in enumerate(sets):
-        if len(descriptors) and descriptors.shape[1] != dim:
+
+    def __init__(self, encoder, n_images, dtype, max_rows=CHUNK_ROWS):
+        self.encoder = encoder
+        self.sums = encoder._start(n_images, dtype)
+        self.counts = np.zeros(n_images, dtype=np.int64)
+        self._dim = encoder.vocabulary_.descriptor_dim_
+        self._dtype = dtype
+        self._max_rows = max_rows
+        self._parts, self._segments, self._rows = [], [], 0
+
+    def add(self, image, descriptors):
+        """Add (n, D) descriptors (or LocalFeatures) of image number ``image``."""
+        descriptors = np.asarray(getattr(descriptors, "descriptors", descriptors))
+        if not len(descriptors):
+            return
+        if descriptors.shape[1] != self._dim:
             raise ValueError(
-                f"image {index}: descriptors have dimension {descriptors.shape[1]}, the "
-                f"vocabulary expects {dim}"
+                f"image {image}: descriptors have dimension {descriptors.shape[1]}, the "
+                f"vocabulary expects {self._dim}"
             )
+        self.counts[image] += len(descriptors)
         start = 0
         while start < len(descriptors):
-            take = min(len(descriptors) - start, max_rows - rows)
+            take = min(len(descriptors) - start, self._max_rows - self._rows)
             part = descriptors[start:start + take]
             if not np.all(np.isfinite(part)):
-                raise ValueError(f"image {index}: descriptors contain NaN or inf")
-            parts.append(part)
-            segments.append((index, rows, rows + take))
-            rows += take
+                raise ValueError(f"image {image}: descriptors contain NaN or inf")
+            self._parts.append(part)
+            if self._segments and self._segments[-1][0] == image:
+                self._segments[-1][2] += take
+            else:
+                self._segments.append([image, self._rows, self._rows + take])
+            self._rows += take
             start += take
-            if rows == max_rows:
-                yield _pack(parts, dtype), np.array(segments, dtype=np.int64)
-                parts, segments, rows = [], [], 0
-    if rows:
-        yield _pack(parts, dtype), np.array(segments, dtype=np.int64)
+            if self._rows == self._max_rows:
+                self.flush()
+
+    def flush(self):
+        """Hand the rows gathered so far to the encoder."""
+        if not self._rows:
+            return
+        chunk, segments = _pack(self._parts, self._dtype), np.array(self._segments, dtype=np.int64)
+        self._parts, self._segments, self._rows = [], [], 0
+        self.encoder._add(self.encoder.vocabulary_._project(chunk), segments, self.sums)
+
+    def finish(self):
+        """The (n_images, n_features_out_) float32 vectors."""
+        self.flush()
+        vectors = self.encoder._finish(self.sums, self.counts)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def split_tasks(segments, n_threads=None):
@@ -218,18 +254,24 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "vocabulary_")
         sets = descriptor_sets(X)
-        dtype = work_dtype(sets, self._float32_limit)
-        vocabulary = self.vocabulary_
-        acc = self._start(len(sets), dtype)
+        with self._thread_limits():
+            accumulation = self._accumulate(len(sets), work_dtype(sets, self._float32_limit))
+            for image, descriptors in enumerate(sets):
+                accumulation.add(image, descriptors)
+            return accumulation.finish()
+
+    def _accumulate(self, n_images, dtype=np.float32):
+        """An :class:`Accumulation` of ``n_images`` images (given whole or in pieces)."""
+        return Accumulation(self, n_images, dtype)
+
+    @contextmanager
+    def _thread_limits(self):
+        """BLAS and numba threads bounded to ``n_jobs`` inside the block (when set)."""
         # threadpool_limits costs ~10 ms (it scans the loaded libraries): only when asked.
         n_jobs = effective_n_jobs(self.n_jobs)
         limits = threadpool_limits(limits=n_jobs) if n_jobs is not None else nullcontext()
         with limits, numba_threads(self.n_jobs):
-            for chunk, segments in row_chunks(sets, vocabulary.descriptor_dim_, dtype):
-                self._add(vocabulary._project(chunk), segments, acc)
-        counts = np.array([len(s) for s in sets], dtype=np.int64)
-        vectors = self._finish(acc, counts)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+            yield
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns, e.g. ``vlad_w3_d17`` (word 3, dimension 17)."""

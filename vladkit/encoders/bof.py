@@ -7,7 +7,15 @@ import numpy as np
 from ..kernels import histogram_sparse, knn_weights, nearest_words, squared_norms
 from ..normalize import l1_normalize, l2_normalize, power_normalize
 from ..vocabulary import KMeansVocabulary
-from ._base import BaseEncoder, add_tasks, check_params, mean_nearest_squared_distance, row_chunks, split_tasks, work_dtype
+from ._base import (
+    Accumulation,
+    BaseEncoder,
+    add_tasks,
+    check_params,
+    mean_nearest_squared_distance,
+    split_tasks,
+    work_dtype,
+)
 
 NORMS = ("l2", "l1", None)
 
@@ -83,11 +91,11 @@ class BoFEncoder(BaseEncoder):
 
     def _histograms(self, sets):
         """Raw (n_images, K) float64 word counts (hard) or summed weights (soft)."""
-        dtype = work_dtype(sets)
-        acc = self._start(len(sets), dtype)
-        for chunk, segments in row_chunks(sets, self.vocabulary_.descriptor_dim_, dtype):
-            self._add(self.vocabulary_._project(chunk), segments, acc)
-        return acc["counts"]
+        accumulation = Accumulation(self, len(sets), work_dtype(sets))
+        for image, descriptors in enumerate(sets):
+            accumulation.add(image, descriptors)
+        accumulation.flush()
+        return accumulation.sums["counts"]
 
     def _start(self, n_images, dtype):
         centers = self.vocabulary_.centers_.astype(dtype)

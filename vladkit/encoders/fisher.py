@@ -112,8 +112,9 @@ class FisherEncoder(BaseEncoder):
             "means": (means - centre).astype(dtype),
             "inv_sigmas": (1.0 / np.sqrt(vocabulary.covariances_.astype(np.float64))).astype(dtype),
             "skip": skip,
-            "first": np.zeros(shape, dtype=dtype),
-            "second": np.zeros(shape, dtype=dtype),
+            # float64 sums: independent of the order of addition (see VLADEncoder._start).
+            "first": np.zeros(shape, dtype=np.float64),
+            "second": np.zeros(shape, dtype=np.float64),
             "mass": np.zeros(shape[:2], dtype=np.float64),
         }
 
@@ -131,8 +132,8 @@ class FisherEncoder(BaseEncoder):
         # products Q^T [x^2, x] would be faster for small K but lose ~1e-5 to cancellation.
         tasks = split_tasks(segments)
         shape = (len(tasks),) + acc["first"].shape[1:]
-        first = np.zeros(shape, dtype=X.dtype)
-        second = np.zeros(shape, dtype=X.dtype)
+        first = np.zeros(shape, dtype=np.float64)
+        second = np.zeros(shape, dtype=np.float64)
         mass = np.zeros(shape[:2], dtype=np.float64)
         accumulate_fisher(X, posteriors, acc["means"], acc["inv_sigmas"], acc["skip"], tasks,
                           first, second, mass)

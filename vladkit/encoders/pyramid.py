@@ -8,7 +8,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
 from ..normalize import l2_normalize
-from ._base import descriptor_sets
+from ._base import descriptor_sets, work_dtype
 
 #: 1x1 + 2x2 + 3 horizontal bands: the layout of Chatfield et al.'s encoding comparison.
 DEFAULT_LEVELS = ((1, 1), (2, 2), (1, 3))
@@ -69,22 +69,20 @@ class SpatialPyramid(TransformerMixin, BaseEstimator):
         ndarray (n_images, n_features_out_), float32
         """
         check_is_fitted(self, "encoder_")
-        levels = self._check_levels()
         X = list(X)
-        for index, item in enumerate(X):
-            if not hasattr(item, "positions"):
-                raise TypeError(
-                    f"image {index}: SpatialPyramid needs LocalFeatures (positions and image "
-                    f"shape), got {type(item).__name__}"
-                )
-        descriptors = descriptor_sets(X)
-        cells = []
-        for item, image_descriptors in zip(X, descriptors):
-            cells.extend(image_descriptors[mask] for mask in cell_masks(item, levels))
-        vectors = self.encoder_.transform(cells).reshape(len(X), -1)
-        if self.l2:
-            l2_normalize(vectors)
-        return vectors
+        dtype = work_dtype(descriptor_sets(X), self.encoder_._float32_limit)  # also validates
+        with self._thread_limits():
+            accumulation = self._accumulate(len(X), dtype)
+            for image, features in enumerate(X):
+                accumulation.add(image, features)
+            return accumulation.finish()
+
+    def _accumulate(self, n_images, dtype=np.float32):
+        """A :class:`PyramidAccumulation` of ``n_images`` images (whole or in pieces)."""
+        return PyramidAccumulation(self, n_images, dtype)
+
+    def _thread_limits(self):
+        return self.encoder_._thread_limits()
 
     def get_feature_names_out(self, input_features=None):
         check_is_fitted(self, "encoder_")
@@ -100,6 +98,35 @@ class SpatialPyramid(TransformerMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
         return tags
+
+
+class PyramidAccumulation:
+    """A spatial pyramid's sums: each piece of an image's features is split into its cells,
+    and cell ``c`` of image ``i`` accumulates as image ``i * n_cells + c`` of the wrapped
+    encoder's :class:`~vladkit.encoders._base.Accumulation`."""
+
+    def __init__(self, pyramid, n_images, dtype):
+        self.pyramid = pyramid
+        self.levels = pyramid._check_levels()
+        self.cells = pyramid.encoder_._accumulate(n_images * pyramid.n_cells_, dtype)
+
+    def add(self, image, features):
+        """Add LocalFeatures (positions and image shape place them in cells) of ``image``."""
+        if not hasattr(features, "positions"):
+            raise TypeError(
+                f"image {image}: SpatialPyramid needs LocalFeatures (positions and image "
+                f"shape), got {type(features).__name__}"
+            )
+        first = image * self.pyramid.n_cells_
+        descriptors = np.asarray(features.descriptors)
+        for cell, mask in enumerate(cell_masks(features, self.levels)):
+            self.cells.add(first + cell, descriptors[mask])
+
+    def finish(self):
+        vectors = self.cells.finish().reshape(len(self.cells.counts) // self.pyramid.n_cells_, -1)
+        if self.pyramid.l2:
+            l2_normalize(vectors)
+        return vectors
 
 
 def cell_masks(features, levels):

@@ -104,7 +104,10 @@ class VLADEncoder(BaseEncoder):
         return {
             "centers": centers,
             "centers_sqnorm": squared_norms(centers),
-            "residuals": np.zeros((n_images, vocabulary.n_words_, vocabulary.dim_), dtype=dtype),
+            # Sums in float64 whatever the input: each term is rounded as the input is, but
+            # the total no longer depends on the order of addition, so an image encoded
+            # whole, in pieces or in another batch gives the same vector.
+            "residuals": np.zeros((n_images, vocabulary.n_words_, vocabulary.dim_), dtype=np.float64),
             "mass": np.zeros((n_images, vocabulary.n_words_), dtype=np.float64),
         }
 

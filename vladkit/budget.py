@@ -1,0 +1,210 @@
+"""Memory budgets: images streamed in batches sized by the memory their features take.
+
+A batch counted in images is bounded only while images are small: dense SIFT at step 4
+gives ~7,700 descriptors (4 MB) for a 200 x 200 thumbnail but ~3 million (1.5 GB) for a
+12-megapixel photo. So the streaming paths (:class:`vladkit.ImageEncoder`,
+``vladkit vocab build`` and ``vladkit encode``) plan their batches from each image's
+size, read from the file header before anything is decoded:
+
+* every image's cost is estimated by its extractor (:meth:`memory_estimate`: the
+  descriptors it returns plus the transient scratch computing them) and by the encoder
+  (its per-image sums, and the fixed scratch of one chunk of rows);
+* consecutive images form a batch while the batch's descriptors, plus the scratch of the
+  images extracted in parallel, plus the encoder's share fit in ``max_memory`` (and at
+  most ``max_images`` images: progress and resumable shards stay fine-grained);
+* an image that does not fit alone is extracted in pieces (dense SIFT band by band) that
+  are encoded one after another: the encoders' statistics are sums, so the vector is the
+  same (to float32 rounding) as if the image had been encoded whole.
+
+Outside the budget: the output matrix, the interpreter and its libraries (~0.3-0.5 GB
+resident for numpy, OpenCV, scikit-learn, numba and faiss), and what the caller keeps
+(a vocabulary's training sample).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from ._threads import effective_n_jobs
+from .images import ImageReadError, read_size
+
+__all__ = ["DEFAULT_MAX_MEMORY", "ImageBatch", "encoder_memory", "iter_batches", "parse_memory"]
+
+#: Default working-memory budget of the streaming paths: with the libraries, a job stays
+#: under ~1.6 GB resident whatever the image sizes (measured in benchmarks/bench_photos.py).
+DEFAULT_MAX_MEMORY = 1_000_000_000
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+#: The smallest budget accepted: the encoder's scratch (~100 MB for K = 256) and a few
+#: bands of a large photo.
+MIN_MAX_MEMORY = 256 * 10**6
+
+
+#: Pieces are not made smaller than this (a band's scratch is recomputed at its edges).
+MIN_PIECE_BYTES = 16 * 10**6
+
+
+def parse_memory(value, name="max_memory"):
+    """Bytes from an int or a string such as ``"512MB"``, ``"1.5GB"``, ``"2GiB"``.
+
+    Units as Dask's: kB, MB, GB, TB are powers of 1000 (``"1G"`` = ``"1GB"``), KiB, MiB,
+    GiB, TiB powers of 1024; case does not matter; a bare number is bytes. Budgets below
+    256 MB are refused (the encoder's own scratch is up to ~100 MB).
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of bytes or a string like '1GB', got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", value.lower())
+        if not match or match.group(2) not in _UNITS:
+            raise ValueError(f"{name} must be a size such as '512MB', '1.5GB' or '2GiB', got {value!r}")
+        number = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise TypeError(f"{name} must be a number of bytes or a string like '1GB', got {type(value).__name__}")
+    if not math.isfinite(number) or number < MIN_MAX_MEMORY:
+        raise ValueError(f"{name} must be at least 256MB, got {value!r}")
+    return int(number)
+
+
+def format_memory(n_bytes):
+    """``1.2 GB``, ``640 MB``: sizes as people read them (powers of 1000)."""
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
+
+
+def encoder_memory(encoder):
+    """``(fixed, per_image)`` bytes a fitted encoder needs while encoding a batch.
+
+    ``fixed``: one chunk of rows (``CHUNK_ROWS``) as packed, projected and expanded, and
+    its (rows, K) scores and weights. ``per_image``: the image's sums and vector (a
+    spatial pyramid's cells each have their own), and the normalisation temporaries.
+    ``encoder=None`` (extraction only) costs nothing.
+    """
+    if encoder is None:
+        return 0, 0
+    from .encoders._base import CHUNK_ROWS
+
+    inner = getattr(encoder, "encoder_", encoder)
+    vocabulary = inner.vocabulary_
+    n_words, dim_in, dim = vocabulary.n_words_, vocabulary.descriptor_dim_, vocabulary.dim_
+    fixed = CHUNK_ROWS * 4 * (2 * dim_in + 3 * dim + 3 * n_words)
+    per_image = 8 * 3 * encoder.n_features_out_ + 16 * n_words * getattr(encoder, "n_cells_", 1)
+    return fixed, per_image
+
+
+@dataclass
+class ImageBatch:
+    """Images to extract together: ``indices`` into the input list, and for a batch of one
+    image too large for the budget, ``piece_bytes`` (extract it in pieces of that size)."""
+
+    indices: list
+    piece_bytes: int | None = None
+
+
+def plan_batches(images, extractor, max_memory, max_images, encoder=None) -> Iterator[ImageBatch]:
+    """Group consecutive images into batches that fit ``max_memory`` (see the module doc).
+
+    Lazily: a folder of a million images starts at once, one header read per image. An
+    image whose header cannot be read (or whose format the header reader does not know)
+    forms a batch of its own, planned when it is read (see :func:`iter_batches`).
+    """
+    fixed, per_image = encoder_memory(encoder)
+    budget = max_memory - fixed
+    n_threads = effective_n_jobs(extractor.n_jobs) or 1
+    current, outputs, scratch = [], 0, 0
+    for index, image in enumerate(images):
+        size = read_size(image, max_side=extractor.max_side)
+        if size is None:
+            # Unknown until decoded: alone, and in pieces (one piece if it is small).
+            if current:
+                yield ImageBatch(current)
+            current, outputs, scratch = [], 0, 0
+            yield ImageBatch([index], piece_bytes=_piece_bytes(budget - per_image, 0, n_threads))
+            continue
+        height, width, decoded = size
+        output, image_scratch = extractor.memory_estimate(height, width, decoded)
+        output += per_image
+        need = (outputs + output) + min(n_threads, len(current) + 1) * max(scratch, image_scratch)
+        if current and (len(current) >= max_images or need > budget):
+            yield ImageBatch(current)
+            current, outputs, scratch = [], 0, 0
+        if output + image_scratch > budget:
+            yield ImageBatch([index], piece_bytes=_piece_bytes(budget - per_image, height * width, n_threads))
+            continue
+        current.append(index)
+        outputs += output
+        scratch = max(scratch, image_scratch)
+    if current:
+        yield ImageBatch(current)
+
+
+def _piece_bytes(budget, pixels, n_threads):
+    # The grey image stays in memory while its pieces are made; n_threads pieces are
+    # computed ahead, one is being encoded and one may wait in the encoder's chunk.
+    return max(MIN_PIECE_BYTES, (budget - 2 * pixels) // (n_threads + 2))
+
+
+def iter_batches(extractor, images, *, max_memory, max_images=64, encoder=None,
+                 on_unreadable=None) -> Iterator[list]:
+    """Extract images batch by batch under a memory budget.
+
+    Parameters
+    ----------
+    extractor : SIFT or DenseSIFT
+    images : list of images (paths, bytes or arrays)
+    max_memory : int
+        Budget in bytes (see the module docstring for what it covers).
+    max_images : int
+        At most this many images per batch.
+    encoder : fitted encoder or None
+        Whose working memory the budget must also hold (:func:`encoder_memory`).
+    on_unreadable : callable(index, ImageReadError) or None
+        None: an unreadable image is the extractor's business (``on_error``: raise, or
+        empty features). A callable: it is told, and the image is left out of its batch.
+
+    Yields
+    ------
+    list of (index, pieces)
+        One entry per image of a batch, in input order. ``pieces`` is an iterable of
+        :class:`~vladkit.LocalFeatures` of that image: one whole piece, or for an image
+        larger than the budget a lazy sequence of pieces, to be consumed in order before
+        the next batch is asked for.
+    """
+    images = list(images)
+    for batch in plan_batches(images, extractor, max_memory, max_images, encoder):
+        if batch.piece_bytes is None and len(batch.indices) > 1:
+            yield _extract_batch(extractor, images, batch.indices, on_unreadable)
+            continue
+        index = batch.indices[0]
+        try:
+            if batch.piece_bytes is None:
+                pieces = extractor.transform([images[index]])  # one image: every thread on it
+            else:
+                pieces = extractor.extract_pieces(images[index], batch.piece_bytes)
+        except ImageReadError as error:
+            if on_unreadable is None:
+                raise
+            on_unreadable(index, error)
+            continue
+        yield [(index, pieces)]
+
+
+def _extract_batch(extractor, images, indices, on_unreadable):
+    try:
+        features = extractor.transform([images[i] for i in indices])
+        return [(index, [item]) for index, item in zip(indices, features)]
+    except ImageReadError:
+        if on_unreadable is None:
+            raise
+    results = []  # isolate the bad file(s): one image at a time
+    for index in indices:
+        try:
+            results.append((index, extractor.transform([images[index]])))
+        except ImageReadError as error:
+            on_unreadable(index, error)
+    return results
