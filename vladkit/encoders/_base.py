@@ -58,8 +58,8 @@ class Accumulation:
     """Descriptor sets streamed into an encoder's per-image sums, chunk by chunk.
 
     Every encoder's statistics are sums over an image's descriptors, so an image can be
-    given whole or in pieces, in any number of ``add`` calls (consecutive pieces of one
-    image join one segment of a chunk). Rows are packed into chunks of at most
+    given whole or in pieces, in any number of ``add`` calls and in any order
+    (consecutive pieces of one image join one segment of a chunk). Rows are packed into chunks of at most
     ``max_rows`` (which bound the (rows, K) assignment scratch) and handed to the
     encoder's ``_add``; ``finish`` normalises and returns the vectors.
 
@@ -136,11 +136,12 @@ def split_tasks(segments, n_threads=None):
 
 
 def add_tasks(target, tasks, values):
-    """target[image] += sum of the values of that image's tasks (tasks of an image are
-    consecutive, see :func:`split_tasks`)."""
+    """target[image] += sum of the values of that image's tasks. Consecutive tasks of an
+    image are summed first; an image may come back later in the chunk (the pieces of an
+    image, each cut into pyramid cells), hence the unbuffered ``np.add.at``."""
     images = tasks[:, 0]
     starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
-    target[images[starts]] += np.add.reduceat(values, starts, axis=0).astype(target.dtype, copy=False)
+    np.add.at(target, images[starts], np.add.reduceat(values, starts, axis=0).astype(target.dtype, copy=False))
 
 
 def _pack(parts, dtype):
