@@ -173,12 +173,16 @@ def iter_batches(extractor, images, *, max_memory, max_images=64, encoder=None,
         One entry per image of a batch, in input order. ``pieces`` is an iterable of
         :class:`~vladkit.LocalFeatures` of that image: one whole piece, or for an image
         larger than the budget a lazy sequence of pieces, to be consumed in order before
-        the next batch is asked for.
+        the next batch is asked for. Drop your references to a batch before asking for
+        the next one, or two batches will be in memory at once.
     """
     images = list(images)
     for batch in plan_batches(images, extractor, max_memory, max_images, encoder):
         if batch.piece_bytes is None and len(batch.indices) > 1:
-            yield _extract_batch(extractor, images, batch.indices, on_unreadable)
+            results = _extract_batch(extractor, images, batch.indices, on_unreadable)
+            if results:  # (empty if every image of it was unreadable)
+                yield results
+            del results  # not alive while the next batch is extracted
             continue
         index = batch.indices[0]
         try:
@@ -192,6 +196,7 @@ def iter_batches(extractor, images, *, max_memory, max_images=64, encoder=None,
             on_unreadable(index, error)
             continue
         yield [(index, pieces)]
+        del pieces  # not alive while the next batch is extracted
 
 
 def _extract_batch(extractor, images, indices, on_unreadable):

@@ -111,8 +111,9 @@ def _read_batches(extractor, paths, args, progress, skipped, encoder=None, first
     done = 0
     for batch in iter_batches(extractor, paths, max_memory=args.max_memory, max_images=args.batch_size,
                               encoder=encoder, on_unreadable=unreadable):
-        yield [(first + index, pieces) for index, pieces in batch]
-        end = batch[-1][0] + 1
+        end, batch = batch[-1][0] + 1, [(first + index, pieces) for index, pieces in batch]
+        yield batch
+        del batch  # not alive while the next batch is extracted
         progress.update(end - done)
         done = end
     progress.update(len(paths) - done)
@@ -149,6 +150,7 @@ def cmd_vocab_build(args):
         for batch in _read_batches(extractor, paths, args, bar, skipped):
             for index, pieces in batch:
                 sampler.keep(index, sample_features(sampler, index, pieces, extractor).descriptors)
+            del batch, pieces  # not alive while the next batch is extracted
     _report_skipped(skipped, len(paths), args.error_log)
     if len(skipped) == len(paths):
         raise CommandError(f"none of the {len(paths)} images could be read")

@@ -90,10 +90,10 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
         sampler = DescriptorSampler(len(images), self.max_descriptors, self.max_per_image, seed)
         kept = []
         for batch in self._batches(images):
-            for index, pieces in batch:
-                # Keep the sampled descriptors with their positions (a spatial pyramid's
-                # encoder is fitted on descriptors only, but stays given LocalFeatures).
-                kept.append(sample_features(sampler, index, pieces, self.extractor_))
+            # Keep the sampled descriptors with their positions (a spatial pyramid's
+            # encoder is fitted on descriptors only, but stays given LocalFeatures).
+            kept.extend(sample_features(sampler, index, pieces, self.extractor_) for index, pieces in batch)
+            del batch  # not alive while the next batch is extracted
         self.encoder_ = clone(self.encoder).fit(kept)
         self.n_features_out_ = self.encoder_.n_features_out_
         return self
@@ -131,12 +131,18 @@ def encode_batches(encoder, batches):
         The images' indices and their (len(indices), dim) float32 vectors, per batch.
     """
     for batch in batches:
-        with encoder._thread_limits():
-            accumulation = encoder._accumulate(len(batch))
-            for position, (_, pieces) in enumerate(batch):
-                for piece in pieces:
-                    accumulation.add(position, piece)
-            yield [index for index, _ in batch], accumulation.finish()
+        indices, vectors = [index for index, _ in batch], _encode_batch(encoder, batch)
+        del batch  # not alive while the next batch is extracted
+        yield indices, vectors
+
+
+def _encode_batch(encoder, batch):
+    with encoder._thread_limits():
+        accumulation = encoder._accumulate(len(batch))
+        for position, (_, pieces) in enumerate(batch):
+            for piece in pieces:
+                accumulation.add(position, piece)
+        return accumulation.finish()
 
 
 def sample_features(sampler, index, pieces, extractor):
