@@ -306,3 +306,37 @@ def test_resident_memory_follows_the_budget_not_the_image():
     assert whole["working"] > 1.5e9  # what the budget saves: the whole image's descriptors
     np.testing.assert_allclose(large_image["vector"], whole["vector"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(larger_budget["vector"], whole["vector"], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ command line
+
+
+def test_cli_budget_gives_the_same_vectors(tmp_path, low_floor):
+    from vladkit.cli import main
+    from vladkit.encodings import load_encodings
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a_large.png"), photo(6, 900, 1200))  # ~150k descriptors
+    for i in range(3):
+        cv2.imwrite(str(folder / f"b{i}.png"), textured_image(i, (120, 160)))
+    vocabulary, common = tmp_path / "words.npz", ["--step", "4", "--sizes", "4", "8", "--max-side", "0", "-q"]
+    assert main(["vocab", "build", str(folder), "-k", "8", "--root", *common, "-o", str(vocabulary)]) == 0
+    outputs = {}
+    for budget in ("150MB", "8GB"):
+        outputs[budget] = tmp_path / f"{budget}.npz"
+        assert main(["encode", str(folder), "--vocab", str(vocabulary), "--max-memory", budget, "-q",
+                     "-o", str(outputs[budget])]) == 0
+    bounded, unbounded = (load_encodings(outputs[b]) for b in ("150MB", "8GB"))
+    assert bounded.ids == unbounded.ids and len(bounded.ids) == 4
+    assert bounded.recipe.extractor_params["max_side"] is None  # as the vocabulary was built
+    np.testing.assert_allclose(bounded.vectors, unbounded.vectors, rtol=0, atol=1e-6)
+
+
+def test_cli_refuses_a_bad_budget(capsys):
+    from vladkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["encode", "folder", "--vocab", "v.npz", "-o", "o.npz", "--max-memory", "lots"])
+    assert exit_.value.code == 2
+    assert "--max-memory" in capsys.readouterr().err
