@@ -126,17 +126,14 @@ class VLADEncoder(BaseEncoder):
             add_tasks(residuals, tasks, task_residuals)
             add_tasks(mass, tasks, task_mass)
         else:
-            # Dense weights: two BLAS products per image, W^T X - (W^T 1) c, in float64:
-            # for a word its descriptors sit close to, the difference is small next to
-            # either term, and float32 would leave mostly round-off (which intra-
-            # normalisation would then scale up to a whole block).
+            # Dense weights: two BLAS products per image, W^T X - (W^T 1) c, in float64.
             weights = softmax_weights(X, centers, self.alpha_, acc["centers_sqnorm"])
             centers64 = centers.astype(np.float64)
             for image, start, end in segments:
                 w = weights[start:end].astype(np.float64)
+                x = X[start:end].astype(np.float64)
                 image_mass = w.sum(axis=0)
-                block = w.T @ X[start:end].astype(np.float64) - image_mass[:, None] * centers64
-                residuals[image] += block.astype(residuals.dtype, copy=False)
+                residuals[image] += exact_soft_residuals(w, x, centers64, image_mass)
                 mass[image] += image_mass
 
     def _finish(self, acc, counts):
@@ -145,6 +142,28 @@ class VLADEncoder(BaseEncoder):
 
     def _feature_names(self):
         return self._word_dim_names("vlad")
+
+
+#: A word's BLAS residual is recomputed term by term when it is not this many times
+#: larger than the round-off bound of its two products (about 1e-8 relative precision).
+_CANCELLATION_MARGIN = 1e8
+
+
+def exact_soft_residuals(w, x, centers, mass):
+    """sum_i w_ik (x_i - c_k) for every word k, (K, D), float64.
+
+    Two BLAS products, W^T X - (W^T 1) c, except for the words where they cancel: when
+    descriptors sit on a word (or its weight is tiny next to its descriptors' size) the
+    difference drowns in round-off of order eps * sum_i w_ik |x_i|, which intra-
+    normalisation would scale up to a whole block. Those words (rare) are recomputed from
+    the residuals x_i - c_k themselves.
+    """
+    residuals = w.T @ x - mass[:, None] * centers
+    eps = np.finfo(np.float64).eps
+    bound = eps * (w.T @ np.abs(x).max(axis=1) + mass * np.abs(centers).max(axis=1)) * x.shape[1]
+    for k in np.flatnonzero(np.abs(residuals).max(axis=1) <= _CANCELLATION_MARGIN * bound):
+        residuals[k] = w[:, k] @ (x - centers[k])
+    return residuals
 
 
 def aggregate_residuals(residuals, mass, normalize_mass, power, intra_norm, l2):
