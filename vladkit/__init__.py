@@ -25,7 +25,7 @@ from .evaluation import (
     mean_average_precision,
     recall_at_k,
 )
-from .images import ImageReadError, list_images, read_image
+from .images import ImageReadError, list_images, read_image, read_size
 from .index import IndexFileError, PCAWhitening, VectorIndex
 from .vocabulary import (
     DescriptorSampler,
@@ -64,5 +64,6 @@ __all__ = [
     "__version__",
     "list_images",
     "read_image",
+    "read_size",
     "root_sift",
 ]

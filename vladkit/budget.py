@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from ._threads import effective_n_jobs
 from .images import ImageReadError, read_size
@@ -72,11 +72,6 @@ def parse_memory(value, name="max_memory"):
     return int(number)
 
 
-def format_memory(n_bytes):
-    """``1.2 GB``, ``640 MB``: sizes as people read them (powers of 1000)."""
-    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
-
-
 def encoder_memory(encoder):
     """``(fixed, per_image)`` bytes a fitted encoder needs while encoding a batch.
 
@@ -111,7 +106,7 @@ def plan_batches(images, extractor, max_memory, max_images, encoder=None) -> Ite
 
     Lazily: a folder of a million images starts at once, one header read per image. An
     image whose header cannot be read (or whose format the header reader does not know)
-    forms a batch of its own, planned when it is read (see :func:`iter_batches`).
+    forms a batch of its own and is extracted in pieces (a single piece if it is small).
     """
     fixed, per_image = encoder_memory(encoder)
     budget = max_memory - fixed
