@@ -203,6 +203,15 @@ def test_batches_follow_the_budget(tmp_path):
     assert read_size(path)[:2] == (3024, 4032)
 
 
+def test_sparse_sift_over_the_budget_is_a_warning():
+    # OpenCV's detector needs the whole image: it is extracted whole, with a warning.
+    image = photo(7, 2400, 3200)
+    with pytest.warns(ResourceWarning, match="cannot be split: set max_side"):
+        batches = list(plan_batches([image], SIFT(max_side=None), 300 * 10**6, 64))
+    assert [b.indices for b in batches] == [[0]]
+    assert list(plan_batches([image], SIFT(), 300 * 10**6, 64))[0].piece_bytes is None  # max_side=1024
+
+
 def test_unreadable_images_are_reported_and_left_out(tmp_path):
     paths = []
     for i in range(4):

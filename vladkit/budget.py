@@ -24,7 +24,9 @@ resident for numpy, OpenCV, scikit-learn, numba and faiss), and what the caller 
 from __future__ import annotations
 
 import math
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -129,6 +131,12 @@ def plan_batches(images, extractor, max_memory, max_images, encoder=None) -> Ite
             yield ImageBatch(current)
             current, outputs, scratch = [], 0, 0
         if output + image_scratch > budget:
+            if not extractor._splits:
+                warnings.warn(
+                    f"{_name(image)}: {type(extractor).__name__} of a {width} x {height} image needs "
+                    f"about {(output + image_scratch) / 1e9:.1f} GB at once, over the budget of "
+                    f"{max_memory / 1e9:.1f} GB, and cannot be split: set max_side (--max-side) "
+                    "to bound it", ResourceWarning, stacklevel=3)
             yield ImageBatch([index], piece_bytes=_piece_bytes(budget - per_image, height * width, n_threads))
             continue
         current.append(index)
@@ -136,6 +144,10 @@ def plan_batches(images, extractor, max_memory, max_images, encoder=None) -> Ite
         scratch = max(scratch, image_scratch)
     if current:
         yield ImageBatch(current)
+
+
+def _name(image):
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"<{type(image).__name__}>"
 
 
 def _piece_bytes(budget, pixels, n_threads):

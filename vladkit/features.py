@@ -155,6 +155,9 @@ class _Extractor(TransformerMixin, BaseEstimator):
         return self
 
     _descriptor_dim = DESCRIPTOR_DIM
+    #: Whether :meth:`extract_pieces` can bound its pieces (dense SIFT) or gives the
+    #: whole image at once (OpenCV's sparse SIFT).
+    _splits = True
 
     def transform(self, X):
         """Extract the local features of each image.
@@ -344,6 +347,8 @@ class SIFT(_Extractor):
             value = getattr(self, name)
             if not np.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+    _splits = False
 
     def memory_estimate(self, height, width, decoded_pixels=None):
         # OpenCV doubles the image, then keeps n_octave_layers + 3 Gaussian and
