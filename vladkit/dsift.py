@@ -81,9 +81,10 @@ def _window_weights(size):
     return weights.astype(np.float32)
 
 
-#: Bytes of scratch per pixel of a band: the float image, its smoothed copy, the
-#: orientation planes, the pooled planes and OpenCV's intermediate row buffer.
-SCRATCH_BYTES_PER_PIXEL = 4 + 4 + 3 * 4 * N_ORIENTATIONS
+#: Bytes of scratch per pixel of a band at its peak: the orientation planes and the
+#: pooled planes (float32, 8 each), and the smoothed strip (the float strip is freed
+#: once smoothed, the planes once pooled; OpenCV filters with a ring of a few rows).
+SCRATCH_BYTES_PER_PIXEL = 2 * 4 * N_ORIENTATIONS + 2 * 4
 #: Bytes per descriptor handed out: 128 float32 values, the contrast, the centre and
 #: the bin size (and the float64 centres they are computed from).
 BYTES_PER_DESCRIPTOR = 4 * DESCRIPTOR_DIM + 4 + 8 + 4 + 16
@@ -198,7 +199,7 @@ def dense_sift(image, *, step=4, sizes=(4, 6, 8, 10), smooth=True, max_bytes=DEF
     """Dense SIFT descriptors of a grey image (see the module docstring for the algorithm).
 
     The image is processed one bin size at a time, in horizontal bands whose scratch
-    (smoothed strip, orientation and pooled planes: ~104 bytes per pixel) fits in
+    (smoothed strip, orientation and pooled planes: ~72 bytes per pixel) fits in
     ``max_bytes``; the descriptors are written straight into the output, so the working
     memory beyond the output is one band per thread, whatever the image size.
 
