@@ -255,11 +255,12 @@ def test_image_encoder_under_a_small_budget_equals_unbounded(encoder, low_floor)
                                rtol=0, atol=1e-6)
 
 
-def test_encoder_memory_counts_pyramid_cells():
-    features = [np.random.default_rng(0).random((500, 16), dtype=np.float32)]
+def test_encoder_memory_counts_pyramid_cells(features):
     plain = VLADEncoder(8, random_state=0).fit(features)
+    pyramid = SpatialPyramid(VLADEncoder(8, random_state=0)).fit(features)
     fixed, per_image = encoder_memory(plain)
-    assert per_image >= 8 * plain.n_features_out_ and fixed > 0
+    assert per_image >= 8 * plain.n_features_out_  # the float64 sums at least
+    assert encoder_memory(pyramid) == (fixed, 8 * per_image)  # 8 cells, one chunk
     assert encoder_memory(None) == (0, 0)
 
 
