@@ -80,7 +80,7 @@ class LocalFeatures:
 DENSE_MAX_SIDE = 640
 #: Default ``max_side`` of :class:`SIFT`: 1024 x 768, the resolution of the INRIA Holidays
 #: retrieval experiments (Jegou et al. 2008); OpenCV's scale space of a full 12-megapixel
-#: photo takes ~3 GB and 3.5 s.
+#: photo takes ~3 GB.
 SIFT_MAX_SIDE = 1024
 
 
@@ -306,8 +306,8 @@ class SIFT(_Extractor):
     max_side : int or None, default=1024
         Downscale images whose long side is larger (see :func:`vladkit.images.read_image`;
         JPEGs are decoded directly at a reduced size). OpenCV's scale space costs ~240
-        bytes per pixel: 3 GB and 3.5 s for a 12-megapixel photo, 190 MB and 0.3 s at
-        1024 x 768. None keeps full resolution.
+        bytes per pixel: ~3 GB for a 12-megapixel photo, ~0.2 GB at 1024 x 768. None
+        keeps full resolution.
     max_pixels : int or None
         Passed to :func:`vladkit.images.read_image`.
     on_error : {"raise", "skip"}, default="raise"
@@ -357,8 +357,8 @@ class SIFT(_Extractor):
         pixels = height * width
         layers = 2 * int(self.n_octave_layers) + 5
         scratch = int(4 * pixels * 4 * layers * 4 / 3) + _read_bytes(pixels, decoded_pixels)
-        # Keypoints: typically under one per 100 pixels; 128 float32 + position + scale,
-        # plus OpenCV's KeyPoint objects while converting (~100 bytes each).
+        # Keypoints: one per 80-130 pixels on phone photos, counted as one per 50; each
+        # 128 float32 + position + scale, plus OpenCV's KeyPoint object (~100 bytes).
         output = (pixels // 50 + 1) * (4 * DESCRIPTOR_DIM + 12 + 100)
         return output, scratch
 
