@@ -145,15 +145,16 @@ def test_memory_estimate_covers_the_output(big):
 # ------------------------------------------------------------- encoders, piece by piece
 
 
+_SAMPLE = dict(max_descriptors=5_000, random_state=0)  # vocabularies fitted quickly
 ENCODERS = {
-    "bof": BoFEncoder(20, random_state=0),
-    "bof-soft": BoFEncoder(20, assignment="soft", random_state=0),
-    "vlad": VLADEncoder(8, random_state=0),
-    "vlad-knn": VLADEncoder(8, assignment="knn", random_state=0),
-    "vlad-soft-mass": VLADEncoder(8, assignment="soft", normalize_mass=True, random_state=0),
-    "fisher": FisherEncoder(6, random_state=0),
-    "fisher-weights": FisherEncoder(6, include_weights=True, improved=False, power=None, random_state=0),
-    "pyramid": SpatialPyramid(FisherEncoder(6, random_state=0)),
+    "bof": BoFEncoder(20, **_SAMPLE),
+    "bof-soft": BoFEncoder(20, assignment="soft", **_SAMPLE),
+    "vlad": VLADEncoder(8, **_SAMPLE),
+    "vlad-knn": VLADEncoder(8, assignment="knn", **_SAMPLE),
+    "vlad-soft-mass": VLADEncoder(8, assignment="soft", normalize_mass=True, **_SAMPLE),
+    "fisher": FisherEncoder(6, **_SAMPLE),
+    "fisher-weights": FisherEncoder(6, include_weights=True, improved=False, power=None, **_SAMPLE),
+    "pyramid": SpatialPyramid(FisherEncoder(6, **_SAMPLE)),
 }
 
 
@@ -256,8 +257,8 @@ def test_image_encoder_under_a_small_budget_equals_unbounded(encoder, low_floor)
 
 
 def test_encoder_memory_counts_pyramid_cells(features):
-    plain = VLADEncoder(8, random_state=0).fit(features)
-    pyramid = SpatialPyramid(VLADEncoder(8, random_state=0)).fit(features)
+    plain = VLADEncoder(8, **_SAMPLE).fit(features)
+    pyramid = SpatialPyramid(VLADEncoder(8, **_SAMPLE)).fit(features)
     fixed, per_image = encoder_memory(plain)
     assert per_image >= 8 * plain.n_features_out_  # the float64 sums at least
     assert encoder_memory(pyramid) == (fixed, 8 * per_image)  # 8 cells, one chunk
@@ -267,12 +268,16 @@ def test_encoder_memory_counts_pyramid_cells(features):
 # ------------------------------------------------------ resident memory, fresh process
 
 _MEASURE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import numpy as np
     import vladkit
     from vladkit import DenseSIFT, FisherEncoder, ImageEncoder
     sys.path.insert(0, {tests!r})
     from test_budget import photo
+
+    def status(field):
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field))
 
     height, width, budget = {height}, {width}, {budget!r}
     train = [photo(9, 400, 500)]
@@ -280,9 +285,11 @@ _MEASURE = textwrap.dedent("""
                          max_memory=budget, random_state=0).fit(train)
     model.transform(train)  # compiled, warm
     image = photo(5, height, width)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # the peak (VmHWM) starts again from the current resident size
+    before = status("VmRSS:")
     vector = model.transform([image])[0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM:")
     print(json.dumps({{"working": peak - before, "before": before, "vector": vector.tolist()}}))
 """)
 
@@ -297,6 +304,7 @@ def _resident(height, width, budget):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
 def test_resident_memory_follows_the_budget_not_the_image():
     """Dense SIFT at full resolution: a 12-megapixel image is ~3 million descriptors (1.6 GB
     with positions); under a 300 MB budget the growth of the peak resident memory stays
