@@ -28,10 +28,12 @@ console script):
 * One synthetic 50-megapixel panorama (10000 x 5000 JPEG, seed 1000) through rows 1, 3
   and 5: with the defaults (long side downscaled to 640), then at full resolution
   (``--max-side 0``, ``DenseSIFT(max_side=None)``: ~12 million dense descriptors, 6 GB
-  of float32, which no budget holds: the image is extracted and encoded in pieces) with
+  of float32, which neither budget holds: the image is extracted and encoded in pieces) with
   the default 1 GB budget and with 300 MB. The full-resolution rows take minutes each.
 
-``--quick`` (a few minutes): 6 photos, and the panorama with the defaults only.
+The whole run takes about 50 minutes on 2 cores (most of it fitting the Fisher GMMs and
+the full-resolution panorama under 300 MB); ``--quick`` (5-15 minutes): 6 photos, and the
+panorama with the defaults only.
 
 The photos are generated once into --photos (and the panorama into --pano, default the
 same folder) and reused: an existing file is not rewritten (phone_photos.py names files
@@ -362,27 +364,29 @@ def table_line(number, row, result):
             pass
     group = {"photos": "photos", "pano": "panorama", "pano-full": "panorama"}.get(row.get("group"), "")
     what = f"{row['what']}, {group}" if group else row["what"]
+    notes.append(f"load {result['load']:.1f}")
     if result.get("code_changed"):
         notes.append(f"vladkit source {result['code'][1]}")
-    rate = f"{row['n'] / result['wall_s']:.2f}" if row["n"] and rc == 0 else "-"
+    rate = f"{row['n'] / result['wall_s']:.3g}" if row["n"] and rc == 0 else "-"
     return (f"| {number} | {what} | {row['n'] or '-'} | {row['budget']} | {row['max_side']} | "
             f"{result['peak_mb']:,.0f} | {result['wall_s']:.1f} | {rate} | {'; '.join(notes)} |")
 
 
 def markdown(machine, setup, rows, results, out_dir, finished, total_s):
-    versions = []
+    versions = {}  # source hash -> the git state it was first seen at
     for result in results:
-        if result["code"] not in versions:
-            versions.append(result["code"])
+        versions.setdefault(result["code"][1], result["code"][0])
     for result in results:
         result["code_changed"] = len(versions) > 1
-    code = ", then ".join(f"{label} (source {fingerprint})" for label, fingerprint in versions)
+    code = ", then ".join(f"{label} (source {fingerprint})" for fingerprint, label in versions.items())
     lines = ["# Streaming paths on phone photos: peak memory and speed under budgets", "",
              "Made by `benchmarks/bench_photos.py` (see its docstring). " + setup, "",
-             f"Machine: {machine}.", "", f"vladkit: {code}."]
+             f"Machine: {machine}. Notes give the 1-minute load average at the end of each row: "
+             "above the core count, other processes shared the CPU and times are longer "
+             "(peak memory is not affected).", "", f"vladkit: {code}."]
     if len(versions) > 1:
         lines += ["", "**The vladkit source changed during the run**: each row's notes name the "
-                      "source it ran (a hash of vladkit/*.py); rows of different sources are not "
+                      "source it ran (a hash of vladkit/*.py); rows of different sources may not be "
                       "comparable."]
     lines += ["", HEADER]
     lines += [table_line(i, row, result) for i, (row, result) in enumerate(zip(rows, results))]
@@ -456,6 +460,7 @@ def main(argv=None):
             version = code_version()
             result = run(row["argv"], out_dir, str(number))
             result["code"] = version
+            result["load"] = os.getloadavg()[0]
             results.append(result)
             print(f"    exit {result['rc']}, peak {result['peak_mb']:,.0f} MB, {result['wall_s']:.1f} s, "
                   f"{load_average()}; vladkit {version[0]} (source {version[1]})", flush=True)

@@ -73,13 +73,17 @@ def _elapsed(description, enabled):
         while not done.wait(0.5):
             bar.refresh()
 
+    # Redrawn twice a second on a terminal; in a log file that would be a line every
+    # 0.5 s, so there the bar is written once, when the step ends.
     thread = threading.Thread(target=tick, daemon=True)
-    thread.start()
+    if enabled and sys.stderr.isatty():
+        thread.start()
     try:
         yield
     finally:
         done.set()
-        thread.join()
+        if thread.is_alive():
+            thread.join()
         bar.close()
 
 
