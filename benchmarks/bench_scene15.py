@@ -14,7 +14,7 @@ PHOW smoothing) and is run with and without a spatial pyramid (1x1 + 2x2 + 1x3):
 ``FisherEncoder``'s default ``pca="auto"`` reduces them to 64 first (the "FV K=64 PCA-64"
 row is what ``FisherEncoder(64)`` does untuned).
 
-Memory stays bounded whatever the number of images (see DESIGN.md, "Memory model"): one
+Memory stays bounded whatever the number of images (see ARCHITECTURE.md, "Memory model"): one
 pass over the training images samples descriptors for the vocabularies; a second pass
 extracts each image once and encodes it with every variant, appending the vectors batch by
 batch to float16 files in a scratch folder (``--scratch``, default a temporary folder,

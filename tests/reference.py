@@ -1,5 +1,5 @@
 """Slow, obvious numpy implementations of the encodings, written from the formulas
-(DESIGN.md and VLFeat's documentation), in float64, one image at a time."""
+(ARCHITECTURE.md, "Formulas", and VLFeat's documentation), in float64, one image at a time."""
 
 import numpy as np
 

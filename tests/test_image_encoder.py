@@ -43,6 +43,60 @@ def test_fit_sample_is_bounded_and_reproducible(images):
     assert a.encoder_.vocabulary_.n_training_descriptors_ <= 11 * 46  # ceil(500 / 11) per image
 
 
+class _CountingDenseSIFT(DenseSIFT):
+    """DenseSIFT recording how many images it extracts (the passes over the dataset)."""
+
+    extracted = []
+
+    def transform(self, X):
+        X = list(X)
+        self.extracted.append(len(X))
+        return super().transform(X)
+
+
+def _reference_idf(vocabulary, features):
+    """Smoothed idf of the words over whole images: df_k = images with a descriptor whose
+    nearest word (float64, plain numpy) is k."""
+    centers = vocabulary.centers_.astype(np.float64)
+    df = np.zeros(len(centers))
+    for item in features:
+        X = vocabulary.project(item.descriptors).astype(np.float64)
+        nearest = ((X[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+        df[np.unique(nearest)] += 1
+    return np.log((1 + len(features)) / (1 + df)) + 1
+
+
+@pytest.mark.parametrize("pyramid", [False, True], ids=["bof", "pyramid"])
+def test_tf_idf_is_learnt_from_whole_images(images, pyramid):
+    # The encoder is fitted on ~10 descriptors per image (of ~100): the idf must still
+    # be that of the whole images, as BoFEncoder.fit on all their descriptors gives.
+    wrap = (lambda e: SpatialPyramid(e, levels=((1, 1), (2, 2)))) if pyramid else (lambda e: e)
+    inner = lambda model: model.encoder_.encoder_ if pyramid else model.encoder_
+    extractor = _CountingDenseSIFT(step=8, sizes=(4, 8))
+    _CountingDenseSIFT.extracted.clear()
+    model = ImageEncoder(extractor, wrap(BoFEncoder(40, tf_idf=True, random_state=0)), batch_size=4,
+                         max_descriptors=110, random_state=0).fit(images)
+    passes = sum(_CountingDenseSIFT.extracted) / len(images)
+    features = DenseSIFT(step=8, sizes=(4, 8)).transform(images)
+    vocabulary = inner(model).vocabulary_
+    assert vocabulary.n_training_descriptors_ <= 110 < sum(len(f.descriptors) for f in features) / 5
+    idf = _reference_idf(vocabulary, features)
+    assert len(np.unique(idf)) > 2  # rare and common words: a test that can fail
+    np.testing.assert_allclose(inner(model).idf_, idf, rtol=1e-12)
+    whole = BoFEncoder(vocabulary=vocabulary, tf_idf=True).fit(features)
+    np.testing.assert_array_equal(inner(model).idf_, whole.idf_)
+    assert passes == 2  # the sample's pass, then the counting's
+
+    # A trained vocabulary and hard assignment: counted in the single pass, same idf.
+    _CountingDenseSIFT.extracted.clear()
+    given = ImageEncoder(extractor, wrap(BoFEncoder(vocabulary=vocabulary, tf_idf=True)), batch_size=4,
+                         max_descriptors=110, random_state=0).fit(images)
+    assert sum(_CountingDenseSIFT.extracted) == len(images)
+    np.testing.assert_array_equal(inner(given).vocabulary_.centers_, vocabulary.centers_)
+    np.testing.assert_array_equal(inner(given).idf_, idf)
+    np.testing.assert_array_equal(given.transform(images), model.transform(images))
+
+
 def _manual_pyramid(encoder, features, levels):
     h, w = features.image_shape
     blocks = []

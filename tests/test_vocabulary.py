@@ -302,3 +302,61 @@ def test_file_is_plain_npz(saved):
 def test_clone_keeps_parameters():
     vocab = GMMVocabulary(12, pca=64, covariance_floor=1e-3, random_state=5)
     assert clone(vocab).get_params() == vocab.get_params()
+
+
+# -------------------------------------------- clones and set_params of a fitted vocabulary
+
+
+@pytest.mark.parametrize("make", [
+    lambda: KMeansVocabulary(8, random_state=0, pca=12, descriptor_type="blobs"),
+    lambda: GMMVocabulary(4, random_state=0),
+], ids=["kmeans-pca", "gmm"])
+def test_clone_of_a_fitted_vocabulary_is_an_independent_fitted_copy(make, tmp_path):
+    import pickle
+
+    X = blobs(2000)
+    vocab = make().fit(per_image(X))
+    copy = clone(vocab)
+    # Issue 12, finding 7: clone returned the vocabulary itself, so the clone's parameters
+    # were the user's.
+    assert copy is not vocab and type(copy) is type(vocab)
+    assert copy.get_params() == vocab.get_params()
+    for name in vocab._word_arrays + ("pca_components_", "pca_mean_"):
+        ours, theirs = getattr(copy, name), getattr(vocab, name)
+        if theirs is None:
+            assert ours is None
+        else:
+            np.testing.assert_array_equal(ours, theirs)
+            assert not np.shares_memory(ours, theirs)
+    np.testing.assert_array_equal(copy.predict(X[:300]), vocab.predict(X[:300]))
+    # A setting that does not shape the words is allowed on the clone, not seen by the original.
+    copy.set_params(descriptor_type="DenseSIFT(root=True)", n_jobs=1)
+    assert vocab.descriptor_type == make().descriptor_type and vocab.n_jobs is None
+    copy.save(tmp_path / "copy.npz")
+    assert load_vocabulary(tmp_path / "copy.npz").descriptor_type == "DenseSIFT(root=True)"
+    restored = pickle.loads(pickle.dumps(copy))
+    np.testing.assert_array_equal(restored.predict(X[:300]), vocab.predict(X[:300]))
+    # An unfitted vocabulary still clones unfitted.
+    assert not hasattr(clone(make()), "descriptor_dim_")
+
+
+def test_set_params_refuses_to_change_the_training_of_a_fitted_vocabulary(tmp_path):
+    sets = per_image(blobs(2000))
+    vocab = KMeansVocabulary(8, random_state=0).fit(sets)
+    centers = vocab.centers_.copy()
+    for name, value in [("n_clusters", 32), ("pca", 4), ("random_state", 1), ("max_iter", 5)]:
+        with pytest.raises(ValueError, match=rf"cannot set {name}={value!r} on this fitted "
+                                             r"KMeansVocabulary.*pass an unfitted KMeansVocabulary"):
+            vocab.set_params(**{name: value})
+    with pytest.raises(ValueError, match="n_components=16 on this fitted GMMVocabulary"):
+        GMMVocabulary(2, random_state=0).fit(sets).set_params(n_components=16)
+    # Nothing changed: the words and their description agree, in memory and in the file.
+    assert vocab.n_clusters == 8 and vocab.pca is None and vocab.random_state == 0
+    np.testing.assert_array_equal(vocab.centers_, centers)
+    vocab.save(tmp_path / "v.npz")
+    assert load_vocabulary(tmp_path / "v.npz").metadata_["params"]["n_clusters"] == 8
+    # The current value, or a setting that does not shape the words, is fine.
+    vocab.set_params(n_clusters=np.int64(8), random_state=0, n_jobs=2, descriptor_type="SIFT")
+    assert vocab.n_jobs == 2 and vocab.descriptor_type == "SIFT"
+    # An unfitted vocabulary takes any parameter.
+    assert KMeansVocabulary(8).set_params(n_clusters=32).n_clusters == 32

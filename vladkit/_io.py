@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import tempfile
 import zipfile
 
@@ -31,6 +33,22 @@ def atomic_output(path, mode="wb"):
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+# Lone surrogates: what os.fsdecode makes of file-name bytes that are not UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_dumps(value, **options):
+    """JSON text that is always valid UTF-8, for logs and listings of file names.
+
+    Non-ASCII characters are kept as they are (readable), but a file name whose bytes are
+    not UTF-8 (``bad_\\xff.jpg`` becomes the lone surrogate ``'\\udcff'`` in Python) is
+    written with ``\\udcff`` escapes: ``json.loads`` gives back the same string, and
+    ``os.fsencode`` of it the original bytes.
+    """
+    text = json.dumps(value, ensure_ascii=False, **options)
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def write_npz_atomically(path, arrays):

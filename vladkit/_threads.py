@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import os
-from collections import deque
+import threading
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numba
+
+try:
+    # Recent threadpoolctl keeps its scan of the loaded libraries (~10 ms a block
+    # otherwise) until a module is imported: limiting costs ~0.2 ms.
+    from threadpoolctl import get_cached_controller as _controller
+except ImportError:  # pragma: no cover - older threadpoolctl: a scan per block
+    from threadpoolctl import ThreadpoolController as _controller
+try:
+    from threadpoolctl import OpenBLASController
+
+    _release_openblas = OpenBLASController.clear_controlling_thread
+    # The same threadpoolctl release limits an OpenBLAS built on OpenMP through
+    # omp_set_num_threads (the calling thread's), no longer openblas_set_num_threads.
+    _OPENBLAS_OPENMP_PER_THREAD = True
+except (ImportError, AttributeError):  # pragma: no cover - older threadpoolctl: any thread sets it
+    def _release_openblas():
+        pass
+
+    _OPENBLAS_OPENMP_PER_THREAD = False
 
 
 def effective_n_jobs(n_jobs):
@@ -18,8 +38,104 @@ def effective_n_jobs(n_jobs):
 
 
 @contextmanager
+def limit_threads(n_jobs):
+    """BLAS, OpenMP and numba threads bounded to ``n_jobs`` inside the block (``None``: as
+    they are, at no cost). Safe when several threads are inside such blocks at once.
+
+    The three kinds of limit differ in scope, so they are set differently:
+
+    * numba's ``set_num_threads`` and OpenMP's ``omp_set_num_threads`` (libgomp, libomp;
+      also how recent threadpoolctl limits an OpenBLAS built on OpenMP) set a value of
+      the *calling thread*: each block sets and restores its own thread's;
+    * other BLAS libraries, such as OpenBLAS built on pthreads, have one process-wide
+      thread pool and limit: a block that saved the limit on entry and restored it on
+      exit would, overlapping with a block of another thread, save the other's limit and
+      restore it last, leaving BLAS capped for the rest of the process. So the limit is shared
+      (:class:`_SharedBlasLimit`): the first block to enter saves the original limits, the
+      last to leave restores them, and meanwhile the limit is the smallest ``n_jobs`` of
+      the blocks inside (each asked for at most that many threads).
+    """
+    n = effective_n_jobs(n_jobs)
+    if n is None:
+        yield
+        return
+    controller = _controller()
+    per_thread = [lib.filepath for lib in controller.lib_controllers if _per_thread(lib)]
+    shared = [lib.filepath for lib in controller.lib_controllers if not _per_thread(lib)]
+    with controller.select(filepath=per_thread).limit(limits=n):
+        _SHARED_BLAS_LIMIT.acquire(n, controller.select(filepath=shared))
+        try:
+            with numba_threads(n_jobs):
+                yield
+        finally:
+            _SHARED_BLAS_LIMIT.release(n)
+
+
+def _per_thread(lib):
+    """Whether threadpoolctl limits library ``lib`` for the calling thread only."""
+    if lib.user_api == "openmp":
+        return True
+    return (_OPENBLAS_OPENMP_PER_THREAD and lib.internal_api == "openblas"
+            and getattr(lib, "threading_layer", None) == "openmp")
+
+
+class _SharedBlasLimit:
+    """The process-wide BLAS thread limit, shared by the :func:`limit_threads` blocks of
+    all threads: a count of the blocks inside per ``n_jobs``, under a lock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._inside = Counter()  # limit -> blocks inside that asked for it
+        self._blas = None  # the BLAS libraries' controller while a block is inside
+        self._original = None  # the limiter remembering the limits before the first block
+        self._current = None
+
+    def acquire(self, n, controller):
+        """Enter a block limiting BLAS to ``n`` threads (``controller``: a
+        ``threadpoolctl.ThreadpoolController`` of the process-wide BLAS libraries)."""
+        with self._lock:
+            try:
+                if not self._inside:
+                    self._blas = controller
+                    self._original = self._blas.limit(limits=n)
+                    self._current = n
+                elif n < self._current:
+                    self._blas.limit(limits=n)
+                    self._current = n
+            finally:
+                # Recent threadpoolctl lets only the thread that last set a pthreads
+                # OpenBLAS's limit set it again until that thread lets go; the thread
+                # restoring the limit is often not the one that set it.
+                _release_openblas()
+            self._inside[n] += 1
+
+    def release(self, n):
+        """Leave a block entered with ``acquire(n, ...)``."""
+        with self._lock:
+            self._inside[n] -= 1
+            if not self._inside[n]:
+                del self._inside[n]
+            try:
+                if not self._inside:
+                    self._original.restore_original_limits()
+                    self._blas = self._original = self._current = None
+                elif min(self._inside) != self._current:
+                    self._current = min(self._inside)
+                    self._blas.limit(limits=self._current)
+            finally:
+                _release_openblas()
+
+
+_SHARED_BLAS_LIMIT = _SharedBlasLimit()
+
+
+@contextmanager
 def numba_threads(n_jobs):
-    """Run numba's parallel kernels on ``n_jobs`` threads inside the block."""
+    """Run numba's parallel kernels on ``n_jobs`` threads inside the block.
+
+    ``numba.set_num_threads`` sets the calling thread's own value (numba keeps it in a
+    thread-local variable of its threading layer), so blocks of concurrent threads do not
+    see each other's, and this save-and-restore is safe under concurrency."""
     n = effective_n_jobs(n_jobs)
     if n is None:
         yield

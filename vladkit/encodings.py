@@ -13,6 +13,7 @@ import ast
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from .encoders import BoFEncoder, FisherEncoder, SpatialPyramid, VLADEncoder
 from .features import SIFT, DenseSIFT
 from .vocabulary import GMMVocabulary, _jsonable, _Vocabulary, load_vocabulary
 
-__all__ = ["EncodedImages", "EncodingsFileError", "Recipe", "load_encodings"]
+__all__ = ["EncodedImages", "EncodingsFileError", "Recipe", "load_encodings", "locate_vocabulary"]
 
 FILE_FORMAT = "vladkit-encodings"
 FILE_FORMAT_VERSION = 1
@@ -92,8 +93,8 @@ class Recipe:
         else:
             path = vocabulary or self.vocabulary_path
             if not os.path.isfile(path):
-                raise EncodingsFileError(f"vocabulary file {path!r} not found (it was used to encode; "
-                                         "give its new place with --vocab)")
+                raise EncodingsFileError(f"vocabulary file {path!r} not found (it was used to encode: "
+                                         "pass its new place as vocabulary=)")
             vocab = load_vocabulary(path)
         extractor = EXTRACTORS[self.extractor](**self.extractor_params, n_jobs=n_jobs)
         encoder = ENCODERS[self.encoder](vocabulary=vocab, **self.encoder_params)
@@ -123,6 +124,53 @@ class Recipe:
                        data.get("pyramid"), data["vocabulary"]["path"], data["vocabulary"]["sha256"])
         except (KeyError, TypeError) as exc:
             raise EncodingsFileError(f"the recipe is incomplete or unknown ({exc})") from None
+
+
+def locate_vocabulary(recipe, encodings_path, given=None):
+    """The path of the vocabulary file that encoded the images of ``encodings_path``.
+
+    The file is recognised by its content, the SHA-256 the recipe records, not by its
+    name: ``given`` if it matches; else the recorded path; else, for a project folder that
+    was moved or copied, a vocabulary file beside the encodings file (same folder).
+
+    Raises
+    ------
+    EncodingsFileError
+        Naming what was tried, when no file has the recorded content.
+    """
+    sha256 = recipe.vocabulary_sha256
+    if given is not None:
+        if not os.path.isfile(given):
+            raise EncodingsFileError(f"vocabulary file {os.fspath(given)!r} not found")
+        if file_sha256(given) != sha256:
+            raise EncodingsFileError(
+                f"{os.fspath(given)!r} is not the vocabulary that encoded {os.fspath(encodings_path)!r} (its "
+                "SHA-256 differs from the recorded one): queries would not be encoded as the indexed images")
+        return os.fspath(given)
+    if os.path.isfile(recipe.vocabulary_path) and file_sha256(recipe.vocabulary_path) == sha256:
+        return recipe.vocabulary_path
+    folder = os.path.dirname(os.path.abspath(encodings_path))
+    for name in sorted(os.listdir(folder)):
+        candidate = os.path.join(folder, name)
+        if _looks_like_vocabulary(candidate) and file_sha256(candidate) == sha256:
+            return candidate
+    raise EncodingsFileError(
+        f"the vocabulary that encoded {os.fspath(encodings_path)!r} is missing or has changed since: not at "
+        f"its recorded place {recipe.vocabulary_path!r} nor beside the encodings; give the file it was "
+        "(same content) with --vocab FILE, or vocabulary= in Python")
+
+
+def _looks_like_vocabulary(path):
+    """A vladkit vocabulary .npz, judged from its member names (cheap: no hashing of
+    large encodings files that share the folder)."""
+    if not (path.endswith(".npz") and os.path.isfile(path)):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return "metadata.npy" in names and not names & {"vectors.npy", "ids.npy"}
 
 
 def _plain(value):

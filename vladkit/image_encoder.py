@@ -4,6 +4,7 @@ in memory as descriptors (dense SIFT on 15-Scene alone is ~18 GB of float32)."""
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
@@ -11,6 +12,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from .budget import DEFAULT_MAX_MEMORY, iter_batches, parse_memory
+from .encoders import BoFEncoder, SpatialPyramid
 from .features import LocalFeatures, _check_images, _empty_features
 from .vocabulary import DescriptorSampler
 
@@ -31,6 +33,17 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
     whatever the number and size of the images; the output matrix comes on top. The
     result equals ``encoder.transform(extractor.transform(images))`` up to float32
     rounding (the sums are added in another order; below 1e-6).
+
+    A :class:`BoFEncoder` with ``tf_idf`` (alone or in a :class:`SpatialPyramid`) learns
+    its idf weights from whole images, as ``BoFEncoder.fit`` on all the images'
+    descriptors does (in the sample, a few descriptors per image, most words would seem
+    rarer than they are): ``fit`` counts the words that occur in each whole image. When
+    the vocabulary is trained by ``fit``, this is a second pass over the images after the
+    sample's, extracting and assigning all their descriptors: it costs about as much as
+    ``transform`` on the training images (measured: 7 s on top of a 39 s fit, 60
+    images of 200 x 200 pixels, dense SIFT, 200 words). With a trained vocabulary (a
+    fitted object or a file) and hard assignment (or a given ``sigma``), the words are
+    counted in the sample's pass, at the cost of assigning the descriptors.
 
     ``make_pipeline(ImageEncoder(DenseSIFT(root=True), FisherEncoder(64)), LinearSVC())``
     is a classifier from image files.
@@ -88,13 +101,35 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
         self.extractor_ = clone(self.extractor)
         seed = check_random_state(self.random_state).randint(2**31 - 1)
         sampler = DescriptorSampler(len(images), self.max_descriptors, self.max_per_image, seed)
+        # tf-idf: the document frequencies of whole images, counted in this pass when the
+        # encoder can assign words before it is fitted on the sample, else in a second one.
+        frequencies = _DocumentFrequencies.before_fit(self.encoder, self.extractor_)
         kept = []
-        for batch in self._batches(images):
+        for batch in self._batches(images, None if frequencies is None else frequencies.encoder):
             # Keep the sampled descriptors with their positions (a spatial pyramid's
             # encoder is fitted on descriptors only, but stays given LocalFeatures).
-            kept.extend(sample_features(sampler, index, pieces, self.extractor_) for index, pieces in batch)
+            if frequencies is None:
+                kept.extend(sample_features(sampler, index, pieces, self.extractor_) for index, pieces in batch)
+            else:
+                with frequencies.counting(len(batch)) as accumulation:
+                    # An image's pieces can be read once: each is counted as it is sampled.
+                    kept.extend(sample_features(sampler, index, _adding(accumulation, position, pieces),
+                                                self.extractor_)
+                                for position, (index, pieces) in enumerate(batch))
             del batch  # not alive while the next batch is extracted
         self.encoder_ = clone(self.encoder).fit(kept)
+        del kept
+        bof = _tf_idf_encoder(self.encoder_)
+        if bof is not None:
+            if frequencies is None:
+                frequencies = _DocumentFrequencies(self.encoder_)
+                for batch in self._batches(images, self.encoder_):
+                    with frequencies.counting(len(batch)) as accumulation:
+                        for position, (_, pieces) in enumerate(batch):
+                            for piece in pieces:
+                                accumulation.add(position, piece)
+                    del batch  # not alive while the next batch is extracted
+            bof._set_idf(frequencies.counts, frequencies.n_images)
         self.n_features_out_ = self.encoder_.n_features_out_
         return self
 
@@ -134,6 +169,60 @@ def encode_batches(encoder, batches):
         indices, vectors = [index for index, _ in batch], _encode_batch(encoder, batch)
         del batch  # not alive while the next batch is extracted
         yield indices, vectors
+
+
+def _tf_idf_encoder(encoder):
+    """The BoFEncoder with ``tf_idf`` that is ``encoder`` or that a SpatialPyramid
+    ``encoder`` wraps (its fitted one if fitted, else its template), or None."""
+    if isinstance(encoder, SpatialPyramid):
+        encoder = getattr(encoder, "encoder_", encoder.encoder)
+    return encoder if isinstance(encoder, BoFEncoder) and encoder.tf_idf else None
+
+
+class _DocumentFrequencies:
+    """In how many images each word of a tf-idf BoFEncoder occurs, counted on whole
+    images streamed batch by batch (see :meth:`BoFEncoder._set_idf`).
+
+    Parameters
+    ----------
+    encoder : fitted BoFEncoder with tf_idf, or SpatialPyramid of one
+        Its words are assigned (a pyramid's encoder counts whole images, not cells: it
+        is fitted on whole images too).
+    """
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.bof = _tf_idf_encoder(encoder)
+        self.counts = np.zeros(self.bof.vocabulary_.n_words_, dtype=np.int64)
+        self.n_images = 0
+
+    @classmethod
+    def before_fit(cls, encoder, extractor):
+        """Counting for an unfitted ``encoder`` whose fit on the sample would not change
+        how words are assigned (:meth:`BoFEncoder._fits_without_sample`), or None."""
+        bof = _tf_idf_encoder(encoder)
+        if bof is None or not bof._fits_without_sample():
+            return None
+        # Fitted on no descriptors: the given vocabulary, nothing else to learn.
+        return cls(clone(encoder).fit([_empty_features(extractor._descriptor_dim, (0, 0))]))
+
+    @contextmanager
+    def counting(self, n_images):
+        """An Accumulation for a batch of ``n_images`` images (add their descriptors to
+        it, by position in the batch); counted when the block ends."""
+        with self.bof._thread_limits():
+            accumulation = self.bof._accumulate(n_images)
+            yield accumulation
+            self.counts += self.bof._document_frequency(accumulation)
+        self.n_images += n_images
+
+
+def _adding(accumulation, position, pieces):
+    """The pieces of an image, each added to ``accumulation`` as image ``position``
+    as it is read."""
+    for piece in pieces:
+        accumulation.add(position, piece)
+        yield piece
 
 
 def _encode_batch(encoder, batch):

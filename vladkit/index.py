@@ -40,7 +40,7 @@ from sklearn.decomposition import PCA
 from sklearn.utils.validation import check_is_fitted
 
 from . import __version__
-from ._io import write_npz_atomically
+from ._io import json_dumps, write_npz_atomically
 from .normalize import l2_normalize, power_normalize
 from .vocabulary import _check_positive_int, _jsonable
 
@@ -365,13 +365,9 @@ def _write_file(path, data):
 
 
 def _json_bytes(value):
-    """Pretty, sorted JSON in UTF-8; strings that UTF-8 cannot encode (lone surrogates, as
-    os.fsdecode makes of non-UTF-8 file names) make the whole file ASCII with escapes, which
-    still reads back exactly."""
-    try:
-        return (json.dumps(value, ensure_ascii=False, sort_keys=True, indent=1) + "\n").encode("utf-8")
-    except UnicodeEncodeError:
-        return (json.dumps(value, ensure_ascii=True, sort_keys=True, indent=1) + "\n").encode("ascii")
+    """Pretty, sorted JSON in UTF-8 (file names that are not UTF-8 as escapes, see
+    :func:`vladkit._io.json_dumps`)."""
+    return (json_dumps(value, sort_keys=True, indent=1) + "\n").encode("utf-8")
 
 
 def _read_json(folder, name):

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import warnings
+from copy import deepcopy
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -25,11 +26,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
 
 from . import __version__
 from ._io import write_npz_atomically
-from ._threads import effective_n_jobs
+from ._threads import limit_threads
 from .kernels import diagonal_gaussian_terms, log_posteriors, nearest_words, squared_distances
 
 __all__ = [
@@ -165,14 +165,97 @@ class _Vocabulary(BaseEstimator):
     _size_param = None
     _word_arrays = ()
 
+    #: Parameters that do not shape the trained words: ``n_jobs`` only bounds the training
+    #: threads and ``descriptor_type`` is free text saved in the file. They may be set on a
+    #: fitted vocabulary; every other parameter is a training parameter.
+    _untrained_params = ("n_jobs", "descriptor_type")
+
     def __sklearn_clone__(self):
         """A fitted vocabulary is a trained artifact, like its file: ``sklearn.clone``
-        (pipelines, grid searches, SpatialPyramid, ImageEncoder) returns it as is rather
-        than an unfitted copy, so an encoder given one keeps using it. An unfitted
-        vocabulary clones as usual."""
-        if hasattr(self, "descriptor_dim_"):
-            return self
-        return super().__sklearn_clone__()
+        (pipelines, grid searches, SpatialPyramid, ImageEncoder) gives a new vocabulary
+        with equal parameters and a copy of the fitted state, so an encoder given one
+        keeps using the same words. The copy shares nothing mutable with the original:
+        setting a parameter of the clone never changes the original. An unfitted
+        vocabulary clones as usual (unfitted)."""
+        copy = super().__sklearn_clone__()
+        if self._is_trained():
+            # Fitted attributes end with "_" (scikit-learn's convention, check_is_fitted's
+            # test). Deep copies rather than shared read-only views: the user may still
+            # write into their arrays, and a vocabulary (KB to MB) costs little to copy
+            # next to anything an encoder does with it.
+            for name, value in vars(self).items():
+                if name.endswith("_") and not name.startswith("__"):
+                    setattr(copy, name, deepcopy(value))
+        return copy
+
+    def _is_trained(self):
+        return hasattr(self, "descriptor_dim_")
+
+    def set_params(self, **params):
+        """Set parameters; on a fitted vocabulary, only those that do not shape the words.
+
+        A fitted vocabulary's words were trained with its current parameters, and an
+        encoder uses a fitted vocabulary as is (it does not retrain it). Changing a
+        training parameter (``n_clusters``, ``pca``, ``random_state``, ...) of a fitted
+        vocabulary would therefore change nothing but its description (and the metadata
+        ``save`` writes), so it is refused with a ``ValueError``; setting a parameter to
+        its current value, or ``n_jobs`` / ``descriptor_type``, is allowed. To train other
+        words, pass an unfitted vocabulary to the encoder, or set the parameter through
+        the encoder (``encoder.set_params(vocabulary__n_clusters=32)``, as a grid search
+        does), which replaces its vocabulary with an unfitted copy trained by ``fit``.
+
+        Parameters
+        ----------
+        **params : dict
+            Parameter names and values.
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        ValueError
+            A training parameter of a fitted vocabulary is changed (the message names it).
+        """
+        # Refusing rather than dropping the words: this object may be the user's, shared
+        # with other encoders or about to be saved; silently turning it back into an
+        # untrained template (or keeping words that contradict n_clusters) would surprise
+        # either way. Through an encoder (_with_params) a copy is retrained instead.
+        if self._is_trained():
+            current = self.get_params(deep=False)
+            for name, value in params.items():
+                if (name in current and name not in self._untrained_params
+                        and not _same_value(current[name], value)):
+                    raise ValueError(
+                        f"cannot set {name}={value!r} on this fitted {type(self).__name__}: its "
+                        f"{self.n_words_} words were trained with {name}={current[name]!r}, and a "
+                        "fitted vocabulary is used as is, not retrained. To train one with "
+                        f"{name}={value!r}, pass an unfitted {type(self).__name__}(...) to the "
+                        f"encoder, or set it through the encoder (vocabulary__{name}=...), "
+                        "which trains an unfitted copy in fit"
+                    )
+        return super().set_params(**params)
+
+    def _with_params(self, **params):
+        """A new vocabulary with ``params`` set; ``self`` is left as it is.
+
+        For an encoder's ``set_params(vocabulary__name=value)``: naming any training
+        parameter (even with its current value) gives an unfitted copy, which the
+        encoder's ``fit`` trains; only ``n_jobs`` / ``descriptor_type`` keep the words (a
+        fitted copy).
+        """
+        # Any training parameter named, even unchanged, means "train with these": so every
+        # candidate of GridSearchCV(..., {"...__vocabulary__n_clusters": [8, 32]}) is trained
+        # alike on its own training folds. Keeping the given words for the one value they
+        # happen to match would compare words trained on other data (perhaps the
+        # validation folds) with words trained per fold.
+        retrain = any(name not in self._untrained_params for name in params)
+        if retrain and self._is_trained():
+            copy = BaseEstimator.__sklearn_clone__(self)  # unfitted, equal parameters
+        else:
+            copy = self.__sklearn_clone__()
+        return copy.set_params(**params)
 
     # -- fitting --------------------------------------------------------------------
 
@@ -225,7 +308,7 @@ class _Vocabulary(BaseEstimator):
         self.descriptor_dim_ = sample.shape[1]
         self._fit_pca(sample, model_seed)
         projected = self.project(sample)
-        with threadpool_limits(limits=effective_n_jobs(self.n_jobs)):
+        with limit_threads(self.n_jobs):  # safe beside encoders running in other threads
             self._fit_words(projected, model_seed)
         self.n_training_descriptors_ = len(sample)
         return self
@@ -576,6 +659,17 @@ def _check_common(estimator):
         _check_positive_int(estimator, "max_per_image")
     if estimator.pca is not None:
         _check_positive_int(estimator, "pca")
+
+
+def _same_value(old, new):
+    """Whether a parameter value is unchanged (``8 == np.int64(8)``; a RandomState only
+    equals itself)."""
+    if old is new:
+        return True
+    try:
+        return bool(old == new)
+    except (TypeError, ValueError):  # e.g. arrays, whose == is elementwise
+        return False
 
 
 def _jsonable(params):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
 
 import numba
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
 
-from .._threads import effective_n_jobs, numba_threads
+from .._threads import limit_threads
 from ..vocabulary import _Vocabulary, load_vocabulary
 
 #: Rows (descriptors) per chunk: bounds the (rows, K) distance / posterior scratch.
@@ -208,6 +206,45 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         """The ``pca`` of the vocabulary ``fit`` trains (None: none)."""
         return getattr(self, "pca", None)
 
+    def set_params(self, **params):
+        """Set the parameters of this encoder, including its vocabulary's.
+
+        ``vocabulary__<name>`` parameters never modify the vocabulary object that was
+        given: the encoder takes a modified copy. Naming a training parameter of a fitted
+        vocabulary (``vocabulary__n_clusters=32``, even with its current value) makes the
+        copy unfitted, so ``fit`` trains it on its X with those parameters; ``n_jobs`` and
+        ``descriptor_type`` keep the trained words.
+
+        Parameters
+        ----------
+        **params : dict
+            Parameter names and values; ``vocabulary__<name>`` needs a vocabulary object.
+
+        Returns
+        -------
+        self
+        """
+        # Why retrain rather than refuse here (a fitted vocabulary alone refuses): a grid
+        # search over "encoder__vocabulary__n_clusters" asks for vocabularies of those sizes
+        # and the encoder's fit has the data to train them; the given object stays as it is.
+        prefix = "vocabulary__"
+        nested = {key[len(prefix):]: params.pop(key) for key in list(params) if key.startswith(prefix)}
+        vocabulary = params.get("vocabulary", self.vocabulary)
+        if nested and not isinstance(vocabulary, _Vocabulary):
+            name = next(iter(nested))
+            raise ValueError(
+                f"cannot set vocabulary__{name}: this {type(self).__name__}'s vocabulary is "
+                f"{vocabulary!r}, not a vocabulary object; with vocabulary=None set the "
+                f"encoder's own parameters (e.g. {self._size_param}), or pass an unfitted "
+                f"vocabulary={self._vocabulary_class.__name__}(...)"
+            )
+        if nested:
+            # A copy, not scikit-learn's in-place nested set_params: the vocabulary is often
+            # the user's trained one, shared with other encoders (and a grid search clones
+            # the encoder, so the copy is already its own there).
+            params["vocabulary"] = vocabulary._with_params(**nested)
+        return super().set_params(**params)
+
     def fit(self, X, y=None):
         """Resolve the vocabulary: train one on X (``vocabulary=None`` or an unfitted
         vocabulary object), load a file path, or take a fitted vocabulary object as is.
@@ -265,14 +302,10 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         """An :class:`Accumulation` of ``n_images`` images (given whole or in pieces)."""
         return Accumulation(self, n_images, dtype)
 
-    @contextmanager
     def _thread_limits(self):
-        """BLAS and numba threads bounded to ``n_jobs`` inside the block (when set)."""
-        # threadpool_limits costs ~10 ms (it scans the loaded libraries): only when asked.
-        n_jobs = effective_n_jobs(self.n_jobs)
-        limits = threadpool_limits(limits=n_jobs) if n_jobs is not None else nullcontext()
-        with limits, numba_threads(self.n_jobs):
-            yield
+        """BLAS, OpenMP and numba threads bounded to ``n_jobs`` inside the block (when
+        set; safe when several threads encode at once, see :func:`limit_threads`)."""
+        return limit_threads(self.n_jobs)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns, e.g. ``vlad_w3_d17`` (word 3, dimension 17)."""

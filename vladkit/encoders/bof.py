@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..kernels import histogram_sparse, knn_weights, nearest_words, squared_norms
@@ -28,7 +30,9 @@ class BoFEncoder(BaseEncoder):
     normalised to sum 1 per descriptor ("soft"; van Gemert et al. 2010). Then, in order:
 
     1. ``tf_idf``: h_k *= idf_k = ln((1 + n) / (1 + df_k)) + 1, with df_k the number of the n
-       training images in which word k occurs (scikit-learn's smoothed idf);
+       training images in which word k occurs (scikit-learn's smoothed idf), counted on
+       all of each image's descriptors (:class:`vladkit.ImageEncoder` counts them in a
+       streaming pass over the whole images, not on its descriptor sample);
     2. ``power``: h = h^power (0.5 then ``norm="l2"`` is the Hellinger / Bhattacharyya map);
     3. ``norm``: h / max(||h||, 1e-12) in L2 or L1.
 
@@ -85,17 +89,43 @@ class BoFEncoder(BaseEncoder):
             self.sigma_ = float(np.sqrt(mean_nearest_squared_distance(self.vocabulary_, sets)))
         self.idf_ = None
         if self.tf_idf:
-            counts = self._histograms(sets)
-            document_frequency = (counts > 0).sum(axis=0)
-            self.idf_ = np.log((1 + len(sets)) / (1 + document_frequency)) + 1
+            accumulation = Accumulation(self, len(sets), work_dtype(sets))
+            for image, descriptors in enumerate(sets):
+                accumulation.add(image, descriptors)
+            self._set_idf(self._document_frequency(accumulation), len(sets))
 
-    def _histograms(self, sets):
-        """Raw (n_images, K) float64 word counts (hard) or summed weights (soft)."""
-        accumulation = Accumulation(self, len(sets), work_dtype(sets))
-        for image, descriptors in enumerate(sets):
-            accumulation.add(image, descriptors)
+    def _document_frequency(self, accumulation):
+        """(K,) int64: in how many of the images of ``accumulation`` (an
+        :class:`Accumulation` of this encoder) each word occurs (hard) or has weight (soft).
+
+        Sums over batches of images give the document frequencies of a dataset streamed
+        batch by batch (see :meth:`_set_idf`).
+        """
         accumulation.flush()
-        return accumulation.sums["counts"]
+        return np.count_nonzero(accumulation.sums["counts"], axis=0)
+
+    def _set_idf(self, document_frequency, n_images):
+        """Set ``idf_`` from the number of images each word occurs in, out of ``n_images``.
+
+        ``fit`` counts them on its X; :class:`vladkit.ImageEncoder` on whole images streamed
+        under its memory budget (its encoder is fitted on a descriptor sample, on which
+        words are rarer). Same counts, same ``idf_``.
+        """
+        document_frequency = np.asarray(document_frequency)
+        if document_frequency.shape != (self.vocabulary_.n_words_,):
+            raise ValueError(f"document_frequency must have shape ({self.vocabulary_.n_words_},), "
+                             f"got {document_frequency.shape}")
+        if n_images < 1 or document_frequency.min() < 0 or document_frequency.max() > n_images:
+            raise ValueError(f"document frequencies must lie in [0, n_images={n_images}]")
+        self.idf_ = np.log((1 + n_images) / (1 + document_frequency)) + 1
+
+    def _fits_without_sample(self):
+        """Whether ``fit`` learns nothing from its X but ``idf_``: the vocabulary is given
+        trained (object or file) and ``sigma`` is not estimated. :class:`vladkit.ImageEncoder`
+        then counts the document frequencies in its single pass over the images."""
+        vocabulary = self.vocabulary
+        trained = isinstance(vocabulary, (str, os.PathLike)) or hasattr(vocabulary, "descriptor_dim_")
+        return trained and (self.assignment == "hard" or self.sigma is not None)
 
     def _start(self, n_images, dtype):
         centers = self.vocabulary_.centers_.astype(dtype)
