@@ -104,8 +104,9 @@ def _manual_pyramid(encoder, features, levels):
         for row in range(ny):
             for column in range(nx):
                 x, y = features.positions[:, 0], features.positions[:, 1]
-                inside = ((np.minimum((x * nx / w).astype(int), nx - 1) == column)
-                          & (np.minimum((y * ny / h).astype(int), ny - 1) == row))
+                # Cells cut on pixel edges: a centre x is in column floor((x + 0.5) n / w).
+                inside = ((np.minimum(np.floor((x + 0.5) * nx / w).astype(int), nx - 1) == column)
+                          & (np.minimum(np.floor((y + 0.5) * ny / h).astype(int), ny - 1) == row))
                 blocks.append(encoder.transform([features.descriptors[inside]])[0])
     return l2_normalize(np.concatenate(blocks)[None].astype(np.float64))[0]
 

@@ -105,6 +105,39 @@ def test_exif_orientation_with_reduced_jpeg_decode(tmp_path):
     assert out[:, -8:].mean() > 200 and out[:, :30].mean() < 60
 
 
+def _colour(h, w):
+    """RGB with three different planes (a horizontal ramp, a vertical ramp, a constant):
+    any swap of channels shows."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), np.full_like(xx, 40)], axis=2).astype(np.uint8)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_rgb_without_imread_color_rgb(tmp_path, monkeypatch, ext):
+    """OpenCV 4.8 to 4.10 (admitted until issue 12, finding 4) have no IMREAD_COLOR_RGB:
+    mode="rgb" ended in an AttributeError there. Reading must not depend on the flag."""
+    rgb = _colour(48, 64)
+    path = _write(tmp_path / f"colour{ext}", ext, np.ascontiguousarray(rgb[:, :, ::-1]))
+    decoded = cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1]  # what the file holds, as RGB
+    if ext == ".png":
+        np.testing.assert_array_equal(decoded, rgb)
+    monkeypatch.delattr(cv2, "IMREAD_COLOR_RGB", raising=False)
+    np.testing.assert_array_equal(read_image(path, mode="rgb"), decoded)
+    np.testing.assert_array_equal(read_image(path.read_bytes(), mode="rgb"), decoded)
+
+
+def test_rgb_with_reduced_jpeg_decode(tmp_path):
+    """A JPEG decoded at a reduced size (max_side) came out in OpenCV's BGR order."""
+    path = _write(tmp_path / "big.jpg", ".jpg", np.ascontiguousarray(_colour(320, 400)[:, :, ::-1]),
+                  [cv2.IMWRITE_JPEG_QUALITY, 95])
+    full = read_image(path, mode="rgb")
+    assert full[:, :, 2].mean() == pytest.approx(40, abs=2)  # blue: the constant plane
+    out = read_image(path, mode="rgb", max_side=100)  # decoded at 1/4 size
+    assert out.shape == (80, 100, 3)
+    expected = cv2.resize(full, (100, 80), interpolation=cv2.INTER_AREA)
+    assert np.abs(out.astype(int) - expected).mean() < 2
+
+
 @pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
 def test_truncated_jpeg_is_refused(tmp_path, make_textured, fraction):
     ok, buf = cv2.imencode(".jpg", make_textured(1, (300, 400)))

@@ -201,7 +201,8 @@ def descriptor_sets(draw, scaled=False, min_rows=0, max_rows=MAX_ROWS):
         if kinds[2, i]:
             X[i] = 0
     if grid:  # on the cell boundaries of every level (and on the far edges)
-        positions = rng.integers(0, 13, (n, 2)) * (IMAGE_SHAPE[0] / 12)
+        # (cells are cut on pixel edges, half a pixel before the centres' coordinates)
+        positions = rng.integers(0, 13, (n, 2)) * (IMAGE_SHAPE[0] / 12) - 0.5
     else:
         positions = rng.uniform(0, IMAGE_SHAPE[0], (n, 2))
     return DescriptorSet(X, positions.astype(np.float32))

@@ -113,6 +113,14 @@ def plan_batches(images, extractor, max_memory, max_images, encoder=None) -> Ite
     fixed, per_image = encoder_memory(encoder)
     budget = max_memory - fixed
     n_threads = effective_n_jobs(extractor.n_jobs) or 1
+    # Scratch held at once: the images of a batch are extracted one per thread, but a
+    # batch of one image puts every thread on it, and an extractor that splits (dense
+    # SIFT) then computes n_threads bands at once, each with an image's band scratch.
+    # Counted as n_threads for such extractors whatever the batch (at most the decoded
+    # image over-counted), as min(n_threads, images) for the others.
+    def concurrent(n_images):
+        return n_threads if extractor._splits else min(n_threads, n_images)
+
     current, outputs, scratch = [], 0, 0
     for index, image in enumerate(images):
         size = read_size(image, max_side=extractor.max_side)
@@ -126,11 +134,11 @@ def plan_batches(images, extractor, max_memory, max_images, encoder=None) -> Ite
         height, width, decoded = size
         output, image_scratch = extractor.memory_estimate(height, width, decoded)
         output += per_image
-        need = (outputs + output) + min(n_threads, len(current) + 1) * max(scratch, image_scratch)
+        need = (outputs + output) + concurrent(len(current) + 1) * max(scratch, image_scratch)
         if current and (len(current) >= max_images or need > budget):
             yield ImageBatch(current)
             current, outputs, scratch = [], 0, 0
-        if output + image_scratch > budget:
+        if output + concurrent(1) * image_scratch > budget:
             if not extractor._splits:
                 warnings.warn(
                     f"{_name(image)}: {type(extractor).__name__} of a {width} x {height} image needs "

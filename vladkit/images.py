@@ -45,6 +45,10 @@ IMAGE_EXTENSIONS = (
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 
 _MODES = ("gray", "rgb")
+# Colour is decoded in OpenCV's BGR order and converted (see _decode), at full and at
+# reduced size alike: the reduced-size flags have no RGB counterpart, and the result does
+# not depend on IMREAD_COLOR_RGB, which OpenCV only has from 4.11.
+_FLAGS = {"gray": cv2.IMREAD_GRAYSCALE, "rgb": cv2.IMREAD_COLOR}
 # Where OpenCV can decode a JPEG at 1/2, 1/4 or 1/8 of its size (exact DCT scaling,
 # much faster than a full decode followed by a resize).
 _REDUCED_FLAGS = {
@@ -211,10 +215,8 @@ def _decode(name, data, mode, max_pixels, max_side):
     if width > 0 and height > 0:
         _check_pixels(name, width, height, max_pixels)
     buf = np.frombuffer(data, dtype=np.uint8)
-    flags = cv2.IMREAD_GRAYSCALE if mode == "gray" else cv2.IMREAD_COLOR_RGB
     factor = _jpeg_reduction(data, width, height, max_side)
-    if factor > 1:
-        flags = _REDUCED_FLAGS[mode][factor]
+    flags = _REDUCED_FLAGS[mode][factor] if factor > 1 else _FLAGS[mode]
     try:
         image = cv2.imdecode(buf, flags)
     except cv2.error as exc:  # e.g. OpenCV's own size limit
@@ -226,6 +228,10 @@ def _decode(name, data, mode, max_pixels, max_side):
         # The header reader did not know this format; check what OpenCV produced.
         _check_pixels(name, image.shape[1], image.shape[0], max_pixels)
         width, height = image.shape[1], image.shape[0]
+    if mode == "rgb":
+        # The same pixels as IMREAD_COLOR_RGB gives where it exists (checked on JPEG,
+        # CMYK JPEG, PNG 8/16-bit, grey, palette and RGBA, BMP, TIFF, WebP, PPM, GIF).
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return image, (width, height)
 
 

@@ -23,6 +23,27 @@ class SpatialPyramid(TransformerMixin, BaseEstimator):
     cell vectors are concatenated level by level, row by row, and the result is
     L2-normalised (``l2``). A cell with no descriptors gives a zero block.
 
+    Cells are laid on the pixel *edges*: positions are in OpenCV's convention (the centre
+    of pixel ``(row i, column j)`` is at ``(x, y) = (j, i)``, as :class:`~vladkit.SIFT` and
+    :class:`~vladkit.DenseSIFT` give them), so a ``w``-pixel-wide image spans
+    ``[-0.5, w - 0.5)`` and column ``c`` of ``n_x`` spans
+    ``[c w / n_x - 0.5, (c + 1) w / n_x - 0.5)``, i.e. holds the positions with
+    ``floor((x + 0.5) n_x / w) == c``; rows likewise with ``y``, ``h`` and ``n_y``.
+    Positions outside the image go to the nearest cell. The layout is therefore
+    mirror-symmetric: a position ``x`` and its mirror ``w - 1 - x`` fall in columns ``c``
+    and ``n_x - 1 - c`` (unless ``x`` lies exactly on a cell boundary, which, the
+    intervals being half-open, goes to the cell on its right or below).
+
+    VLFeat's PHOW application (``apps/phow_caltech101.m``) lays the cells on the pixel
+    *centres* instead: ``vl_binsearch(linspace(1, width, n_x + 1), frames(1,:))`` in
+    MATLAB's 1-based coordinates, i.e. boundaries at ``c (w - 1) / n_x`` in the 0-based
+    coordinates used here, from the first pixel centre to the last (a position on the last
+    pixel centre, or beyond, would fall outside VLFeat's bins; PHOW's frames never do).
+    Both layouts are mirror-symmetric and share the middle boundary; boundary ``c`` of
+    the two differs by ``|1/2 - c / n_x|`` pixels (less than half a pixel), so only a
+    descriptor centred that close to a boundary can land in a neighbouring cell of
+    VLFeat's layout.
+
     Parameters
     ----------
     encoder : BoFEncoder, VLADEncoder or FisherEncoder
@@ -133,14 +154,19 @@ def cell_masks(features, levels):
     """Boolean masks over the descriptors of ``features``, one per cell, in output order.
 
     Cell (row, column) of level (n_x, n_y) holds the positions with
-    ``floor(x n_x / w) == column`` and ``floor(y n_y / h) == row`` (clipped to the grid).
+    ``floor((x + 0.5) n_x / w) == column`` and ``floor((y + 0.5) n_y / h) == row``
+    (clipped to the grid): positions are pixel centres, the cells' boundaries fall on
+    pixel edges (see :class:`SpatialPyramid`).
     """
     height, width = features.image_shape
-    x, y = features.positions[:, 0], features.positions[:, 1]
+    # float64: in float32, (x + 0.5) n / w can round a position lying just before a
+    # boundary onto it, i.e. into the next cell, and break the mirror symmetry.
+    x = np.asarray(features.positions[:, 0], dtype=np.float64) + 0.5
+    y = np.asarray(features.positions[:, 1], dtype=np.float64) + 0.5
     masks = []
     for nx, ny in levels:
-        column = np.clip((x * nx / width).astype(np.int64), 0, nx - 1)
-        row = np.clip((y * ny / height).astype(np.int64), 0, ny - 1)
+        column = np.clip(np.floor(x * nx / width), 0, nx - 1).astype(np.int64)
+        row = np.clip(np.floor(y * ny / height), 0, ny - 1).astype(np.int64)
         cell = row * nx + column
         masks.extend(cell == index for index in range(nx * ny))
     return masks
