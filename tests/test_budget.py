@@ -204,6 +204,21 @@ def test_batches_follow_the_budget(tmp_path):
     assert read_size(path)[:2] == (3024, 4032)
 
 
+def test_batches_count_the_scratch_of_every_thread():
+    """One image gets every thread, and dense SIFT then computes n_jobs bands at once:
+    an image that fits the budget with one thread's scratch but not with eight goes to
+    pieces with eight threads."""
+    image = photo(5, 1200, 1600)
+    output, scratch = DenseSIFT(max_side=None).memory_estimate(1200, 1600)
+    budget = output + 2 * scratch
+    alone = list(plan_batches([image], DenseSIFT(max_side=None, n_jobs=1), budget, 64))
+    threaded = list(plan_batches([image], DenseSIFT(max_side=None, n_jobs=8), budget, 64))
+    assert [b.piece_bytes for b in alone] == [None]
+    assert [b.indices for b in threaded] == [[0]] and threaded[0].piece_bytes
+    # (the 8 bands ahead, the one being encoded and the one waiting fit the budget)
+    assert 10 * threaded[0].piece_bytes <= budget
+
+
 def test_sparse_sift_over_the_budget_is_a_warning():
     # OpenCV's detector needs the whole image: it is extracted whole, with a warning.
     image = photo(7, 2400, 3200)
