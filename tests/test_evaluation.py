@@ -1,4 +1,4 @@
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pytest
@@ -7,9 +7,11 @@ from vladkit.evaluation import (
     GroundTruth,
     average_precision,
     folder_ground_truth,
+    folder_roots,
     holidays_ground_truth,
     mean_average_precision,
     recall_at_k,
+    retrieval_ground_truth,
 )
 
 trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
@@ -314,3 +316,144 @@ def test_folder_rule_end_to_end():
     worst = {p: [p] + [o for o in paths if o not in truth[p] and o != p] + truth[p] for p in paths}
     assert mean_average_precision(worst, truth) == pytest.approx(1 / 6, abs=1e-15)
     assert recall_at_k(worst, truth, k=(1, 2, 3)) == {1: 0.0, 2: 0.0, 3: 1.0}
+
+
+# ------------------------------------------------- held-out queries: retrieval_ground_truth
+
+TRAIN = ["s/train/a/1.jpg", "s/train/b/2.jpg", "s/train/a/3.jpg", "s/train/c/4.jpg", "s/train/a/5.jpg"]
+TEST = ["s/test/a/6.jpg", "s/test/b/7.jpg", "s/test/d/8.jpg"]
+
+
+def test_held_out_queries_take_their_positives_from_the_database():
+    truth = retrieval_ground_truth(TEST, TRAIN)
+    # test/a/6.jpg is not train/a/*, but both are group "a" of their collection; test/d
+    # has no database image in its group: not a query.
+    assert truth.positives == {
+        "s/test/a/6.jpg": ["s/train/a/1.jpg", "s/train/a/3.jpg", "s/train/a/5.jpg"],
+        "s/test/b/7.jpg": ["s/train/b/2.jpg"],
+    }
+    assert truth.ignore == {}  # no query is a database image
+    assert folder_roots(TEST, TRAIN) == (PurePath("s/test"), PurePath("s/train"))
+    # The same-collection rule on the query file finds nothing: its folders hold one image.
+    assert folder_ground_truth(TEST) == {}
+
+    # Scored by hand: train/a/3.jpg is a positive although it is not in the query file.
+    rankings = {
+        "s/test/a/6.jpg": ["s/train/a/1.jpg", "s/train/b/2.jpg", "s/train/a/3.jpg", "s/train/c/4.jpg",
+                           "s/train/a/5.jpg"],
+        "s/test/b/7.jpg": ["s/train/b/2.jpg", "s/train/a/1.jpg"],
+    }
+    # Query a: positives at ranks 0, 2, 4 of 3: (1 + 1)/2, (1/2 + 2/3)/2, (2/4 + 3/5)/2, / 3.
+    ap_a = ((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2 + (2 / 4 + 3 / 5) / 2) / 3
+    assert mean_average_precision(rankings, truth) == pytest.approx((ap_a + 1) / 2, abs=1e-15)
+    assert reference_ap(rankings["s/test/a/6.jpg"], truth.positives["s/test/a/6.jpg"]) == pytest.approx(ap_a)
+
+
+def test_query_is_excluded_only_when_it_is_a_database_image():
+    database = [*TRAIN, "s/train/b/9.jpg"]
+    # An indexed query: itself ignored, neither positive nor negative.
+    indexed = retrieval_ground_truth(["s/train/b/2.jpg"], database)
+    assert indexed.positives == {"s/train/b/2.jpg": ["s/train/b/9.jpg"]}
+    assert indexed.ignore == {"s/train/b/2.jpg": ["s/train/b/2.jpg"]}
+    # All queries indexed: one collection, one root. On its own, the query below would
+    # have the root "r/a" and the group "x", which is "a/x" in the database.
+    nested = ["r/a/1.jpg", "r/a/x/2.jpg", "r/a/x/3.jpg"]
+    assert folder_roots(["r/a/x/2.jpg"], nested) == (PurePath("r"), PurePath("r"))
+    assert retrieval_ground_truth(["r/a/x/2.jpg"], nested).positives == {"r/a/x/2.jpg": ["r/a/x/3.jpg"]}
+    # A held-out query of the same group: nothing ignored, train/b/2.jpg is a positive.
+    held_out = retrieval_ground_truth(["s/test/b/7.jpg"], database)
+    assert held_out.positives == {"s/test/b/7.jpg": ["s/train/b/2.jpg", "s/train/b/9.jpg"]}
+    assert held_out.ignore == {}
+
+    ranked = ["s/train/b/2.jpg", "s/train/a/1.jpg", "s/train/b/9.jpg"]
+    for exclude in (True, False):
+        # The ignore list removes the indexed query even with exclude_query=False.
+        assert mean_average_precision({"s/train/b/2.jpg": ranked}, indexed, exclude_query=exclude) == 1 / 4
+        assert mean_average_precision({"s/test/b/7.jpg": ranked}, held_out, exclude_query=exclude) == (
+            pytest.approx(((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2) / 2, abs=1e-15))
+
+
+def test_same_collection_matches_the_single_list_rules():
+    rng = np.random.default_rng(3)
+    for case in range(40):
+        ids = [f"root/g{rng.integers(0, 5)}/sub{rng.integers(0, 2)}/{i}.jpg" for i in range(int(rng.integers(1, 20)))]
+        truth = retrieval_ground_truth(ids, ids)
+        assert truth.positives == folder_ground_truth(ids), case
+        assert truth.ignore == {q: [q] for q in truth.positives}
+    holidays = ["h/100000.jpg", "h/100001.jpg", "h/100100.jpg", "h/100101.jpg", "h/100102.jpg",
+                "h/100200.jpg", "h/100301.jpg"]
+    assert retrieval_ground_truth(holidays, holidays, "holidays").positives == holidays_ground_truth(holidays)
+
+
+def test_holidays_queries_apart_from_the_database():
+    database = ["db/100000.jpg", "db/100001.jpg", "db/100002.jpg", "db/100100.jpg", "db/100101.jpg",
+                "db/flickr_0001.jpg", "db/100200.jpg"]
+    queries = ["q/100000.jpg", "q/100100.jpg", "q/100200.jpg", "q/100300.jpg"]
+    truth = retrieval_ground_truth(queries, database, "holidays")
+    # Positives from the database, the query's own number ignored wherever it is stored;
+    # 100200 has no other image, 100300 no image at all in the database; the Flickr
+    # image is a distractor.
+    assert truth.positives == {"q/100000.jpg": ["db/100001.jpg", "db/100002.jpg"],
+                               "q/100100.jpg": ["db/100101.jpg"]}
+    assert truth.ignore == {"q/100000.jpg": ["db/100000.jpg"], "q/100100.jpg": ["db/100100.jpg"]}
+    rankings = {"q/100000.jpg": ["db/100000.jpg", "db/100001.jpg", "db/flickr_0001.jpg", "db/100002.jpg"],
+                "q/100100.jpg": ["db/100100.jpg", "db/100101.jpg"]}
+    expected = (((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2) / 2 + 1) / 2
+    assert mean_average_precision(rankings, truth) == pytest.approx(expected, abs=1e-15)
+
+
+def test_roots():
+    # One folder per collection: the group is still that folder's name.
+    assert retrieval_ground_truth(["t/a/1.jpg"], ["r/a/2.jpg", "r/a/3.jpg"]).positives == {
+        "t/a/1.jpg": ["r/a/2.jpg", "r/a/3.jpg"]}
+    # A stray image directly in the database folder moves the inferred root up a level;
+    # the roots given put it back.
+    database = ["/d/train/a/1.jpg", "/d/train/b/2.jpg", "/d/train/x.jpg"]
+    queries = ["/d/test/a/3.jpg", "/d/test/b/4.jpg"]
+    assert retrieval_ground_truth(queries, database).positives == {}
+    truth = retrieval_ground_truth(queries, database, query_root="/d/test", database_root=Path("/d/train"))
+    assert truth.positives == {"/d/test/a/3.jpg": ["/d/train/a/1.jpg"], "/d/test/b/4.jpg": ["/d/train/b/2.jpg"]}
+    assert folder_roots(queries, database, database_root="/d/train") == (PurePath("/d/test"), PurePath("/d/train"))
+    with pytest.raises(ValueError, match="query image '/d/test/a/3.jpg' is not under the query root '/e'"):
+        retrieval_ground_truth(queries, database, query_root="/e")
+    with pytest.raises(ValueError, match="mix absolute and relative"):
+        folder_roots(["a/1.jpg", "/b/2.jpg"], database)
+    with pytest.raises(ValueError, match="folders"):
+        retrieval_ground_truth(queries, database, "holidays", query_root="/d/test")
+    with pytest.raises(ValueError, match="rule must be"):
+        retrieval_ground_truth(queries, database, "oxford")
+    with pytest.raises(ValueError, match="listed twice"):
+        retrieval_ground_truth(queries, ["r/a/1.jpg", "r//a/1.jpg"])
+
+
+# ------------------------------------------------------------ truncated rankings: top
+
+
+def test_top_scores_the_first_n_results_after_the_ignored_ones():
+    rng = np.random.default_rng(4)
+    for case in range(300):
+        ranked, positives, ignore = random_case(rng)
+        if not set(positives) - set(ignore):
+            continue
+        top = int(rng.integers(1, 30))
+        kept = [item for item in ranked if item not in set(ignore)][:top]
+        expected = reference_ap(kept, positives, ignore)
+        assert abs(average_precision(ranked, positives, ignore, top=top) - expected) <= 1e-12, case
+        assert average_precision(ranked, positives, ignore, top=top) <= average_precision(ranked, positives, ignore)
+    # The query itself (first) does not take one of the N places.
+    rankings = {"q": ["q", "x", "a", "y", "b"]}
+    assert mean_average_precision(rankings, {"q": ["a", "b"]}, top=2) == pytest.approx(1 / 4 / 2, abs=1e-15)
+    assert mean_average_precision(rankings, {"q": ["a", "b"]}, top=4) == mean_average_precision(rankings, {"q": ["a", "b"]})
+
+
+def test_recall_refuses_k_above_top():
+    truth = {"q": ["a"]}
+    rankings = {"q": ["x", "y", "a"]}  # a top-3 search
+    assert recall_at_k(rankings, truth, k=(1, 3), top=3) == {1: 0.0, 3: 1.0}
+    with pytest.raises(ValueError, match=r"k=5 is above top=3"):
+        recall_at_k(rankings, truth, k=(1, 5), top=3)
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="top must"):
+            recall_at_k(rankings, truth, k=1, top=bad)
+        with pytest.raises(ValueError, match="top must"):
+            mean_average_precision(rankings, truth, top=bad)

@@ -7,6 +7,7 @@ import io
 import json
 import re
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -233,6 +234,236 @@ def test_evaluate_matches_a_brute_force_ranking(chain):
     assert 0.4 < compressed["mAP"] <= 1.0  # 2 bytes per image: lossy, still above chance
 
 
+# ------------------------------------------------------- evaluate: held-out queries, --top
+
+
+def _numpy_ap(ranked, positives, top=None):
+    """Trapezoidal AP from numpy cumulative sums: precision and recall after every rank of
+    the first ``top`` results, from the point (recall 0, precision 1)."""
+    ranked = list(ranked)[:top]
+    hits = np.array([item in positives for item in ranked], dtype=np.float64)
+    found = np.cumsum(hits)
+    precision = np.concatenate([[1.0], found / np.arange(1, len(ranked) + 1)])
+    recall = np.concatenate([[0.0], found / len(positives)])
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
+
+
+def _numpy_reference(queries, database, positives, itself=None, top=None, ks=(1, 5, 10)):
+    """mAP and recall@k of queries (EncodedImages) against database (EncodedImages),
+    ranking by numpy inner products; ``positives``: query -> its positives, written out
+    by the test; ``itself``: query -> the database id removed from its ranking."""
+    aps, first = [], []
+    for query, relevant in positives.items():
+        scores = database.vectors @ queries.vectors[queries.ids.index(query)]
+        skip = (itself or {}).get(query)
+        ranked = [database.ids[j] for j in np.argsort(-scores, kind="stable") if database.ids[j] != skip]
+        aps.append(_numpy_ap(ranked, relevant, top))
+        first.append(next((rank for rank, i in enumerate(ranked) if i in relevant), np.inf))
+    return float(np.mean(aps)), {k: float(np.mean(np.array(first) < k)) for k in ks}
+
+
+@pytest.fixture(scope="module")
+def held_out(chain):
+    """15-Scene's protocol in small, with the vocabulary of ``chain``: train/{a,b,c}/ is
+    indexed, test/{a,b}/ is encoded apart as the queries. Each train class holds one image
+    of another class, so that rankings are not perfect."""
+    from conftest import textured_image
+
+    root = chain["root"] / "held_out"
+    bases = {name: _variants(textured_image(300 + i, (160, 200))) for i, name in enumerate("abc")}
+    layout = {
+        "train/a": [("a", "orig.png"), ("a", "crop.png"), ("a", "small.png"), ("b", "jpeg.jpg")],
+        "train/b": [("b", "orig.png"), ("b", "crop.png"), ("b", "small.png"), ("a", "jpeg.jpg")],
+        "train/c": [("c", "orig.png"), ("c", "crop.png"), ("c", "small.png"), ("c", "jpeg.jpg")],
+        "test/a": [("a", "large.png"), ("a", "blur.png")],
+        "test/b": [("b", "large.png"), ("b", "blur.png")],
+    }
+    for folder, images in layout.items():
+        (root / folder).mkdir(parents=True)
+        for base, name in images:
+            assert cv2.imwrite(str(root / folder / f"{base}-{name}"), bases[base][name])
+    train, test, idx = root / "train.npz", root / "test.npz", root / "train.index"
+    for args in (("encode", root / "train", "--vocab", chain["words"], "-o", train, "-q"),
+                 ("encode", root / "test", "--vocab", chain["words"], "-o", test, "-q"),
+                 ("index", "build", train, "-o", idx)):
+        code, _, err = cli(*args)
+        assert code == 0, err
+    return {"root": root, "train": train, "test": test, "idx": idx}
+
+
+def _class_positives(queries, database):
+    """query -> the database images of its class, the class being the parent folder's name."""
+    return {q: [d for d in database.ids if Path(d).parent.name == Path(q).parent.name] for q in queries.ids}
+
+
+def test_evaluate_held_out_queries(held_out):
+    train, test = load_encodings(held_out["train"]), load_encodings(held_out["test"])
+    assert len(train.ids) == 12 and len(test.ids) == 4 and not set(test.ids) & set(train.ids)
+    positives = _class_positives(test, train)
+    assert all(len(p) == 4 for p in positives.values())
+    expected_map, expected_recall = _numpy_reference(test, train, positives)
+    assert 0.3 < expected_map < 1.0  # a confuser in each class: not a perfect ranking
+
+    code, out, err = cli("evaluate", held_out["idx"], held_out["test"], "--ground-truth", "folders", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert list(result) == ["queries", "mAP", "recall@1", "recall@5", "recall@10"]
+    assert result["queries"] == 4
+    assert result["mAP"] == pytest.approx(expected_map, abs=1e-12)
+    for k in (1, 5, 10):
+        assert result[f"recall@{k}"] == pytest.approx(expected_recall[k], abs=1e-12)
+
+    root = held_out["root"]
+    code, out, err = cli("evaluate", held_out["idx"], held_out["test"], "--ground-truth", "folders")
+    assert code == 0 and err == "", err
+    assert "4 queries (folders ground truth)" in out
+    assert f"groups: folders relative to {root / 'test'} (queries) and {root / 'train'} (index)" in out
+    assert re.search(rf"^\s+mAP\s+{expected_map:.4f}$", out, re.MULTILINE), out
+
+    # The roots given: the same figures; roots that do not match: a one-line failure.
+    code, out, err = cli("evaluate", held_out["idx"], held_out["test"], "--ground-truth", "folders", "--json",
+                         "--query-root", root / "test", "--database-root", root / "train")
+    assert code == 0, err
+    assert json.loads(out) == result
+    code, _, err = cli("evaluate", held_out["idx"], held_out["test"], "--ground-truth", "folders",
+                       "--query-root", root)
+    assert code == 1
+    _one_line_error(err, held_out["test"], "--query-root", "'test/a'")
+    code, _, err = cli("evaluate", held_out["idx"], held_out["test"], "--ground-truth", "folders",
+                       "--database-root", root / "test")
+    assert code == 1
+    _one_line_error(err, "not under the database root")
+
+
+def test_evaluate_counts_indexed_images_missing_from_the_query_file_as_positives(chain, tmp_path):
+    # The query file holds 2 of the 6 images of each group of the index: the 4 others are
+    # positives all the same, not negatives.
+    enc = load_encodings(chain["enc"])
+    rows = [row for row, image in enumerate(enc.ids) if Path(image).stem in ("crop", "blur")]
+    subset = tmp_path / "subset.npz"
+    EncodedImages(enc.vectors[rows], [enc.ids[r] for r in rows], enc.recipe).save(subset)
+    queries = load_encodings(subset)
+    assert len(queries.ids) == 2 * GROUPS
+
+    positives = {q: [d for d in enc.ids if Path(d).parent == Path(q).parent and d != q] for q in queries.ids}
+    assert all(len(p) == 5 for p in positives.values())
+    itself = {q: q for q in queries.ids}
+    expected_map, expected_recall = _numpy_reference(queries, enc, positives, itself)
+    # Positives taken from the query file only (the other query of the group) score
+    # another figure: the test tells the two apart.
+    from_query_file = {q: [o for o in queries.ids if Path(o).parent == Path(q).parent and o != q]
+                       for q in queries.ids}
+    assert abs(_numpy_reference(queries, enc, from_query_file, itself)[0] - expected_map) > 0.01
+
+    code, out, err = cli("evaluate", chain["idx"], subset, "--ground-truth", "folders", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["queries"] == 2 * GROUPS
+    assert result["mAP"] == pytest.approx(expected_map, abs=1e-12)
+    for k in (1, 5, 10):
+        assert result[f"recall@{k}"] == pytest.approx(expected_recall[k], abs=1e-12)
+
+
+def test_evaluate_holidays_queries_apart_from_the_index(chain, tmp_path):
+    from conftest import textured_image
+
+    a, b, c = (_variants(textured_image(400 + i, (160, 200))) for i in range(3))
+    database = {"100000.png": a["orig.png"], "100001.png": a["crop.png"], "100002.png": b["small.png"],
+                "100100.png": b["orig.png"], "100101.png": b["crop.png"], "flickr_7.png": c["orig.png"]}
+    # 100000 is the same image as the indexed one; 100100 another view of its group.
+    query_images = {"100000.png": a["orig.png"], "100100.png": b["large.png"]}
+    for folder, images in (("db", database), ("queries", query_images)):
+        (tmp_path / folder).mkdir()
+        for name, image in images.items():
+            assert cv2.imwrite(str(tmp_path / folder / name), image)
+    for args in (("encode", tmp_path / "db", "--vocab", chain["words"], "-o", tmp_path / "db.npz", "-q"),
+                 ("encode", tmp_path / "queries", "--vocab", chain["words"], "-o", tmp_path / "q.npz", "-q"),
+                 ("index", "build", tmp_path / "db.npz", "-o", tmp_path / "db.index")):
+        code, _, err = cli(*args)
+        assert code == 0, err
+    db, queries = load_encodings(tmp_path / "db.npz"), load_encodings(tmp_path / "q.npz")
+
+    def indexed(name):
+        return str(tmp_path / "db" / name)
+
+    # Positives are index images (100002 is in group 1000, whatever it shows); the query's
+    # own number in the index is left out of its ranking; the Flickr image is a distractor.
+    q0, q1 = str(tmp_path / "queries" / "100000.png"), str(tmp_path / "queries" / "100100.png")
+    positives = {q0: [indexed("100001.png"), indexed("100002.png")], q1: [indexed("100101.png")]}
+    itself = {q0: indexed("100000.png"), q1: indexed("100100.png")}
+    expected_map, expected_recall = _numpy_reference(queries, db, positives, itself)
+
+    code, out, err = cli("evaluate", tmp_path / "db.index", tmp_path / "q.npz", "--ground-truth", "holidays",
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["queries"] == 2
+    assert result["mAP"] == pytest.approx(expected_map, abs=1e-12)
+    assert result["recall@1"] == pytest.approx(expected_recall[1], abs=1e-12)
+
+
+def test_evaluate_top_is_labelled_and_bounds_k(chain, held_out):
+    # recall@5 of rankings cut at 3 would be recall@3 under another name: refused.
+    for k in ("5", "4"):
+        code, out, err = cli("evaluate", chain["idx"], chain["enc"], "--ground-truth", "folders",
+                             "--top", 3, "--k", 1, k)
+        assert code == 2 and out == ""
+        _one_line_error(err, "--top 3", f"--k {k}")
+
+    # Same-collection queries find themselves first: the top 3 are counted without them.
+    enc = load_encodings(chain["enc"])
+    positives = {q: [d for d in enc.ids if Path(d).parent == Path(q).parent and d != q] for q in enc.ids}
+    itself = {q: q for q in enc.ids}
+    full_map, _ = _numpy_reference(enc, enc, positives, itself)
+    expected_map, expected_recall = _numpy_reference(enc, enc, positives, itself, top=3, ks=(1, 3))
+    assert expected_map < full_map  # 5 positives, 3 places: AP@3 < AP
+    code, out, err = cli("evaluate", chain["idx"], chain["enc"], "--ground-truth", "folders", "--top", 3,
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    # The default k above --top are left out, and the AP is named for its cut.
+    assert list(result) == ["queries", "mAP@3", "recall@1"]
+    assert result["mAP@3"] == pytest.approx(expected_map, abs=1e-12)
+    assert result["recall@1"] == pytest.approx(expected_recall[1], abs=1e-12)
+    code, out, err = cli("evaluate", chain["idx"], chain["enc"], "--ground-truth", "folders", "--top", 3,
+                         "--k", 1, 3, "--json")
+    assert code == 0, err
+    assert json.loads(out)["recall@3"] == pytest.approx(expected_recall[3], abs=1e-12)
+    code, out, err = cli("evaluate", chain["idx"], chain["enc"], "--ground-truth", "folders", "--top", 3)
+    assert code == 0, err
+    assert re.search(rf"^\s+mAP@3\s+{expected_map:.4f}$", out, re.MULTILINE), out
+    assert "AP over the top 3 results" in out and not re.search(r"^\s+mAP\s", out, re.MULTILINE)
+
+    # Held-out queries: nothing to leave out, the top 2 are the first 2 results.
+    train, test = load_encodings(held_out["train"]), load_encodings(held_out["test"])
+    expected_map, expected_recall = _numpy_reference(test, train, _class_positives(test, train), top=2)
+    code, out, err = cli("evaluate", held_out["idx"], held_out["test"], "--ground-truth", "folders",
+                         "--top", 2, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert list(result) == ["queries", "mAP@2", "recall@1"]
+    assert result["mAP@2"] == pytest.approx(expected_map, abs=1e-12)
+    assert result["recall@1"] == pytest.approx(expected_recall[1], abs=1e-12)
+
+
+def test_evaluate_refuses_queries_encoded_another_way(chain, held_out, tmp_path):
+    words = tmp_path / "other-words.npz"
+    test = tmp_path / "test.npz"
+    for args in (("vocab", "build", held_out["root"] / "train", "-k", K, "--features", "sift", "--root",
+                  "--seed", 1, "-o", words, "-q"),
+                 ("encode", held_out["root"] / "test", "--vocab", words, "-o", test, "-q")):
+        code, _, err = cli(*args)
+        assert code == 0, err
+    assert load_encodings(test).vectors.shape[1] == K * D  # same size: search would not fail
+    code, _, err = cli("evaluate", held_out["idx"], test, "--ground-truth", "folders")
+    assert code == 1
+    _one_line_error(err, test, "vocabulary")
+    code, _, err = cli("evaluate", held_out["idx"], held_out["test"], "--ground-truth", "holidays",
+                       "--query-root", held_out["root"])
+    assert code == 2
+    _one_line_error(err, "--query-root", "folders")
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -310,7 +541,7 @@ def test_search_with_unreadable_queries(chain, tmp_path):
     (("--pca", 100), "100"),           # more components than the 18 training vectors
     (("--pq", "5x4"), "5x4"),          # 1024 dimensions are not a multiple of 5
     (("--pq", "4x8"), "256"),          # 2**8 centroids need 256 training vectors
-    (("--train", "missing.npz"), "missing.npz"),
+    (("--pca", 4, "--train", "missing.npz"), "missing.npz"),
 ], ids=["pca", "pq-dim", "pq-train", "train"])
 def test_failed_index_build_writes_nothing(chain, tmp_path, options, message):
     options = [str(tmp_path / o) if o == "missing.npz" else o for o in options]

@@ -24,6 +24,7 @@ from .evaluation import (
     holidays_ground_truth,
     mean_average_precision,
     recall_at_k,
+    retrieval_ground_truth,
 )
 from .images import ImageReadError, list_images, read_image, read_size
 from .index import IndexFileError, PCAWhitening, VectorIndex
@@ -52,6 +53,7 @@ __all__ = [
     "holidays_ground_truth",
     "mean_average_precision",
     "recall_at_k",
+    "retrieval_ground_truth",
     "IndexFileError",
     "PCAWhitening",
     "VectorIndex",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from ._io import atomic_output, write_npz_atomically
+from ._io import atomic_output, json_dumps, write_npz_atomically
 from .encodings import (
     EXTRACTORS,
     EncodedImages,
@@ -27,10 +28,12 @@ from .encodings import (
     describe_extractor,
     file_sha256,
     load_encodings,
+    locate_vocabulary,
     parse_extractor,
 )
 from .budget import DEFAULT_MAX_MEMORY, iter_batches, parse_memory
-from .evaluation import folder_ground_truth, holidays_ground_truth, mean_average_precision, recall_at_k
+from .evaluation import folder_roots, mean_average_precision, recall_at_k, retrieval_ground_truth
+from .encoders.fisher import AUTO_PCA
 from .features import SIFT, DenseSIFT
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, list_images
 from .image_encoder import encode_batches, sample_features
@@ -49,6 +52,10 @@ PYRAMID = ((1, 1), (2, 2), (1, 3))
 
 class CommandError(Exception):
     """A failure to report in one line and exit with status 1."""
+
+
+class UsageError(Exception):
+    """Options that make no sense together: reported in one line, exit status 2."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -87,14 +94,25 @@ def _elapsed(description, enabled):
         bar.close()
 
 
+def _check_dense_options(args, kind):
+    """--step and --sizes shape the dense grid: with sparse keypoints they would do nothing."""
+    given = [option for option, value in (("--step", args.step), ("--sizes", args.sizes)) if value is not None]
+    if kind in ("sift", "SIFT") and given:
+        raise UsageError(f"{' and '.join(given)} {'set' if len(given) > 1 else 'sets'} the dense grid: sparse "
+                         "SIFT keypoints (--features sift) have no grid: leave "
+                         f"{'them' if len(given) > 1 else 'it'} out or use dense features")
+
+
 def _extractor_from_args(args):
+    _check_dense_options(args, args.features)
     common = dict(root=args.root, n_jobs=args.jobs,
                   max_pixels=None if args.max_pixels == 0 else args.max_pixels)
     if args.max_side is not None:  # else the extractor's default for photos
         common["max_side"] = args.max_side or None
     if args.features == "sift":
         return SIFT(**common)
-    return DenseSIFT(step=args.step, sizes=tuple(args.sizes), **common)
+    defaults = DenseSIFT()
+    return DenseSIFT(step=args.step or defaults.step, sizes=tuple(args.sizes or defaults.sizes), **common)
 
 
 def _read_batches(extractor, paths, args, progress, skipped, encoder=None, first=0):
@@ -128,7 +146,7 @@ def _report_skipped(skipped, n_images, error_log):
     if error_log:
         with atomic_output(error_log, "w") as handle:
             for path, reason in skipped:
-                handle.write(json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n")
+                handle.write(json_dumps({"path": path, "reason": reason}) + "\n")
     if not skipped:
         return
     reasons = {}
@@ -142,7 +160,18 @@ def _report_skipped(skipped, n_images, error_log):
 # ---------------------------------------------------------------------- vocab build
 
 
+def _vocabulary_pca(args, dim):
+    """--pca as given (0: none); by default Fisher's rule (:class:`FisherEncoder`'s
+    pca="auto": PCA-64 for descriptors of more dimensions) for a GMM, none for k-means."""
+    if args.pca is not None:
+        return args.pca or None
+    return AUTO_PCA if args.kind == "gmm" and dim > AUTO_PCA else None
+
+
 def cmd_vocab_build(args):
+    no_pca = args.pca == 0 or (args.pca is None and args.kind == "kmeans")
+    if args.whiten and no_pca:
+        raise UsageError("--whiten whitens the PCA components: give --pca N with it")
     paths = list_images(args.folder, recursive=not args.no_recursive)
     if not paths:
         raise CommandError(f"no images found in {args.folder!r}")
@@ -162,7 +191,7 @@ def cmd_vocab_build(args):
     cls = KMeansVocabulary if args.kind == "kmeans" else GMMVocabulary
     size = {"n_clusters": args.k} if args.kind == "kmeans" else {"n_components": args.k}
     vocab = cls(**size, max_descriptors=args.max_descriptors, max_per_image=args.max_per_image,
-                pca=args.pca, whiten=args.whiten, random_state=args.seed,
+                pca=_vocabulary_pca(args, sample.shape[1]), whiten=args.whiten, random_state=args.seed,
                 descriptor_type=describe_extractor(extractor))
     with _elapsed(f"training {args.kind} (K={args.k}) on {len(sample):,} x {sample.shape[1]} descriptors", show):
         vocab.fit_sample(sample)
@@ -210,6 +239,7 @@ def _recipe_from_args(args, vocab):
         raise CommandError(f"the vocabulary {args.vocab!r} does not record which local features it was "
                            "built on: give them (--features, --root, --step, --sizes) as used to build it")
     kind = {"dense": "DenseSIFT", "sift": "SIFT"}.get(kind, kind)
+    _check_dense_options(args, kind)
     params = dict(recorded[1]) if recorded and recorded[0] == kind else {}
     valid = EXTRACTORS[kind]().get_params()
     params.update({k: (tuple(v) if k == "sizes" else v) for k, v in given.items() if k in valid})
@@ -218,8 +248,11 @@ def _recipe_from_args(args, vocab):
                     str(Path(args.vocab).resolve()), file_sha256(args.vocab))
     _, encoder = recipe.build(vocab, n_jobs=1)
     inner = encoder.encoder if args.pyramid else encoder
-    # Record every parameter (defaults included): the file says exactly how it was made.
-    recipe.encoder_params = {k: v for k, v in inner.get_params(deep=False).items() if k not in ("vocabulary", "n_jobs")}
+    # Record every parameter that shapes the vectors (defaults included), and only those:
+    # the vocabulary is given, so the ones that would train one (its size, PCA, sample)
+    # were not used, and the vocabulary file records how it was trained.
+    unused = {"vocabulary", "n_jobs", inner._size_param, "pca", "max_descriptors", "random_state"}
+    recipe.encoder_params = {k: v for k, v in inner.get_params(deep=False).items() if k not in unused}
     return recipe
 
 
@@ -311,20 +344,38 @@ def cmd_encode(args):
 RECIPE_FILE, VOCABULARY_FILE = "recipe.json", "vocabulary.npz"
 
 
+def _check_index_options(args):
+    """Options that would do nothing in this combination are errors, not silently ignored."""
+    if args.pca is None:
+        given = [option for option, value in (("--whiten", args.whiten), ("--power", args.power))
+                 if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} act on the PCA-whitening: give --pca D with "
+                             + ("them" if len(given) > 1 else "it"))
+    if args.nlist is not None and args.pq is None:
+        raise UsageError("--nlist makes an inverted file over product-quantized codes: give --pq MxB with it")
+    if args.nprobe is not None and args.nlist is None:
+        raise UsageError("--nprobe is the number of inverted lists visited per query: it needs --nlist")
+    if args.train is not None and args.pca is None and args.pq is None:
+        raise UsageError("--train gives the vectors to learn the PCA and the quantizer on: an exact index "
+                         "without --pca learns nothing")
+
+
 def cmd_index_build(args):
+    _check_index_options(args)
     encoded = load_encodings(args.encodings)
+    # Found first: a missing vocabulary fails before the (long) training, not after.
+    vocabulary = locate_vocabulary(encoded.recipe, args.encodings, given=args.vocab)
     training = load_encodings(args.train).vectors if args.train else encoded.vectors
     whitening = None
     if args.pca:
-        whitening = PCAWhitening(args.pca, whiten=args.whiten, power=args.power, random_state=0).fit(training)
+        whitening = PCAWhitening(args.pca, whiten=0.5 if args.whiten is None else args.whiten,
+                                 power=args.power, random_state=0).fit(training)
     kind = "ivfpq" if args.nlist else "pq" if args.pq else "flat"
-    index = VectorIndex(kind, pq=args.pq or "16x8", nlist=args.nlist, nprobe=args.nprobe, whitening=whitening)
+    index = VectorIndex(kind, pq=args.pq or "16x8", nlist=args.nlist, nprobe=args.nprobe or 8,
+                        whitening=whitening)
     index.train(training)
     index.add(encoded.vectors, encoded.ids)
-    vocabulary = encoded.recipe.vocabulary_path
-    if not Path(vocabulary).is_file() or file_sha256(vocabulary) != encoded.recipe.vocabulary_sha256:
-        raise CommandError(f"the vocabulary {vocabulary!r} that encoded {args.encodings!r} is missing or has "
-                           "changed since: the index could not encode queries the same way")
     # The recipe and the vocabulary travel with the index (same atomic write), so that
     # `vladkit search` can encode query images exactly as the indexed ones.
     recipe = json.dumps(encoded.recipe.to_json(), indent=1, sort_keys=True).encode()
@@ -350,20 +401,27 @@ def _load_search_index(folder):
 def cmd_search(args):
     index, recipe = _load_search_index(args.index)
     extractor, encoder = recipe.build(vocabulary=str(Path(args.index) / VOCABULARY_FILE), n_jobs=args.jobs)
-    failed, answers = [], []
-    for image in args.images:
-        try:
-            features = extractor.transform([image])
-        except ImageReadError as exc:
-            failed.append(image)
-            print(f"vladkit: cannot read {image}: {exc.reason}", file=sys.stderr)
-            continue
-        scores, ids = index.search(encoder.transform(features), k=args.top)
-        answers.append({"query": image, "results": [{"id": i, "score": round(float(s), 6)}
-                                                     for i, s in zip(ids[0], scores[0])]})
+    failed = []
+
+    def unreadable(position, error):
+        failed.append(args.images[position])
+        print(f"vladkit: cannot read {args.images[position]}: {error.reason}", file=sys.stderr)
+
+    # The queries are extracted in batches (images in parallel with -j) and searched at once.
+    vectors = np.zeros((len(args.images), encoder.n_features_out_), dtype=np.float32)
+    read = np.zeros(len(args.images), dtype=bool)
+    batches = iter_batches(extractor, args.images, max_memory=args.max_memory, encoder=encoder,
+                           on_unreadable=unreadable)
+    for rows, batch_vectors in encode_batches(encoder, batches):
+        vectors[rows], read[rows] = batch_vectors, True
+    answers = []
+    if read.any():
+        all_scores, all_ids = index.search(vectors[read], k=args.top)
+        queries = [image for image, ok in zip(args.images, read) if ok]
+        answers = [{"query": image, "results": [{"id": i, "score": round(float(s), 6)} for i, s in zip(ids, scores)]}
+                   for image, ids, scores in zip(queries, all_ids, all_scores)]
     if args.json:
-        json.dump(answers, sys.stdout, indent=1, ensure_ascii=False)
-        print()
+        print(json_dumps(answers, indent=1))
     else:
         for answer in answers:
             print(answer["query"])
@@ -372,32 +430,107 @@ def cmd_search(args):
     return EXIT_FAILED if failed else EXIT_OK
 
 
+DEFAULT_RECALL_KS = (1, 5, 10)
+
+
+def _check_evaluate_options(args):
+    if args.top is not None and args.k is not None and max(args.k) > args.top:
+        # Rankings cut at N hold no answer beyond N: recall@k for k > N would just repeat
+        # recall@N under another name.
+        raise UsageError(f"--k {max(args.k)} is above --top {args.top}: rankings cut at {args.top} results "
+                         f"cannot give recall@{max(args.k)}; lower --k or raise --top")
+    if args.ground_truth == "holidays" and (args.query_root or args.database_root):
+        raise UsageError("--query-root and --database-root are for --ground-truth folders: the Holidays "
+                         "rule reads groups from image numbers")
+
+
+def _check_query_recipe(index_folder, queries, queries_file):
+    """Queries encoded with another vocabulary or encoder than the index give scores that
+    mean nothing, without any error: refuse them. Other local-feature options (e.g.
+    --max-side) keep the vectors comparable and are only reported."""
+    path = Path(index_folder) / RECIPE_FILE
+    if not path.is_file():  # a bare VectorIndex: nothing to compare with
+        return
+    try:
+        indexed = Recipe.from_json(json.loads(path.read_text(encoding="utf-8"))).to_json()
+    except ValueError as exc:
+        raise CommandError(f"{path}: {exc}") from None
+    given = queries.recipe.to_json()
+    # The vocabulary by content: the file may have been moved since.
+    indexed["vocabulary"], given["vocabulary"] = indexed["vocabulary"]["sha256"], given["vocabulary"]["sha256"]
+    differ = [part for part in ("vocabulary", "encoder", "pyramid") if indexed[part] != given[part]]
+    if differ:
+        raise CommandError(f"{queries_file!r} was not encoded as the index {index_folder!r} was (another "
+                           f"{' and '.join(differ)}): encode the queries with the index's vocabulary and options")
+    if indexed["extractor"] != given["extractor"]:
+        print(f"vladkit: note: the local features of {queries_file} differ from the index's "
+              f"({given['extractor']} against {indexed['extractor']})", file=sys.stderr)
+
+
+def _root_option(root, ids):
+    """A relative --query-root/--database-root for ids stored as absolute paths is taken
+    from the current folder, as a shell user means it."""
+    if root is None or not ids or not Path(ids[0]).is_absolute():
+        return root
+    return Path(root).absolute()
+
+
+def _no_query_message(args, queries, index, roots):
+    if args.ground_truth == "holidays":
+        return (f"the holidays rule finds no query image (NNNN00.jpg) among the {len(queries.ids)} images "
+                f"of {args.queries!r} with another image of its group in the index {args.index!r}")
+    query_root, database_root = roots
+    query_group = Path(queries.ids[0]).parent.relative_to(query_root)
+    database_group = Path(index.ids[0]).parent.relative_to(database_root) if len(index) else None
+    return (f"no image of {args.queries!r} has an image of its group in the index {args.index!r}: the "
+            f"query groups are folders relative to {str(query_root)!r} (e.g. {str(query_group)!r}), the "
+            f"index's relative to {str(database_root)!r} (e.g. {str(database_group)!r}); set "
+            "--query-root and --database-root to the folders that hold the group folders")
+
+
 def cmd_evaluate(args):
+    _check_evaluate_options(args)
     index = VectorIndex.load(args.index)
     queries = load_encodings(args.queries)
-    rule = holidays_ground_truth if args.ground_truth == "holidays" else folder_ground_truth
-    truth = rule(queries.ids)
-    if not truth:
-        raise CommandError(f"the {args.ground_truth} rule finds no query with positives among the "
-                           f"{len(queries.ids)} images of {args.queries!r}")
-    indexed = set(index.ids)
-    absent = [q for q, positives in truth.items() if not set(positives) & indexed]
-    if absent:
-        raise CommandError(f"{len(absent)} queries have none of their positives in the index "
-                           f"(e.g. {absent[0]!r}): evaluate with the encodings the index was built from")
+    _check_query_recipe(args.index, queries, args.queries)
+    roots = None
+    if args.ground_truth == "folders":
+        roots = folder_roots(queries.ids, index.ids, _root_option(args.query_root, queries.ids),
+                             _root_option(args.database_root, index.ids))
+    # Positives are index ids: queries need not be indexed images (held-out test sets).
+    truth = retrieval_ground_truth(queries.ids, index.ids, args.ground_truth,
+                                   *(roots if roots else ()))
+    if not truth.positives:
+        raise CommandError(_no_query_message(args, queries, index, roots))
+    names = list(truth.positives)
+    if roots and len(names) < len(queries.ids):
+        unscored = [image for image in queries.ids if image not in truth.positives]
+        print(f"vladkit: note: {len(unscored)} of the {len(queries.ids)} images of {args.queries} have no "
+              f"other image of their group in the index (e.g. {unscored[0]}): not scored", file=sys.stderr)
     rows = {image: row for row, image in enumerate(queries.ids)}
-    names = list(truth)
-    _, ranked = index.search(queries.vectors[[rows[q] for q in names]], k=min(args.top or len(index), len(index)))
+    # One result more than --top: a query that is indexed finds itself, and is left out
+    # before its top N are scored (its ground truth ignores at most that one id).
+    depth = len(index) if args.top is None else min(args.top + 1, len(index))
+    _, ranked = index.search(queries.vectors[[rows[q] for q in names]], k=depth)
     rankings = dict(zip(names, ranked))
-    result = {"queries": len(names), "mAP": mean_average_precision(rankings, truth)}
-    result.update({f"recall@{k}": v for k, v in recall_at_k(rankings, truth, k=args.k).items()})
+    ks = args.k or [k for k in DEFAULT_RECALL_KS if args.top is None or k <= args.top]
+    # Cut at N, AP counts the positives ranked lower as not found: a lower bound of the
+    # AP, named for what it is.
+    label = "mAP" if args.top is None else f"mAP@{args.top}"
+    result = {"queries": len(names), label: mean_average_precision(rankings, truth, top=args.top)}
+    result.update({f"recall@{k}": v for k, v in recall_at_k(rankings, truth, k=ks, top=args.top).items()})
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"{len(names)} queries ({args.ground_truth} ground truth), index {args.index}")
-        for key, value in result.items():
-            if key != "queries":
-                print(f"  {key:10s} {value:.4f}")
+        return EXIT_OK
+    print(f"{len(names)} queries ({args.ground_truth} ground truth), index {args.index} ({len(index)} images)")
+    if roots:
+        print(f"  groups: folders relative to {roots[0]} (queries) and {roots[1]} (index)")
+    for key, value in result.items():
+        if key != "queries":
+            print(f"  {key:10s} {value:.4f}")
+    if args.top is not None:
+        print(f"  {label}: AP over the top {args.top} results of each query (not counting the query "
+              "itself); positives ranked lower count as not found")
     return EXIT_OK
 
 
@@ -438,14 +571,18 @@ def _add_feature_options(parser, from_vocabulary=False):
     group = parser.add_argument_group(
         "local features" + (" (default: those the vocabulary was built on)" if from_vocabulary else ""))
     default = (lambda value: None) if from_vocabulary else (lambda value: value)
+    dense = DenseSIFT()
     group.add_argument("--features", choices=("dense", "sift"), default=default("dense"),
                        help="dense multi-scale SIFT on a grid (PHOW) or sparse SIFT keypoints"
                             + ("" if from_vocabulary else " (default: dense)"))
     group.add_argument("--root", action="store_true", default=default(False), help="RootSIFT descriptors")
-    group.add_argument("--step", type=_positive_int, default=default(4), metavar="PX",
-                       help="dense grid step in pixels" + ("" if from_vocabulary else " (default 4)"))
-    group.add_argument("--sizes", type=_positive_int, nargs="+", default=default([4, 6, 8, 10]), metavar="PX",
-                       help="dense bin sizes in pixels" + ("" if from_vocabulary else " (default 4 6 8 10)"))
+    # Left None when not given (defaults applied later), so that giving them with sparse
+    # keypoints, which have no grid, is an error rather than silently ignored.
+    group.add_argument("--step", type=_positive_int, default=None, metavar="PX",
+                       help="dense grid step in pixels" + ("" if from_vocabulary else f" (default {dense.step})"))
+    group.add_argument("--sizes", type=_positive_int, nargs="+", default=None, metavar="PX",
+                       help="dense bin sizes in pixels"
+                            + ("" if from_vocabulary else f" (default {' '.join(map(str, dense.sizes))})"))
     group.add_argument("--max-side", type=_max_side, default=None, metavar="PX",
                        help="downscale images whose long side is larger than this; 0 keeps full "
                             f"resolution (default: {DenseSIFT().max_side} for dense features, "
@@ -474,14 +611,21 @@ def _add_input_options(group):
                             "for it is processed in pieces")
 
 
-def _max_side(text):
+def _non_negative_int(text):
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of pixels (0: full resolution), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return value
+
+
+def _max_side(text):
+    try:
+        return _non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels (0: full resolution), got {text!r}") from None
 
 
 def _memory(text):
@@ -534,9 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-k", type=_positive_int, default=64, metavar="K", help="number of visual words (default 64)")
     build.add_argument("--kind", choices=("kmeans", "gmm"), default="kmeans",
                        help="k-means for BoF/VLAD, gmm for Fisher vectors (default kmeans)")
-    build.add_argument("--pca", type=_positive_int, default=None, metavar="N",
-                       help="reduce descriptors to N principal components first (Fisher: 64-80)")
-    build.add_argument("--whiten", action="store_true", help="whiten the PCA components")
+    build.add_argument("--pca", type=_non_negative_int, default=None, metavar="N",
+                       help=f"reduce descriptors to N principal components first; 0: no PCA "
+                            f"(default: {AUTO_PCA} for --kind gmm, as FisherEncoder: a diagonal GMM fits "
+                            "decorrelated descriptors better; none for kmeans)")
+    build.add_argument("--whiten", action="store_true", help="whiten the PCA components (needs PCA)")
     build.add_argument("--max-descriptors", type=_positive_int, default=200_000, metavar="N",
                        help="training sample size, spread over the images (default 200,000)")
     build.add_argument("--max-per-image", type=_positive_int, default=None, metavar="N",
@@ -592,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_index.add_argument("encodings", help="encodings file from 'vladkit encode'")
     build_index.add_argument("--pca", type=_positive_int, default=None, metavar="D",
                              help="PCA-whiten to D dimensions before indexing")
-    build_index.add_argument("--whiten", type=_whiten, default=0.5, metavar="A",
+    build_index.add_argument("--whiten", type=_whiten, default=None, metavar="A",
                              help="whitening exponent: variances^-A (0.5 full whitening, default; 0.25 "
                                   "partial, better with few training vectors; 0 plain PCA)")
     build_index.add_argument("--power", type=float, default=None, metavar="P",
@@ -601,10 +747,13 @@ def build_parser() -> argparse.ArgumentParser:
                              help="product quantization, M sub-quantizers of B bits: M*B/8 bytes per image")
     build_index.add_argument("--nlist", type=_positive_int, default=None, metavar="N",
                              help="inverted file with N lists on top of --pq (IVF-PQ) for large collections")
-    build_index.add_argument("--nprobe", type=_positive_int, default=8, metavar="N",
+    build_index.add_argument("--nprobe", type=_positive_int, default=None, metavar="N",
                              help="lists visited per query with --nlist (default 8)")
     build_index.add_argument("--train", default=None, metavar="FILE",
                              help="encodings to learn the PCA and quantizer on (default: the indexed ones)")
+    build_index.add_argument("--vocab", default=None, metavar="FILE",
+                             help="the vocabulary that encoded ENCODINGS, if it is no longer at the path "
+                                  "they record nor beside them (a moved folder); checked by its SHA-256")
     build_index.add_argument("-o", "--output", required=True, metavar="FOLDER", help="index folder to write")
     build_index.set_defaults(run=cmd_index_build)
     index.set_defaults(run=lambda args: (index.print_help(), EXIT_USAGE)[1])
@@ -619,28 +768,55 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
     search.add_argument("--top", type=_positive_int, default=10, metavar="K", help="results per query (default 10)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a listing")
-    search.add_argument("-j", "--jobs", type=int, default=-1, metavar="N", help="threads (default -1: every core)")
+    search.add_argument("-j", "--jobs", type=int, default=-1, metavar="N",
+                        help="threads, over the query images and within each (default -1: every core)")
+    search.add_argument("--max-memory", type=_memory, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
+                        help="working-memory budget for the queries' features, e.g. 512MB (default 1GB)")
     search.set_defaults(run=cmd_search)
 
     evaluate = commands.add_parser(
         "evaluate", help="mean average precision and recall@k of an index",
-        description="Search the index with the query images of QUERIES (an encodings file, usually "
-                    "the one the index was built from) and score the rankings against a ground "
-                    "truth read from the image names: 'holidays' (INRIA Holidays: NNNNNN.jpg, a "
-                    "query every 100, its group's other images are positives) or 'folders' "
-                    "(every image is a query, its folder's other images are its positives). The "
-                    "query itself is excluded from its ranking; AP is the Holidays/Oxford "
-                    "trapezoidal AP.",
-        epilog="example: vladkit evaluate holidays.index holidays.npz --ground-truth holidays",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Search INDEX with every image of QUERIES and score the rankings: mean average
+precision (mAP, the Holidays/Oxford trapezoidal AP) and recall@k (the fraction
+of queries with a positive among their first k results).
+
+QUERIES is an encodings file from 'vladkit encode', made with the index's
+vocabulary and options. It is either the file the index was built from (every
+indexed image is a query, as in INRIA Holidays) or images kept out of the index
+(held-out queries: 15-Scene's test/ searched in an index of train/). Either way
+the positives of a query are the INDEX images of its group; a query that is
+itself indexed is left out of its own ranking.
+
+--ground-truth folders: an image's group is its folder relative to the root of
+  its collection: test/coast/1.jpg (a query) and train/coast/7.jpg (indexed)
+  are both in group 'coast'. By default each root is the deepest folder above
+  all the image folders of its collection (test/ and train/ here); queries that
+  are all indexed images share the index's root. --query-root and
+  --database-root set the roots.
+--ground-truth holidays: INRIA Holidays names (NNNNNN.jpg): the queries are
+  the images NNNN00.jpg, their positives the other index images NNNNxx.jpg.""",
+        epilog="""\
+examples:
+  vladkit evaluate holidays.index holidays.npz --ground-truth holidays
+  vladkit evaluate train.index test.npz --ground-truth folders   # held-out queries
+  vladkit evaluate train.index test.npz --ground-truth folders --top 100 --k 1 10 100""",
     )
     evaluate.add_argument("index", help="index folder from 'vladkit index build'")
-    evaluate.add_argument("queries", help="encodings file holding the query images")
+    evaluate.add_argument("queries", help="encodings file of the query images (the indexed ones or others)")
     evaluate.add_argument("--ground-truth", choices=("holidays", "folders"), required=True,
-                          help="how positives are read from the image paths")
-    evaluate.add_argument("--k", type=_positive_int, nargs="+", default=[1, 5, 10], metavar="K",
-                          help="recall@k for these k (default 1 5 10)")
+                          help="how groups are read from the image paths (see above)")
+    evaluate.add_argument("--query-root", default=None, metavar="DIR",
+                          help="folders: the folder that holds the query group folders (default: inferred)")
+    evaluate.add_argument("--database-root", default=None, metavar="DIR",
+                          help="folders: the folder that holds the indexed group folders (default: inferred)")
+    evaluate.add_argument("--k", type=_positive_int, nargs="+", default=None, metavar="K",
+                          help="recall@k for these k (default 1 5 10, or those up to --top); at most --top")
     evaluate.add_argument("--top", type=_positive_int, default=None, metavar="N",
-                          help="rank only the top N (default: the whole index, exact mAP)")
+                          help="score only the first N results of each query, not counting the query "
+                               "itself when it is indexed: reported as mAP@N, positives ranked lower "
+                               "count as not found (default: rank the whole index, exact mAP)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=cmd_evaluate)
 
@@ -669,6 +845,11 @@ def main(argv=None) -> int:
     # `kill -INT` would be silently ignored. Interrupting must always stop cleanly.
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # File names whose bytes are not UTF-8 are printed as those bytes, as ls does, not
+    # as an encoding error after the job.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -677,8 +858,19 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        print("vladkit: interrupted; nothing was written", file=sys.stderr)
+        # (encode keeps its finished shards in OUTPUT.parts/ for a rerun: not an output)
+        print("vladkit: interrupted; no output file was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`vladkit vocab info F | head -1`): stop
+        # quietly, as Unix tools do, with the status of a SIGPIPE death; stdout now goes
+        # nowhere so that the interpreter's final flush does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except UsageError as exc:
+        print(f"vladkit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (CommandError, ImageReadError, VocabularyFileError, EncodingsFileError, IndexFileError,
             ValueError, OSError, RuntimeError) as exc:
         print(f"vladkit: error: {exc}", file=sys.stderr)

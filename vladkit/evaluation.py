@@ -11,6 +11,12 @@ published ones: the ignored items (the query itself, Oxford's "junk") are remove
 the ranking first, then the precision-recall curve is integrated with the trapezoid rule
 starting from (recall 0, precision 1). Nothing here ever returns NaN: a query without
 positives, or a ground truth without queries, is a ``ValueError``.
+
+Two protocols are supported. In the same-collection one (INRIA Holidays), the queries are
+database images: :func:`holidays_ground_truth` and :func:`folder_ground_truth` take one
+list of ids. In the held-out one (15-Scene: index ``train/``, query with ``test/``), the
+queries are other images: :func:`retrieval_ground_truth` takes the query ids and the
+database ids, and the positives are always database ids.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ __all__ = [
     "GroundTruth",
     "average_precision",
     "folder_ground_truth",
+    "folder_roots",
     "holidays_ground_truth",
     "mean_average_precision",
     "recall_at_k",
+    "retrieval_ground_truth",
 ]
 
 # Holidays image numbers are ASCII digits only; int() alone would also take "+1", " 12",
@@ -97,9 +105,25 @@ def _id_collection(ids, name):
     return ids
 
 
-def _positive_ranks(ranked, positives, ignore, where=""):
+def _check_top(top):
+    """``top`` as an int >= 1, or None."""
+    if top is None:
+        return None
+    try:
+        if isinstance(top, bool):
+            raise TypeError
+        top = operator.index(top)
+    except TypeError:
+        raise ValueError(f"top must be an integer >= 1 or None, got {top!r}") from None
+    if top < 1:
+        raise ValueError(f"top must be an integer >= 1 or None, got {top!r}")
+    return top
+
+
+def _positive_ranks(ranked, positives, ignore, where="", top=None):
     """0-based ranks (float64, increasing) of the positives in ``ranked`` once the ignored
-    items are removed, and the number of positives ``npos`` (ignored ones not counted)."""
+    items are removed, and the number of positives ``npos`` (ignored ones not counted).
+    With ``top``, only the first ``top`` items left after that removal are looked at."""
     ranked = _id_collection(ranked, f"{where}ranked")
     ignore = set(_id_collection(ignore, f"{where}ignore"))
     # An ignored id is out of the evaluation altogether: counting it as a positive that can
@@ -111,6 +135,8 @@ def _positive_ranks(ranked, positives, ignore, where=""):
     seen = set()
     rank = 0
     for item in ranked:
+        if top is not None and rank >= top:
+            break
         if item in seen:
             # Counted twice, a positive would push AP above 1; a repeated id is a bug upstream.
             raise ValueError(f"{where}id {item!r} appears more than once in the ranking")
@@ -131,7 +157,7 @@ def _trapezoid_ap(ranks, npos):
     return float((before + after).sum() / (2 * npos))
 
 
-def average_precision(ranked, positives, ignore=()):
+def average_precision(ranked, positives, ignore=(), top=None):
     """Average precision of one ranked result list, by the Holidays / Oxford trapezoid rule.
 
     The ids in ``ignore`` (the query itself, Oxford "junk") are removed from the ranking
@@ -160,6 +186,10 @@ def average_precision(ranked, positives, ignore=()):
         The relevant ids.
     ignore : collection of ids, default=()
         Ids removed from the ranking (and from ``positives``) before scoring.
+    top : int, optional
+        Score only the first ``top`` items of the ranking once ``ignore`` is removed: AP@top,
+        which counts the positives ranked lower as never found (so AP@top <= AP). Default:
+        the whole ranking as given.
 
     Returns
     -------
@@ -171,11 +201,11 @@ def average_precision(ranked, positives, ignore=()):
         If no positive remains once ``ignore`` is removed (AP is undefined, and NaN is
         never returned), or an id appears twice in ``ranked``.
     """
-    ranks, npos = _positive_ranks(ranked, positives, ignore)
+    ranks, npos = _positive_ranks(ranked, positives, ignore, top=_check_top(top))
     return _trapezoid_ap(ranks, npos)
 
 
-def _query_ranks(rankings, ground_truth, exclude_query):
+def _query_ranks(rankings, ground_truth, exclude_query, top=None):
     """(query, positive ranks, npos) for every query of the ground truth, in its order."""
     if not isinstance(rankings, Mapping):
         raise TypeError(
@@ -195,11 +225,11 @@ def _query_ranks(rankings, ground_truth, exclude_query):
         ignore = set(_id_collection(ignore, f"query {query!r}: ignore"))
         if exclude_query:
             ignore.add(query)
-        ranks, npos = _positive_ranks(rankings[query], positives, ignore, f"query {query!r}: ")
+        ranks, npos = _positive_ranks(rankings[query], positives, ignore, f"query {query!r}: ", top)
         yield query, ranks, npos
 
 
-def mean_average_precision(rankings, ground_truth, exclude_query=True):
+def mean_average_precision(rankings, ground_truth, exclude_query=True, top=None):
     """Mean over the ground truth's queries of their :func:`average_precision`.
 
         mAP = (1 / |Q|) sum_{q in Q} AP(ranking_q, positives_q, ignore_q [+ q])
@@ -219,6 +249,12 @@ def mean_average_precision(rankings, ground_truth, exclude_query=True):
         the query itself first. For Oxford-style protocols, where the query is a crop
         whose full image counts as a positive, key the queries by a name that is not a
         database id (or pass ``False``).
+    top : int, optional
+        Score only the first ``top`` results of each ranking, counted once the query and
+        its ignored ids are removed: the mAP@top of a top-N search, where the positives
+        ranked lower count as never found (so mAP@top <= mAP; report it as such). Rankings
+        cut at N by a search give the same figure as passing ``top=N``, provided the
+        search returned N results besides the query itself. Default: the rankings as given.
 
     Returns
     -------
@@ -230,7 +266,7 @@ def mean_average_precision(rankings, ground_truth, exclude_query=True):
         If a query of the ground truth has no ranking or no positives (the message names
         it), or the ground truth has no queries.
     """
-    queries = _query_ranks(rankings, ground_truth, exclude_query)
+    queries = _query_ranks(rankings, ground_truth, exclude_query, _check_top(top))
     aps = [_trapezoid_ap(ranks, npos) for _, ranks, npos in queries]
     return float(np.mean(aps))
 
@@ -253,7 +289,7 @@ def _check_ks(k):
     return checked
 
 
-def recall_at_k(rankings, ground_truth, k=(1, 5, 10), exclude_query=True):
+def recall_at_k(rankings, ground_truth, k=(1, 5, 10), exclude_query=True, top=None):
     """Fraction of queries with at least one positive in their top k, for each k.
 
         recall@k = (1 / |Q|) sum_{q in Q} [ min_j r_{q,j} < k ]
@@ -274,6 +310,12 @@ def recall_at_k(rankings, ground_truth, k=(1, 5, 10), exclude_query=True):
         Cut-offs, each >= 1.
     exclude_query : bool, default=True
         Remove the query's own id from its ranking first.
+    top : int, optional
+        The rankings are (to be) cut at ``top`` results, counted as for
+        :func:`mean_average_precision`. A ``k`` above it is refused: recall@k of rankings
+        cut at N is recall@N for every k >= N, not the recall@k of the full ranking. Pass
+        it whenever the rankings come from a top-N search. Default: the rankings are taken
+        as complete, and a k longer than a ranking sees all of it.
 
     Returns
     -------
@@ -283,11 +325,17 @@ def recall_at_k(rankings, ground_truth, k=(1, 5, 10), exclude_query=True):
     Raises
     ------
     ValueError
-        As :func:`mean_average_precision`, and for a ``k`` that is not an integer >= 1.
+        As :func:`mean_average_precision`, for a ``k`` that is not an integer >= 1, and for
+        a ``k`` above ``top``.
     """
     ks = _check_ks(k)
+    top = _check_top(top)
+    above = [value for value in ks if top is not None and value > top]
+    if above:
+        raise ValueError(f"k={above[0]} is above top={top}: rankings cut at {top} results cannot "
+                         f"tell recall@{above[0]}, which would read as recall@{top}")
     # A query whose positives were never retrieved is never recognised, whatever k.
-    queries = _query_ranks(rankings, ground_truth, exclude_query)
+    queries = _query_ranks(rankings, ground_truth, exclude_query, top)
     first = np.array([ranks[0] if len(ranks) else np.inf for _, ranks, _ in queries])
     return {value: float(np.mean(first < value)) for value in ks}
 
@@ -310,6 +358,28 @@ def _check_ids(ids):
     return ids, list(paths)
 
 
+def _holidays_numbers(ids, paths, strict=True):
+    """image number -> id, in the order of ``ids``; a number given twice is a
+    ``ValueError``, and so is a name that is not a number, unless not ``strict`` (then
+    the image is left out)."""
+    numbers = {}
+    for image_id, path in zip(ids, paths):
+        if not _IMAGE_NUMBER.fullmatch(path.stem):
+            if not strict:
+                continue
+            raise ValueError(
+                f"{image_id!r} is not a Holidays image: its name should be a number "
+                "(e.g. 100301.jpg)"
+            )
+        number = int(path.stem)
+        if number in numbers:
+            raise ValueError(
+                f"{image_id!r} and {numbers[number]!r} are the same Holidays image number {number}"
+            )
+        numbers[number] = image_id
+    return numbers
+
+
 def holidays_ground_truth(ids):
     """The INRIA Holidays ground truth (Jegou et al. 2008) of a list of its images.
 
@@ -320,7 +390,9 @@ def holidays_ground_truth(ids):
     an image are only distractors.
 
     A query whose group holds no other image among ``ids`` is skipped: it has no
-    positives, so its AP would be undefined.
+    positives, so its AP would be undefined. The queries and positives both come from
+    ``ids`` (the queries are database images); for queries stored apart from the
+    database, use :func:`retrieval_ground_truth`.
 
     Parameters
     ----------
@@ -339,21 +411,9 @@ def holidays_ground_truth(ids):
         If a file name's stem is not a number (the message names the file), or two ids
         have the same image number.
     """
-    ids, paths = _check_ids(ids)
-    numbers = {}
+    numbers = _holidays_numbers(*_check_ids(ids))
     groups = {}
-    for image_id, path in zip(ids, paths):
-        if not _IMAGE_NUMBER.fullmatch(path.stem):
-            raise ValueError(
-                f"{image_id!r} is not a Holidays image: its name should be a number "
-                "(e.g. 100301.jpg)"
-            )
-        number = int(path.stem)
-        if number in numbers:
-            raise ValueError(
-                f"{image_id!r} and {numbers[number]!r} are the same Holidays image number {number}"
-            )
-        numbers[number] = image_id
+    for number in numbers:
         groups.setdefault(number // 100, []).append(number)
     ground_truth = {}
     for number, image_id in numbers.items():
@@ -373,7 +433,9 @@ def folder_ground_truth(ids):
     one root). Every image whose folder holds at least one other image of ``ids`` is a
     query, and its positives are the other images of that folder. Images alone in their
     folder are not queries (no positives) but stay in the database as distractors. Bare
-    file names all share the folder ".".
+    file names all share the folder ".". This is the same-collection protocol: for
+    queries that are not database images (a held-out test set in folders named like the
+    database's), use :func:`retrieval_ground_truth`.
 
     Parameters
     ----------
@@ -401,3 +463,194 @@ def folder_ground_truth(ids):
         if len(members) > 1:
             ground_truth[image_id] = [ids[other] for other in members if other != index]
     return ground_truth
+
+
+# ---------------------------------------------------------- queries apart from the database
+
+
+def _folder_root(paths, what):
+    """The deepest folder above every image folder of ``paths``."""
+    if not paths:
+        return PurePath()
+    if len({path.is_absolute() for path in paths}) > 1:
+        raise ValueError(f"the {what} ids mix absolute and relative paths: give the {what} root")
+    # Above the image folders, not at their common folder: a collection whose images are
+    # all in one folder ("test/coast/...", a one-class query set) must still be grouped
+    # by that folder's name, as the same folder of a larger collection would be.
+    common = paths[0].parent.parent.parts
+    for path in paths[1:]:
+        parts = path.parent.parent.parts
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return PurePath(*common)
+
+
+def _root(root):
+    try:
+        return PurePath(os.fspath(root))
+    except TypeError:
+        raise TypeError(f"a root must be a path, got {root!r}") from None
+
+
+def _folder_roots(query_paths, database_paths, query_root, database_root):
+    database_root = _folder_root(database_paths, "database") if database_root is None else _root(database_root)
+    if query_root is not None:
+        query_root = _root(query_root)
+    elif query_paths and set(query_paths) <= set(database_paths):
+        # The queries are (part of) the indexed collection: one collection, one root. Their
+        # own root could differ (a subset in fewer folders) and split groups that are one.
+        query_root = database_root
+    else:
+        query_root = _folder_root(query_paths, "query")
+    return query_root, database_root
+
+
+def folder_roots(query_ids, database_ids, query_root=None, database_root=None):
+    """The folders that the "folders" rule of :func:`retrieval_ground_truth` groups the
+    query images and the database images relative to.
+
+    A root given is used as is. A root left out (None) is inferred from the ids, as
+    written (``PurePath``: nothing is resolved on disk):
+
+    - the database root is the deepest folder above all the database images' folders,
+      e.g. ``/data/scene15/train`` for ``/data/scene15/train/<class>/*.jpg``; it is above
+      their folder even when they all lie in one: ``a/b/*.jpg`` has the root ``a`` and
+      the group ``b``.
+    - the query root is the database root when every query image is also a database
+      image (the same collection, or part of it); otherwise it is inferred from the query
+      images in the same way, e.g. ``/data/scene15/test``.
+
+    Parameters
+    ----------
+    query_ids, database_ids : sequence of str or path-like
+        The query images and the database images.
+    query_root, database_root : str or path-like, optional
+        Roots to use instead of the inferred ones.
+
+    Returns
+    -------
+    (query_root, database_root) : tuple of PurePath
+
+    Raises
+    ------
+    ValueError
+        If an image is listed twice in one collection, or the ids of a collection whose
+        root is inferred mix absolute and relative paths.
+    """
+    _, query_paths = _check_ids(query_ids)
+    _, database_paths = _check_ids(database_ids)
+    return _folder_roots(query_paths, database_paths, query_root, database_root)
+
+
+def _groups(paths, ids, root, what):
+    groups = []
+    for image_id, path in zip(ids, paths):
+        try:
+            groups.append(path.parent.relative_to(root))
+        except ValueError:
+            raise ValueError(f"{what} image {image_id!r} is not under the {what} root "
+                             f"{str(root)!r}") from None
+    return groups
+
+
+def retrieval_ground_truth(query_ids, database_ids, rule="folders", query_root=None,
+                           database_root=None):
+    """The ground truth of queries searched in a database, the queries being database
+    images or not.
+
+    The positives of a query are the database images of its group, other than the query
+    itself. The query is "itself" in the database only when it is also a database image:
+    then it is neither a positive nor a negative (it is in the returned ``ignore``).
+    Images of the query's group that are not among ``query_ids`` are positives all the
+    same: the positives come from ``database_ids`` only.
+
+    - ``"folders"``: an image's group is its folder relative to its collection's root
+      (see :func:`folder_roots`): with the roots ``test`` and ``train``, the query
+      ``test/coast/1.jpg`` has the positives ``train/coast/*``. The query itself is the
+      database id equal to it as a ``PurePath``.
+    - ``"holidays"``: INRIA Holidays (Jegou et al. 2008). The image number is the file
+      name's stem; the queries are the images whose ``number % 100 == 0``, and the group
+      is ``number // 100``; folders play no part. The query itself is the database image
+      of the same number, wherever it is stored. Images whose name is not a number are
+      in no group: distractors in the database (Flickr images added to Holidays), not
+      queries.
+
+    Queries without any positive in the database are left out (their AP would be
+    undefined). With ``query_ids == database_ids``, the positives are those of
+    :func:`folder_ground_truth` and :func:`holidays_ground_truth`.
+
+    Parameters
+    ----------
+    query_ids : sequence of str or path-like
+        The query images, as they key the rankings.
+    database_ids : sequence of str or path-like
+        The database images, as they appear in the rankings (the ids of the index).
+    rule : {"folders", "holidays"}, default="folders"
+        How groups are read from the ids.
+    query_root, database_root : str or path-like, optional
+        ``"folders"`` only: the roots the groups are relative to; inferred when None, as
+        :func:`folder_roots` describes.
+
+    Returns
+    -------
+    GroundTruth
+        ``positives``: query id -> list of database ids, the queries in the order of
+        ``query_ids`` and their positives in the order of ``database_ids``, ids exactly as
+        given. ``ignore``: query id -> [its own database id], for the queries that are
+        database images. Pass it to :func:`mean_average_precision` and
+        :func:`recall_at_k` as is.
+
+    Raises
+    ------
+    ValueError
+        For an unknown rule, roots given with ``"holidays"``, an image listed twice in one
+        collection (or, Holidays, two images of one number), an image not under the root
+        given for its collection, and the errors of :func:`folder_roots`.
+
+    Examples
+    --------
+    >>> truth = retrieval_ground_truth(
+    ...     ["test/a/1.jpg", "test/b/2.jpg"],
+    ...     ["train/a/3.jpg", "train/b/4.jpg", "train/a/5.jpg"])
+    >>> truth.positives
+    {'test/a/1.jpg': ['train/a/3.jpg', 'train/a/5.jpg'], 'test/b/2.jpg': ['train/b/4.jpg']}
+    """
+    if rule not in ("folders", "holidays"):
+        raise ValueError(f"rule must be 'folders' or 'holidays', got {rule!r}")
+    query_ids, query_paths = _check_ids(query_ids)
+    database_ids, database_paths = _check_ids(database_ids)
+    positives, ignore = {}, {}
+    if rule == "holidays":
+        if query_root is not None or database_root is not None:
+            raise ValueError("query_root and database_root are for the 'folders' rule: the "
+                             "Holidays rule reads groups from image numbers")
+        database = _holidays_numbers(database_ids, database_paths, strict=False)
+        groups = {}
+        for number in database:
+            groups.setdefault(number // 100, []).append(number)
+        for number, query in _holidays_numbers(query_ids, query_paths, strict=False).items():
+            if number % 100:
+                continue
+            found = [database[other] for other in groups.get(number // 100, ()) if other != number]
+            if found:
+                positives[query] = found
+                if number in database:
+                    ignore[query] = [database[number]]
+        return GroundTruth(positives, ignore)
+
+    query_root, database_root = _folder_roots(query_paths, database_paths, query_root, database_root)
+    members = {}
+    for image_id, path, group in zip(database_ids, database_paths,
+                                     _groups(database_paths, database_ids, database_root, "database")):
+        members.setdefault(group, []).append((path, image_id))
+    for query, path, group in zip(query_ids, query_paths,
+                                  _groups(query_paths, query_ids, query_root, "query")):
+        found = [image_id for other, image_id in members.get(group, ()) if other != path]
+        if found:
+            positives[query] = found
+            itself = [image_id for other, image_id in members[group] if other == path]
+            if itself:
+                ignore[query] = itself
+    return GroundTruth(positives, ignore)
