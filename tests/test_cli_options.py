@@ -240,3 +240,10 @@ def test_documents_cited_are_in_the_repository():
             cited |= set(re.findall(r"\b([A-Z][A-Z_]+\.md)\b", path.read_text(encoding="utf-8")))
     assert "ARCHITECTURE.md" in cited
     assert all((ROOT / name).is_file() for name in cited), sorted(cited)
+
+
+def test_encoder_and_vocabulary_kinds_must_match(project, tmp_path):
+    code, _, err = cli("encode", project / "images", "--vocab", project / "words.npz", "--encoder", "fisher",
+                       "-o", tmp_path / "e.npz", "-q")
+    assert code == 2 and "GMMVocabulary" in err and "--kind gmm" in err, err
+    assert not (tmp_path / "e.npz").exists()

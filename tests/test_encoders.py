@@ -9,6 +9,8 @@ from sklearn.exceptions import NotFittedError
 import reference as ref
 from vladkit import BoFEncoder, FisherEncoder, GMMVocabulary, KMeansVocabulary, VLADEncoder
 from vladkit import _vlfeat as vl
+from vladkit import LocalFeatures, SpatialPyramid
+from vladkit.encoders.pyramid import cell_masks
 
 needs_vlfeat = pytest.mark.skipif(
     vl.load() is None, reason="VLFeat's libvl is not installed (apt-get install libvlfeat-dev)")
@@ -176,6 +178,28 @@ def test_bof_matches_numpy_reference(data, assignment, tf_idf, power, norm):
             np.testing.assert_allclose(encoded, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("assignment", ["hard", "soft"])
+def test_bof_idf_from_document_frequencies_of_batches(data, assignment):
+    # Document frequencies counted batch by batch (as ImageEncoder streams images) give
+    # the idf_ that fit gives on all the images at once.
+    make = lambda: BoFEncoder(vocabulary=data["kmeans"], assignment=assignment, sigma=0.9, tf_idf=True)
+    sets = data["sets"]
+    streamed = make().fit(sets[:1])
+    df = np.zeros(K, dtype=np.int64)
+    for batch in (sets[:2], sets[2:4], sets[4:]):
+        accumulation = streamed._accumulate(len(batch))
+        for image, descriptors in enumerate(batch):
+            accumulation.add(image, descriptors)
+        df += streamed._document_frequency(accumulation)
+    streamed._set_idf(df, len(sets))
+    np.testing.assert_array_equal(streamed.idf_, make().fit(sets).idf_)
+    assert streamed.idf_[-1] == np.log(6) + 1  # the word no descriptor is assigned to
+    with pytest.raises(ValueError, match="shape"):
+        streamed._set_idf(df[:-1], len(sets))
+    with pytest.raises(ValueError, match="n_images"):
+        streamed._set_idf(df, 1)
+
+
 # ------------------------------------------------------------------------- edge cases
 
 
@@ -246,9 +270,10 @@ def test_vocabulary_from_file_and_unfitted_template(data, tmp_path):
     template = VLADEncoder(vocabulary=KMeansVocabulary(4, random_state=0)).fit(data["sets"])
     np.testing.assert_array_equal(template.vocabulary_.centers_, trained.centers_)
     assert template.vocabulary_ is not template.vocabulary  # the template stays unfitted
-    # A fitted vocabulary survives sklearn.clone (it is a trained artifact, like its file).
+    # A fitted vocabulary survives sklearn.clone as an independent copy of the same words.
     cloned = clone(VLADEncoder(vocabulary=trained)).fit(data["sets"][:1])
-    assert cloned.vocabulary_ is trained
+    assert cloned.vocabulary_ is not trained
+    np.testing.assert_array_equal(cloned.vocabulary_.centers_, trained.centers_)
 
 
 def test_errors(data):
@@ -286,3 +311,178 @@ def test_the_vlfeat_comparison_can_fail(data):
     other = vl.vlad_encode(X, data["kmeans"].centers_, Q, vl.VLAD_SQUARE_ROOT)
     assert np.abs(ours - same).max() <= 1e-5
     assert np.abs(ours - other).max() > 1e-3
+
+
+# ---------------------------------------------------------------- spatial pyramid cells
+
+PYRAMID_LEVELS = ((1, 1), (2, 2), (1, 3))
+
+
+def _pyramid_cells(points, shape, levels=PYRAMID_LEVELS):
+    """(row, column) of each point, per level, read off ``cell_masks``."""
+    points = np.asarray(points, dtype=np.float32)
+    features = LocalFeatures(np.zeros((len(points), 1), np.float32), points,
+                             np.ones(len(points), np.float32), shape)
+    masks, cells = cell_masks(features, levels), []
+    for nx, ny in levels:
+        block, masks = np.array(masks[:nx * ny]), masks[nx * ny:]
+        assert (block.sum(axis=0) == 1).all()  # every point in exactly one cell
+        cell = block.argmax(axis=0)
+        cells.append(np.stack([cell // nx, cell % nx], axis=1))
+    return cells
+
+
+def _pixel_lattice(n):
+    """Positions (2k + 1) / 64 - 0.5 across an n-pixel side: exact in float32, mirrored
+    exactly by n - 1 - x, and never on a cell boundary of 1, 2 or 3 cells ((x + 0.5) * 3 / n
+    is never an integer, the numerator being odd)."""
+    return (2 * np.arange(32 * n) + 1) / 64 - 0.5
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (201, 299), (480, 640), (7, 5), (1, 1)])
+def test_pyramid_cells_are_mirror_symmetric(shape):
+    """Finding 12: positions are pixel centres, so x and its mirror w - 1 - x must fall in
+    mirrored cells; the cells used to be cut as if positions were pixel edges."""
+    h, w = shape
+    rng = np.random.default_rng(0)
+    xs, ys = _pixel_lattice(w), _pixel_lattice(h)
+    points = np.concatenate([
+        np.stack([xs, rng.choice(ys, len(xs))], axis=1),
+        np.stack([rng.choice(xs, len(ys)), ys], axis=1),
+        [[-3.0, -1.25], [w + 2.0, h + 0.75], [-0.5, h - 0.5]],  # outside: clipped
+    ])
+    mirror_x = np.stack([w - 1 - points[:, 0], points[:, 1]], axis=1)
+    mirror_y = np.stack([points[:, 0], h - 1 - points[:, 1]], axis=1)
+    cells = _pyramid_cells(points, shape)
+    for (nx, ny), cell, cell_x, cell_y in zip(PYRAMID_LEVELS, cells, _pyramid_cells(mirror_x, shape),
+                                              _pyramid_cells(mirror_y, shape)):
+        np.testing.assert_array_equal(cell_x, np.stack([cell[:, 0], nx - 1 - cell[:, 1]], axis=1))
+        np.testing.assert_array_equal(cell_y, np.stack([ny - 1 - cell[:, 0], cell[:, 1]], axis=1))
+
+
+def test_pyramid_cells_by_hand():
+    """Cell boundaries at k w / n - 0.5 (pixel edges, pixel centres at integers); h = 200,
+    w = 300: columns of 2 split at 149.5, rows of 2 at 99.5, rows of 3 at 66.17 and 132.83."""
+    points = [
+        (10, 66.4),     # was band 0 of 3, while its mirror 132.6 was band 1
+        (10, 132.6),    # its mirror: band 1 too
+        (0, 132.9),     # band 2 (was 1)
+        (149.6, 99.4),  # right of the middle (was left)
+        (149.4, 99.6),  # below the middle (was above)
+        (149.5, 99.5),  # on the boundaries: half-open cells, right and below
+        (-0.5, -0.5),   # the image's corner
+        (299.4, 199.4),
+        (-5, 250),      # outside: the nearest cell
+    ]
+    expected = {  # (row, column) per level (1, 1), (2, 2), (1, 3)
+        (2, 2): [(0, 0), (1, 0), (1, 0), (0, 1), (1, 0), (1, 1), (0, 0), (1, 1), (1, 0)],
+        (1, 3): [(1, 0), (1, 0), (2, 0), (1, 0), (1, 0), (1, 0), (0, 0), (2, 0), (2, 0)],
+    }
+    cells = _pyramid_cells(points, (200, 300))
+    np.testing.assert_array_equal(cells[0], 0)
+    np.testing.assert_array_equal(cells[1], expected[(2, 2)])
+    np.testing.assert_array_equal(cells[2], expected[(1, 3)])
+
+
+def test_pyramid_of_a_mirrored_image_mirrors_its_cells(data):
+    """End to end: mirroring the positions left-right permutes the columns' blocks."""
+    h, w = 200, 300
+    X = data["sets"][3]
+    rng = np.random.default_rng(1)
+    xy = np.stack([rng.choice(_pixel_lattice(w), len(X)), rng.choice(_pixel_lattice(h), len(X))], axis=1)
+    features = LocalFeatures(X, xy.astype(np.float32), np.ones(len(X), np.float32), (h, w))
+    mirrored = LocalFeatures(X, np.stack([w - 1 - xy[:, 0], xy[:, 1]], axis=1).astype(np.float32),
+                             np.ones(len(X), np.float32), (h, w))
+    pyramid = SpatialPyramid(BoFEncoder(vocabulary=data["kmeans"]), levels=PYRAMID_LEVELS).fit([features])
+    out, out_mirrored = pyramid.transform([features, mirrored])
+    blocks, blocks_mirrored = out.reshape(pyramid.n_cells_, -1), out_mirrored.reshape(pyramid.n_cells_, -1)
+    order, first = [], 0
+    for nx, ny in PYRAMID_LEVELS:
+        order.extend(first + row * nx + (nx - 1 - column) for row in range(ny) for column in range(nx))
+        first += nx * ny
+    np.testing.assert_array_equal(blocks_mirrored, blocks[order])
+
+
+# ------------------------------------------------------------ soft assignment's alpha
+
+
+def _netvlad_alpha(X, centers):
+    """-log(0.01) / mean(d_2^2 - d_1^2), distances from explicit differences, in float64."""
+    gaps = []
+    for start in range(0, len(X), 2000):
+        d = np.sort(ref.squared_distances(X[start:start + 2000], centers), axis=1)
+        gaps.append(d[:, 1] - d[:, 0])
+    return -np.log(0.01) / np.concatenate(gaps).mean()
+
+
+@pytest.mark.parametrize("assignment", ["soft", "knn"])
+def test_vlad_default_alpha_is_netvlads_rule(data, assignment):
+    """Issue 12, finding 14: alpha=None is NetVLAD's -log(0.01) / mean(d_2^2 - d_1^2);
+    "sigma", the former default 1 / (2 mean d_1^2), stays reachable."""
+    X = np.concatenate(data["sets"])  # 348 rows: the whole of X is the sample
+    centers = data["kmeans"].centers_
+    d = np.sort(ref.squared_distances(X, centers), axis=1)
+    expected = {None: -np.log(0.01) / (d[:, 1] - d[:, 0]).mean(), "sigma": 0.5 / d[:, 0].mean()}
+    expected["netvlad"] = expected[None]
+    assert expected[None] > 2 * expected["sigma"]  # the rules differ enough to tell apart
+    for alpha, value in expected.items():
+        encoder = VLADEncoder(vocabulary=data["kmeans"], assignment=assignment, alpha=alpha).fit(data["sets"])
+        np.testing.assert_allclose(encoder.alpha_, value, rtol=1e-6)
+    assert VLADEncoder(vocabulary=data["kmeans"], alpha=2.5, assignment=assignment).fit(data["sets"]).alpha_ == 2.5
+
+
+@pytest.mark.parametrize("alpha", ["fuzzy", "NetVLAD", 0, -1.0, np.nan, np.inf, True, [1.0]])
+def test_vlad_alpha_is_validated(data, alpha):
+    with pytest.raises(ValueError, match=r"alpha must be a positive number, one of \('netvlad', 'sigma'\)"):
+        VLADEncoder(vocabulary=data["kmeans"], assignment="soft", alpha=alpha).fit(data["sets"])
+
+
+def test_alpha_sample_is_drawn_set_by_set():
+    """A uniform sample of the pooled rows, drawn per set (row ids in column 0), the same
+    for the same seed."""
+    from vladkit.encoders.vlad import sample_rows
+
+    sizes = [0, 5, 3000, 12_000, 20_000, 7]
+    starts = np.cumsum([0] + sizes)
+    sets = [np.column_stack([np.arange(a, b), np.ones((b - a, 3))]).astype(np.float32)
+            for a, b in zip(starts[:-1], starts[1:])]
+    sample = sample_rows(sets, 1000, seed=3)
+    ids = sample[:, 0].astype(np.int64)
+    assert sample.shape == (1000, 4) and sample.dtype == np.float32
+    assert len(np.unique(ids)) == 1000 and np.all(np.diff(ids) > 0)  # distinct, in set order
+    counts = np.histogram(ids, bins=starts)[0]
+    expected = 1000 * np.array(sizes) / sum(sizes)
+    assert np.all(np.abs(counts - expected) <= 5 * np.sqrt(expected) + 1)
+    np.testing.assert_array_equal(sample_rows(sets, 1000, seed=3), sample)
+    assert not np.array_equal(sample_rows(sets, 1000, seed=4), sample)
+    np.testing.assert_array_equal(sample_rows(sets, 10**6, seed=3)[:, 0], np.arange(sum(sizes)))
+    with pytest.raises(ValueError, match="no descriptors"):
+        sample_rows([np.zeros((0, 4), np.float32)], 10, seed=0)
+
+
+def test_vlad_alpha_estimate_does_not_copy_the_descriptors():
+    """Issue 12, finding 11: fit with soft assignment used to concatenate every training
+    descriptor before sampling (a copy of X); now only a bounded sample is allocated."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    sets = [rng.random((20_000, 128), dtype=np.float32) for _ in range(40)]
+    total = sum(s.nbytes for s in sets)  # 410 MB
+    vocabulary = ref.kmeans_vocabulary(rng.random((16, 128), dtype=np.float32))
+    encoder = VLADEncoder(vocabulary=vocabulary, assignment="soft", random_state=7)
+    encoder.fit([sets[0][:100]])  # numba loads (or compiles) its kernels: not the fit's data
+    tracemalloc.start()
+    try:
+        encoder.fit(sets)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The sample is 20,000 x 128 float32 (10 MB, 2.5% of X), plus float64 blocks of it:
+    # ~20 MB in all. The old code's copy of X peaked above X itself.
+    assert peak < total / 10, f"peak {peak / 1e6:.0f} MB for {total / 1e6:.0f} MB of descriptors"
+    sample = encoder._alpha_sample(sets)
+    assert sample.shape == (20_000, 128)
+    np.testing.assert_allclose(encoder.alpha_, _netvlad_alpha(sample, vocabulary.centers_), rtol=1e-7)
+    # The same sample for the same random_state, another one for another.
+    np.testing.assert_array_equal(encoder._alpha_sample(sets), sample)
+    assert not np.array_equal(clone(encoder).set_params(random_state=8)._alpha_sample(sets), sample)

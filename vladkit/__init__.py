@@ -14,7 +14,17 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .datasets import labelled_images
-from .encoders import BoFEncoder, FisherEncoder, SpatialPyramid, VLADEncoder
+from .encoders import (
+    BoFEncoder,
+    FisherEncoder,
+    NetVLADEncoder,
+    NetVLADParams,
+    SpatialPyramid,
+    VLADEncoder,
+    init_netvlad,
+    load_netvlad,
+    save_netvlad,
+)
 from .features import SIFT, DenseSIFT, ImageSkippedWarning, LocalFeatures, root_sift
 from .image_encoder import ImageEncoder
 from .evaluation import (
@@ -40,7 +50,12 @@ __all__ = [
     "BoFEncoder",
     "FisherEncoder",
     "ImageEncoder",
+    "NetVLADEncoder",
+    "NetVLADParams",
     "VLADEncoder",
+    "init_netvlad",
+    "load_netvlad",
+    "save_netvlad",
     "DenseSIFT",
     "DescriptorSampler",
     "GMMVocabulary",

@@ -85,10 +85,17 @@ def encoder_memory(encoder):
     if encoder is None:
         return 0, 0
     from .encoders._base import CHUNK_ROWS
+    from .encoders.netvlad import NetVLADEncoder
 
     inner = getattr(encoder, "encoder_", encoder)
-    vocabulary = inner.vocabulary_
-    n_words, dim_in, dim = vocabulary.n_words_, vocabulary.descriptor_dim_, vocabulary.dim_
+    if isinstance(inner, NetVLADEncoder):
+        # No vocabulary: K clusters of the descriptors' own dimension (no PCA); the chunk,
+        # its scores and their float64 copies fit the same count.
+        params = inner.params_
+        n_words, dim_in, dim = params.n_clusters, params.dim, params.dim
+    else:
+        vocabulary = inner.vocabulary_
+        n_words, dim_in, dim = vocabulary.n_words_, vocabulary.descriptor_dim_, vocabulary.dim_
     fixed = CHUNK_ROWS * 4 * (2 * dim_in + 3 * dim + 3 * n_words)
     per_image = 8 * 3 * encoder.n_features_out_ + 16 * n_words * getattr(encoder, "n_cells_", 1)
     return fixed, per_image

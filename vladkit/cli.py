@@ -24,12 +24,15 @@ from .encodings import (
     EncodedImages,
     EncodingsFileError,
     Recipe,
+    check_encoder,
     default_encoder,
     describe_extractor,
     file_sha256,
     load_encodings,
+    load_vocabulary_file,
     locate_vocabulary,
     parse_extractor,
+    recorded_descriptor_type,
 )
 from .budget import DEFAULT_MAX_MEMORY, iter_batches, parse_memory
 from .evaluation import folder_roots, mean_average_precision, recall_at_k, retrieval_ground_truth
@@ -229,7 +232,7 @@ def cmd_vocab_info(args):
 def _recipe_from_args(args, vocab):
     """The extractor the vocabulary was built with (its recorded descriptor type),
     overridden by the feature options given, and the encoder asked for."""
-    recorded = parse_extractor(vocab.get_params().get("descriptor_type"))
+    recorded = parse_extractor(recorded_descriptor_type(vocab))
     given = {name: getattr(args, name) for name in ("root", "step", "sizes", "max_side")
              if getattr(args, name) is not None}
     if given.get("max_side") == 0:
@@ -244,6 +247,10 @@ def _recipe_from_args(args, vocab):
     valid = EXTRACTORS[kind]().get_params()
     params.update({k: (tuple(v) if k == "sizes" else v) for k, v in given.items() if k in valid})
     encoder_kind = args.encoder or default_encoder(vocab)
+    try:
+        check_encoder(encoder_kind, vocab)
+    except ValueError as exc:
+        raise UsageError(f"--encoder {encoder_kind} with --vocab {args.vocab}: {exc}") from None
     recipe = Recipe(kind, params, encoder_kind, {}, [list(level) for level in PYRAMID] if args.pyramid else None,
                     str(Path(args.vocab).resolve()), file_sha256(args.vocab))
     _, encoder = recipe.build(vocab, n_jobs=1)
@@ -251,7 +258,8 @@ def _recipe_from_args(args, vocab):
     # Record every parameter that shapes the vectors (defaults included), and only those:
     # the vocabulary is given, so the ones that would train one (its size, PCA, sample)
     # were not used, and the vocabulary file records how it was trained.
-    unused = {"vocabulary", "n_jobs", inner._size_param, "pca", "max_descriptors", "random_state"}
+    # (NetVLAD: its "params" are the file itself.)
+    unused = {"vocabulary", "params", "n_jobs", inner._size_param, "pca", "max_descriptors", "random_state"}
     recipe.encoder_params = {k: v for k, v in inner.get_params(deep=False).items() if k not in unused}
     return recipe
 
@@ -316,7 +324,7 @@ def cmd_encode(args):
     paths = list_images(args.folder, recursive=not args.no_recursive)
     if not paths:
         raise CommandError(f"no images found in {args.folder!r}")
-    vocab = load_vocabulary(args.vocab)
+    vocab = load_vocabulary_file(args.vocab)  # a vocabulary or NetVLAD parameters, by format
     recipe = _recipe_from_args(args, vocab)
     try:
         vectors, encoded, skipped, parts = _encode_job(args, paths, recipe, vocab)
@@ -700,17 +708,21 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.set_defaults(run=lambda args: (vocab.print_help(), EXIT_USAGE)[1])
 
     encode = commands.add_parser(
-        "encode", help="encode the images of a folder into vectors (BoF, VLAD, Fisher)",
+        "encode", help="encode the images of a folder into vectors (BoF, VLAD, Fisher, NetVLAD)",
         description="Extract local features from the images of FOLDER (recursively) and encode "
-                    "each image into one vector with the vocabulary, batch by batch. The output "
+                    "each image into one vector with the vocabulary (or NetVLAD parameters), batch "
+                    "by batch. The output "
                     "(.npz: vectors, image paths, and the recipe: features, encoder, vocabulary) "
                     "is written atomically. Unreadable images are reported and skipped.",
         epilog="example: vladkit encode photos/ --vocab words.npz --encoder vlad -o photos.npz",
     )
     encode.add_argument("folder", help="folder of images")
-    encode.add_argument("--vocab", required=True, metavar="FILE", help="vocabulary from 'vladkit vocab build'")
-    encode.add_argument("--encoder", choices=("bof", "vlad", "fisher"), default=None,
-                        help="default: fisher for a GMM vocabulary, vlad for k-means words")
+    encode.add_argument("--vocab", required=True, metavar="FILE",
+                        help="vocabulary from 'vladkit vocab build', or NetVLAD parameters from "
+                             "'vladkit netvlad train' (told apart by their format)")
+    encode.add_argument("--encoder", choices=("bof", "vlad", "fisher", "netvlad"), default=None,
+                        help="default: fisher for a GMM vocabulary, vlad for k-means words, netvlad "
+                             "for a NetVLAD file (which only netvlad can use)")
     encode.add_argument("--pyramid", action="store_true",
                         help="spatial pyramid: encode 1x1 + 2x2 + 1x3 cells and concatenate (8x longer)")
     encode.add_argument("-o", "--output", required=True, metavar="FILE", help="encodings file to write (.npz)")

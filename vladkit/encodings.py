@@ -5,6 +5,9 @@ An encodings file is an ``.npz`` archive (plain arrays, read with ``allow_pickle
 ``metadata`` entry holding the *recipe*: the local-feature extractor, the encoder and its
 parameters, the spatial pyramid if any, and the vocabulary's path and SHA-256. With the
 recipe, new images (search queries) are encoded exactly as the indexed ones were.
+
+For the "netvlad" encoder, the "vocabulary" file is a NetVLAD parameters file
+(:func:`vladkit.load_netvlad`); the two kinds of file are told apart by their format.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ import numpy as np
 
 from . import __version__
 from ._io import write_npz_atomically
-from .encoders import BoFEncoder, FisherEncoder, SpatialPyramid, VLADEncoder
+from .encoders import BoFEncoder, FisherEncoder, NetVLADEncoder, SpatialPyramid, VLADEncoder
+from .encoders.netvlad import NetVLADParams, is_netvlad_file, load_netvlad
 from .features import SIFT, DenseSIFT
 from .vocabulary import GMMVocabulary, _jsonable, _Vocabulary, load_vocabulary
 
-__all__ = ["EncodedImages", "EncodingsFileError", "Recipe", "load_encodings", "locate_vocabulary"]
+__all__ = ["EncodedImages", "EncodingsFileError", "Recipe", "load_encodings", "load_vocabulary_file",
+           "locate_vocabulary"]
 
 FILE_FORMAT = "vladkit-encodings"
 FILE_FORMAT_VERSION = 1
 
-ENCODERS = {"bof": BoFEncoder, "vlad": VLADEncoder, "fisher": FisherEncoder}
+ENCODERS = {"bof": BoFEncoder, "vlad": VLADEncoder, "fisher": FisherEncoder, "netvlad": NetVLADEncoder}
 EXTRACTORS = {"SIFT": SIFT, "DenseSIFT": DenseSIFT}
 
 
@@ -79,28 +84,34 @@ class Recipe:
 
     extractor: str                 # "SIFT" or "DenseSIFT"
     extractor_params: dict
-    encoder: str                   # "bof", "vlad" or "fisher"
+    encoder: str                   # "bof", "vlad", "fisher" or "netvlad"
     encoder_params: dict = field(default_factory=dict)
     pyramid: list | None = None    # levels [[n_x, n_y], ...] or None
-    vocabulary_path: str = ""
+    vocabulary_path: str = ""      # a vocabulary file, or NetVLAD parameters for "netvlad"
     vocabulary_sha256: str = ""
 
     def build(self, vocabulary=None, n_jobs=-1):
-        """(extractor, fitted encoder). ``vocabulary``: a loaded vocabulary, or a path
-        overriding the recorded one."""
-        if isinstance(vocabulary, _Vocabulary):
+        """(extractor, fitted encoder). ``vocabulary``: a loaded vocabulary (or
+        NetVLADParams), or a path overriding the recorded one."""
+        if isinstance(vocabulary, (_Vocabulary, NetVLADParams)):
             vocab = vocabulary
         else:
             path = vocabulary or self.vocabulary_path
             if not os.path.isfile(path):
                 raise EncodingsFileError(f"vocabulary file {path!r} not found (it was used to encode: "
                                          "pass its new place as vocabulary=)")
-            vocab = load_vocabulary(path)
+            vocab = load_vocabulary_file(path)
+        check_encoder(self.encoder, vocab)
         extractor = EXTRACTORS[self.extractor](**self.extractor_params, n_jobs=n_jobs)
-        encoder = ENCODERS[self.encoder](vocabulary=vocab, **self.encoder_params)
+        if isinstance(vocab, NetVLADParams):
+            encoder = NetVLADEncoder(params=vocab, **self.encoder_params)
+            dim = vocab.dim
+        else:
+            encoder = ENCODERS[self.encoder](vocabulary=vocab, **self.encoder_params)
+            dim = vocab.descriptor_dim_
         if self.pyramid is not None:
             encoder = SpatialPyramid(encoder, levels=[tuple(level) for level in self.pyramid])
-        empty = np.zeros((0, vocab.descriptor_dim_), np.float32)
+        empty = np.zeros((0, dim), np.float32)
         return extractor, encoder.fit([empty])
 
     def to_json(self):
@@ -186,8 +197,42 @@ def _jsonable_deep(params):
 
 
 def default_encoder(vocabulary):
-    """Fisher vectors for a GMM, VLAD for k-means words."""
+    """Fisher vectors for a GMM, VLAD for k-means words, NetVLAD for NetVLAD parameters."""
+    if isinstance(vocabulary, NetVLADParams):
+        return "netvlad"
     return "fisher" if isinstance(vocabulary, GMMVocabulary) else "vlad"
+
+
+def load_vocabulary_file(path):
+    """A vocabulary (:func:`~vladkit.load_vocabulary`) or NetVLAD parameters
+    (:func:`~vladkit.load_netvlad`), told apart by the file's format."""
+    return load_netvlad(path) if is_netvlad_file(path) else load_vocabulary(path)
+
+
+def recorded_descriptor_type(vocabulary):
+    """The extractor description a vocabulary or NetVLAD parameters record (or None)."""
+    if isinstance(vocabulary, NetVLADParams):
+        return vocabulary.metadata.get("descriptor_type")
+    return vocabulary.get_params().get("descriptor_type")
+
+
+def check_encoder(kind, vocabulary):
+    """Refuse (ValueError) an encoder kind that cannot use this vocabulary: "netvlad"
+    needs NetVLAD parameters, and NetVLAD parameters encode with "netvlad" only."""
+    if kind not in ENCODERS:
+        raise ValueError(f"unknown encoder {kind!r}: one of {sorted(ENCODERS)}")
+    if kind == "netvlad" and not isinstance(vocabulary, NetVLADParams):
+        raise ValueError(f"the netvlad encoder needs NetVLAD parameters (a file from 'vladkit netvlad train' "
+                         f"or save_netvlad), got a {type(vocabulary).__name__}: encode with bof, vlad or "
+                         "fisher, or give a NetVLAD file")
+    if kind != "netvlad" and isinstance(vocabulary, NetVLADParams):
+        raise ValueError(f"the {kind} encoder needs a vocabulary (from 'vladkit vocab build'), got NetVLAD "
+                         "parameters: they encode with the netvlad encoder only")
+    needed = getattr(ENCODERS[kind], "_vocabulary_class", None)
+    if needed is not None and isinstance(vocabulary, _Vocabulary) and not isinstance(vocabulary, needed):
+        build = "--kind gmm" if needed is GMMVocabulary else "--kind kmeans"
+        raise ValueError(f"the {kind} encoder needs a {needed.__name__} ('vladkit vocab build {build}'), got a "
+                         f"{type(vocabulary).__name__}")
 
 
 @dataclass

@@ -4,7 +4,7 @@ Two kinds of kernel live here:
 
 * descriptor-to-word work (distances, GMM log-likelihoods) as BLAS matrix products over
   chunks of rows, which is where the N x K x D multiply-adds go: ``sgemm`` runs several
-  times faster than a C loop (see DESIGN.md, "Speed model"; measured here 55-118 GFLOP/s
+  times faster than a C loop (see ARCHITECTURE.md, "Speed model"; measured here 55-118 GFLOP/s
   on 2 cores), and chunking bounds the N x K scratch;
 * numba loops for what is not a matrix product. Every numba kernel is compiled with
   ``cache=True`` (a new process does not recompile) and ``nogil=True`` (vladkit's thread
@@ -98,6 +98,51 @@ def squared_distances(X, centers, centers_sqnorm=None):
     out += centers_sqnorm
     out += squared_norms(X)[:, None]
     return np.maximum(out, 0, out=out)
+
+
+def two_nearest_squared_distances(X, centers, centers_sqnorm=None):
+    """Squared distances of each row of X to its nearest and second-nearest center, by BLAS.
+
+    Like :func:`nearest_words`, one matrix product per chunk of rows and a numba pass, so
+    no (n, K) matrix is held for all rows at once. Soft assignment's sharpness is set from
+    these two (NetVLAD's initialisation: alpha = -log(0.01) / mean(d_2^2 - d_1^2)).
+
+    Parameters
+    ----------
+    X : (n, D) float32 or float64
+    centers : (K, D), same dtype as X, K >= 2
+    centers_sqnorm : (K,), optional, precomputed ``squared_norms(centers)``
+
+    Returns
+    -------
+    (n, 2) X's dtype: d_1^2 <= d_2^2 (equal on ties), clamped at 0 against round-off
+    """
+    if centers.shape[0] < 2:
+        raise ValueError(f"two nearest centers need at least 2 centers, got {centers.shape[0]}")
+    if centers_sqnorm is None:
+        centers_sqnorm = squared_norms(centers)
+    out = np.empty((X.shape[0], 2), dtype=X.dtype)
+    for rows in _chunks(X.shape[0], centers.shape[0]):
+        _two_smallest_rows(X[rows] @ centers.T, centers_sqnorm, out[rows])
+    out += squared_norms(X)[:, None]
+    return np.maximum(out, 0, out=out)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def _two_smallest_rows(products, centers_sqnorm, out):
+    """out[i] = the two smallest values of ||c_k||^2 - 2 products[i, k], ascending."""
+    for i in prange(products.shape[0]):
+        first = np.inf
+        second = np.inf
+        for k in range(products.shape[1]):
+            value = centers_sqnorm[k] - 2 * products[i, k]
+            if value < first:
+                second = first
+                first = value
+            elif value < second:
+                second = value
+        out[i, 0] = first
+        out[i, 1] = second
 
 
 def diagonal_gaussian_terms(means, variances, weights):
@@ -456,3 +501,20 @@ def accumulate_fisher(X, posteriors, means, inv_sigmas, skip, tasks, first, seco
                     qz = q * z
                     f[d] += qz
                     v[d] += qz * z - q  # q (z^2 - 1), with no float64 literal in the loop
+
+
+# ------------------------------------------------------------------------------- NetVLAD
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def normalize_rows(X, eps):
+    """In place: each row x of X becomes x / sqrt(sum(x^2) + eps), the sum in float64
+    (NetVLAD's input normalisation, MATLAB's "preL2"; no overflow for float32 rows)."""
+    for i in prange(X.shape[0]):
+        total = 0.0
+        for d in range(X.shape[1]):
+            value = float(X[i, d])
+            total += value * value
+        inverse = 1.0 / math.sqrt(total + eps)
+        for d in range(X.shape[1]):
+            X[i, d] = X[i, d] * inverse

@@ -2,7 +2,18 @@
 
 from .bof import BoFEncoder
 from .fisher import FisherEncoder
+from .netvlad import NetVLADEncoder, NetVLADParams, init_netvlad, load_netvlad, save_netvlad
 from .pyramid import SpatialPyramid
 from .vlad import VLADEncoder
 
-__all__ = ["BoFEncoder", "FisherEncoder", "SpatialPyramid", "VLADEncoder"]
+__all__ = [
+    "BoFEncoder",
+    "FisherEncoder",
+    "NetVLADEncoder",
+    "NetVLADParams",
+    "SpatialPyramid",
+    "VLADEncoder",
+    "init_netvlad",
+    "load_netvlad",
+    "save_netvlad",
+]
