@@ -440,7 +440,7 @@ def test_vlad_alpha_is_validated(data, alpha):
 def test_alpha_sample_is_drawn_set_by_set():
     """A uniform sample of the pooled rows, drawn per set (row ids in column 0), the same
     for the same seed."""
-    from vladkit.encoders.vlad import sample_rows
+    from vladkit.encoders._base import sample_rows
 
     sizes = [0, 5, 3000, 12_000, 20_000, 7]
     starts = np.cumsum([0] + sizes)
@@ -486,3 +486,24 @@ def test_vlad_alpha_estimate_does_not_copy_the_descriptors():
     # The same sample for the same random_state, another one for another.
     np.testing.assert_array_equal(encoder._alpha_sample(sets), sample)
     assert not np.array_equal(clone(encoder).set_params(random_state=8)._alpha_sample(sets), sample)
+
+
+def test_bof_sigma_estimate_does_not_copy_the_descriptors():
+    """The kernel codebook's sigma is estimated on a sample drawn image by image, as
+    VLAD's alpha: never a concatenated copy of every training descriptor."""
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    sets = [rng.random((20_000, 128), dtype=np.float32) for _ in range(20)]
+    total = sum(s.nbytes for s in sets)  # 205 MB
+    vocabulary = ref.kmeans_vocabulary(rng.random((16, 128), dtype=np.float32))
+    encoder = BoFEncoder(vocabulary=vocabulary, assignment="soft")
+    encoder.fit([sets[0][:100]])  # numba's kernels load: not the fit's data
+    tracemalloc.start()
+    try:
+        encoder.fit(sets)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 5, f"peak {peak / 1e6:.0f} MB for {total / 1e6:.0f} MB of descriptors"
+    assert 0 < encoder.sigma_ < np.sqrt(128)

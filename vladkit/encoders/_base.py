@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import reduce
 
 import numba
 import numpy as np
@@ -322,17 +323,54 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         return tags
 
 
-def mean_nearest_squared_distance(vocabulary, sets, max_rows=20_000):
-    """Mean squared distance of (up to ``max_rows``, evenly strided) descriptors to their
-    nearest word: the natural scale sigma^2 of soft assignment, estimated at fit time."""
+def mean_nearest_squared_distance(vocabulary, sets, max_rows=20_000, seed=0):
+    """Mean squared distance of (up to ``max_rows``, sampled image by image with
+    :func:`sample_rows`, never a copy of every descriptor) descriptors to their nearest
+    word: the natural scale sigma^2 of soft assignment, estimated at fit time."""
     from ..kernels import nearest_words
 
-    total = sum(len(s) for s in sets)
-    if total == 0:
-        raise ValueError("no descriptors in X to estimate the soft-assignment scale from")
-    stride = max(1, total // max_rows)
-    sample = np.concatenate([s for s in sets if len(s)])[::stride]
-    X = vocabulary.project(sample)
+    X = vocabulary.project(sample_rows(sets, max_rows, seed))
     centers = vocabulary.centers_.astype(X.dtype, copy=False)
     distances = nearest_words(X, centers)[1]
     return max(float(np.mean(distances, dtype=np.float64)), np.finfo(np.float32).tiny)
+
+
+def sample_rows(sets, max_rows, seed):
+    """A uniform random sample of at most ``max_rows`` rows of the sets, drawn set by set.
+
+    How many rows each set gives follows the multivariate hypergeometric law (what drawing
+    ``max_rows`` rows from all of them pooled would give), then each set's rows are drawn
+    by a generator seeded from ``(seed, set index)``. Only the sample is allocated: the
+    sets are never concatenated (they may be the whole training set).
+
+    Parameters
+    ----------
+    sets : list of (n_i, D) arrays
+    max_rows : int
+    seed : int >= 0
+
+    Returns
+    -------
+    (min(max_rows, sum n_i), D) array, the sets' common dtype, rows in set order
+    """
+    lengths = np.array([len(s) for s in sets], dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        raise ValueError("no descriptors in X to estimate the soft-assignment scale (alpha, sigma) from")
+    # Stream tags 0-2 are DescriptorSampler's: with the vocabulary's seed, alpha's sample is
+    # still drawn independently of the vocabulary's training sample (on which d_1 is small).
+    if total <= max_rows:
+        counts = lengths
+    else:
+        counts = np.random.default_rng([seed, 3]).multivariate_hypergeometric(lengths, max_rows)
+    nonempty = [s for s in sets if len(s)]
+    dtype = reduce(np.promote_types, [s.dtype for s in nonempty])
+    out = np.empty((int(counts.sum()), nonempty[0].shape[1]), dtype=dtype)
+    row = 0
+    for index, (descriptors, count) in enumerate(zip(sets, counts.tolist())):
+        if count < len(descriptors):
+            rng = np.random.default_rng([seed, 4, index])
+            descriptors = descriptors[np.sort(rng.choice(len(descriptors), count, replace=False))]
+        out[row:row + count] = descriptors
+        row += count
+    return out
