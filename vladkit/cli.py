@@ -561,6 +561,135 @@ def cmd_demo(args):
     return EXIT_OK
 
 
+# -------------------------------------------------------------------- netvlad train
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _netvlad_folder_groups(paths, folder):
+    """Each image's folder relative to FOLDER (its group: same folder, same label)."""
+    root = Path(folder)
+    return [str(Path(path).parent.relative_to(root)) for path in paths]
+
+
+def _check_netvlad_options(args, paths):
+    if args.copies is not None and args.labels != "none":
+        raise UsageError("--copies sets the attacked copies made without labels: give it with --labels none")
+    if "classification" in args.loss and args.labels == "none":
+        raise UsageError(f"--loss {args.loss} learns to tell the folders apart: it needs --labels folders")
+    if args.labels == "folders":
+        groups = _netvlad_folder_groups(paths, args.folder)
+        sizes = {}
+        for group in groups:
+            sizes[group] = sizes.get(group, 0) + 1
+        if len(sizes) < 2:
+            raise UsageError(f"--labels folders: all {len(paths)} images are in one folder "
+                             f"({next(iter(sizes))!r}), NetVLAD needs at least two (one per "
+                             "place, object or class); without labels, use --labels none")
+        if "triplet" in args.loss and max(sizes.values()) < 2:
+            raise UsageError("--labels folders: every folder holds a single image, so no image has a "
+                             "positive; without labels, use --labels none (attacked copies)")
+
+
+def cmd_netvlad_train(args):
+    import time
+
+    try:  # torch is imported here only: `vladkit --help` and the other commands stay torch-free
+        from .netvlad.training import attacked_copies, train_netvlad
+    except ImportError:
+        raise CommandError("'vladkit netvlad train' needs PyTorch: pip install torch==2.13.0 (the CPU "
+                           "build), then pip install 'vladkit[torch]'") from None
+    from ._threads import effective_n_jobs
+    from .encoders.netvlad import save_netvlad
+    from .images import read_image
+
+    paths = list_images(args.folder, recursive=not args.no_recursive)
+    if not paths:
+        raise CommandError(f"no images found in {args.folder!r}")
+    _check_netvlad_options(args, paths)
+    copies = (4 if args.copies is None else args.copies) if args.labels == "none" else 0
+    extractor = _extractor_from_args(args)
+    # Each image (and each copy) keeps at most --descriptors-per-image of its descriptors,
+    # drawn reproducibly (copy j of image i is set number n + i * copies + j).
+    n_sets = len(paths) * (1 + copies)
+    sampler = DescriptorSampler(n_sets, n_sets * args.descriptors_per_image, args.descriptors_per_image, args.seed)
+    sets, groups = {}, {}
+    labels = _netvlad_folder_groups(paths, args.folder) if args.labels == "folders" else None
+    show = not args.quiet
+    skipped = []
+    start = time.perf_counter()
+    with _progress(len(paths), "extracting" + (f" (+ {copies} attacked copies each)" if copies else ""),
+                   show) as bar:
+        for batch in _read_batches(extractor, paths, args, bar, skipped):
+            for index, pieces in batch:
+                features = sample_features(sampler, index, pieces, extractor)
+                sets[index] = features.descriptors.astype(np.float16)
+                groups[index] = labels[index] if labels is not None else index
+                if not copies:
+                    continue
+                image = read_image(paths[index], mode="rgb", max_side=extractor.max_side,
+                                   max_pixels=None if args.max_pixels == 0 else args.max_pixels)
+                made = [copy for _, copy in attacked_copies(image, copies, seed=args.seed, index=index)]
+                del image
+                for copy_batch in iter_batches(extractor, made, max_memory=args.max_memory,
+                                               max_images=args.batch_size):
+                    for j, copy_pieces in copy_batch:
+                        key = len(paths) + index * copies + j
+                        sets[key] = sample_features(sampler, key, copy_pieces, extractor).descriptors.astype(np.float16)
+                        groups[key] = index
+                    del copy_batch, copy_pieces
+            del batch, pieces  # not alive while the next batch is extracted
+    _report_skipped(skipped, len(paths), args.error_log)
+    if len(skipped) == len(paths):
+        raise CommandError(f"none of the {len(paths)} images could be read")
+    keys = sorted(sets)
+    n_images = len(paths) - len(skipped)
+    extraction = time.perf_counter() - start
+    metadata = {"descriptor_type": describe_extractor(extractor),
+                "labels": args.labels, "n_images": n_images, "copies_per_image": copies or None}
+    try:
+        params = train_netvlad(
+            [sets.pop(key) for key in keys], [groups[key] for key in keys], n_clusters=args.k,
+            init=args.init, loss=args.loss, epochs=args.epochs, lr=args.lr, batch_size=args.minibatch,
+            descriptors_per_step=args.descriptors_per_step, margin=args.margin, n_negatives=args.negatives,
+            validation=args.validation or None, random_state=args.seed,
+            n_threads=effective_n_jobs(args.jobs), progress=show, metadata=metadata)
+    except ValueError as exc:
+        raise CommandError(f"cannot train on {args.folder!r}: {exc}") from None
+    save_netvlad(params, args.output)
+    summary = params.metadata["training"]
+    history = summary["history"]
+    kept = summary["returned_epoch"]
+    validation = ""
+    if history[0]["validation_map"] is not None:
+        validation = (f"; validation mAP {history[kept]['validation_map']:.3f} at epoch {kept} "
+                      f"(initialisation {history[0]['validation_map']:.3f})")
+    print(f"wrote {args.output}: NetVLAD K={params.n_clusters}, D={params.dim} (init {args.init}, {args.loss} loss, "
+          f"{args.epochs} epochs, epoch {kept} kept{validation}) from {n_images} images"
+          + (f" ({len(skipped)} skipped)" if skipped else "")
+          + (f" and {len(keys) - n_images} attacked copies" if copies else f" in {summary['n_groups']} folders")
+          + f"; extraction {extraction:.0f} s, training {summary['seconds']:.0f} s")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -848,6 +977,74 @@ examples:
     demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     demo.set_defaults(run=cmd_demo)
+
+    netvlad = commands.add_parser("netvlad", help="train NetVLAD pooling on local features (needs torch)",
+                                  description="Train NetVLAD pooling (Arandjelovic et al., CVPR 2016) "
+                                              "on local features. Needs PyTorch.")
+    netvlad_commands = netvlad.add_subparsers(dest="netvlad_command", metavar="SUBCOMMAND")
+    netvlad_train = netvlad_commands.add_parser(
+        "train", help="train NetVLAD on the images of a folder, from weak supervision",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Extract local features from the images of FOLDER (recursively; a bounded random
+subset of each image's descriptors is kept), initialise NetVLAD from k-means
+and train it with PyTorch (seeded, deterministic on the CPU), then write its
+parameters (.npz, atomically) for 'vladkit encode --vocab FILE' (encoder
+netvlad) and NetVLADEncoder, which run without torch.
+
+Weak supervision says which images show the same thing:
+--labels folders: images in the same folder are positives of each other (a
+  place, an object, a class); negatives come from the other folders.
+--labels none: no labels: each image and --copies attacked copies of it
+  (crop, JPEG, rotation, scaling, blur, contrast: the demo's attacks) form a
+  group, for near-duplicate search.
+
+--loss triplet is the paper's ranking loss: the closest positive must be
+nearer than the hard negatives (mined every epoch) by a margin;
+classification trains a linear head on the folders (discarded afterwards).
+A share of the images (--validation) is held out and the epoch with the best
+validation mAP is kept.""",
+        epilog="examples:\n"
+               "  vladkit netvlad train places/ -k 64 --root -o netvlad.npz\n"
+               "  vladkit netvlad train photos/ -k 64 --root --labels none -o netvlad.npz\n"
+               "  vladkit encode photos/ --vocab netvlad.npz -o photos.npz",
+    )
+    netvlad_train.add_argument("folder", help="folder of images (one sub-folder per group with --labels folders)")
+    netvlad_train.add_argument("-k", type=_positive_int, default=64, metavar="K",
+                               help="number of clusters (default 64)")
+    netvlad_train.add_argument("--labels", choices=("folders", "none"), default="folders",
+                               help="positives: same folder (default), or none: attacked copies of each image")
+    netvlad_train.add_argument("--copies", type=_positive_int, default=None, metavar="N",
+                               help="attacked copies per image with --labels none (default 4)")
+    netvlad_train.add_argument("--init", choices=("v1", "v2"), default="v2",
+                               help="initialisation from k-means: v1 (no bias, MATLAB's default) or v2 "
+                                    "(with bias: exactly soft-assignment VLAD; default)")
+    netvlad_train.add_argument("--loss", choices=("triplet", "classification", "triplet+classification"),
+                               default="triplet", help="training loss (default triplet)")
+    netvlad_train.add_argument("--epochs", type=_non_negative_int, default=10, metavar="N",
+                               help="passes over the images (default 10; 0 writes the initialisation)")
+    netvlad_train.add_argument("--lr", type=_positive_float, default=1e-3, metavar="LR",
+                               help="Adam learning rate (default 0.001)")
+    netvlad_train.add_argument("--minibatch", type=_positive_int, default=8, metavar="N",
+                               help="queries (triplet) or images (classification) per step (default 8)")
+    netvlad_train.add_argument("--descriptors-per-image", type=_positive_int, default=1000, metavar="N",
+                               help="descriptors kept per image, drawn at random (default 1000)")
+    netvlad_train.add_argument("--descriptors-per-step", type=_positive_int, default=500, metavar="N",
+                               help="descriptors of an image drawn each time it is used in training (default 500)")
+    netvlad_train.add_argument("--negatives", type=_positive_int, default=10, metavar="N",
+                               help="hard negatives per query (default 10)")
+    netvlad_train.add_argument("--margin", type=_positive_float, default=0.1, metavar="M",
+                               help="triplet margin on squared distances (default 0.1)")
+    netvlad_train.add_argument("--validation", type=_fraction, default=0.1, metavar="F",
+                               help="share of the images held out to choose the epoch (default 0.1; 0: none, "
+                                    "the last epoch is kept)")
+    netvlad_train.add_argument("--seed", type=int, default=0, metavar="S",
+                               help="random seed (default 0): same seed and threads (-j), same file")
+    netvlad_train.add_argument("-o", "--output", required=True, metavar="FILE", help="NetVLAD file to write (.npz)")
+    netvlad_train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_feature_options(netvlad_train)
+    netvlad_train.set_defaults(run=cmd_netvlad_train)
+    netvlad.set_defaults(run=lambda args: (netvlad.print_help(), EXIT_USAGE)[1])
     return parser
 
 

@@ -1,0 +1,677 @@
+r"""Training NetVLAD on sets of frozen local descriptors, from weak supervision.
+
+Each image is a *set* of local descriptors (dense RootSIFT, say) that stays fixed; only the
+NetVLAD layer (assignment weights w, biases b, centers c) is learnt. Supervision is weak:
+``groups`` say which sets show the same thing (same folder or label, or an image and its
+attacked copies), nothing more. See :func:`train_netvlad`.
+
+References
+----------
+Arandjelović, Gronát, Torii, Pajdla & Sivic, "NetVLAD: CNN architecture for weakly
+supervised place recognition", CVPR 2016 (and their MATLAB code, ``trainWeakly.m``).
+Douze et al., "Evaluation of GIST descriptors for web-scale image search", CIVR 2009
+(the Copydays-style attacks of :data:`vladkit.datasets.ATTACKS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+from torch.nn import functional as F
+
+from ..datasets import ATTACKS
+from ..encoders.netvlad import NetVLADParams, sample_descriptors
+from ..evaluation import mean_average_precision
+from ..vocabulary import KMeansVocabulary
+from .layer import INPUT_EPS, NetVLAD
+
+__all__ = ["LOSSES", "attacked_copies", "copy_groups", "train_netvlad"]
+
+#: The training objectives of :func:`train_netvlad`.
+LOSSES = ("triplet", "classification", "triplet+classification")
+
+
+# ----------------------------------------------------------------- unlabelled groups
+
+
+def attacked_copies(image, n_copies=4, *, seed=0, index=0, attacks=None):
+    """Attacked copies of one image: its positives when there are no labels.
+
+    The attacks are those of the demo's near-duplicate benchmark
+    (:data:`vladkit.datasets.ATTACKS`: a 40% crop, JPEG at quality 8, a 12° rotation,
+    scaling by 0.35, a Gaussian blur, a contrast change and a strong combination), each
+    copy a different attack, chosen at random without replacement (every attack once
+    when ``n_copies`` is their number; more copies start another round).
+
+    Parameters
+    ----------
+    image : ndarray (h, w, 3) uint8 (RGB) or (h, w)
+    n_copies : int, default=4
+    seed, index : int
+        The copies are drawn from ``numpy.random.default_rng([seed, 3, index])``: the same
+        for the same image number whatever the order in which images are processed.
+    attacks : dict name -> f(image, rng) -> image, optional
+        Default :data:`vladkit.datasets.ATTACKS`.
+
+    Returns
+    -------
+    list of (attack name, image)
+    """
+    attacks = dict(ATTACKS if attacks is None else attacks)
+    if not attacks:
+        raise ValueError("attacks is empty: no way to make copies")
+    n_copies = _positive_int("n_copies", n_copies)
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be an (h, w, 3) or (h, w) uint8 array, got {image.dtype} "
+                         f"of shape {image.shape}")
+    rng = np.random.default_rng([int(seed), 3, int(index)])
+    names = list(attacks)
+    chosen = []
+    while len(chosen) < n_copies:
+        chosen += [names[i] for i in rng.permutation(len(names))]
+    return [(name, attacks[name](image, rng)) for name in chosen[:n_copies]]
+
+
+def copy_groups(n_images, n_copies):
+    """The groups of ``n_images`` originals each followed by its ``n_copies`` copies
+    (the order :func:`attacked_copies` sets are usually listed in): ``[0] * (n_copies + 1)
+    + [1] * (n_copies + 1) + ...``."""
+    return np.repeat(np.arange(int(n_images)), int(n_copies) + 1)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _positive_float(name, value, allow_zero=False):
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, "
+                         f"got {value!r}")
+    return value
+
+
+def _as_sets(descriptor_sets, name="descriptor_sets"):
+    """The (n_i, D) float arrays of a list of arrays / LocalFeatures (not copied), checked."""
+    if isinstance(descriptor_sets, np.ndarray) or not hasattr(descriptor_sets, "__len__"):
+        raise TypeError(f"{name} must be a list of (n_i, D) arrays or LocalFeatures, got "
+                        f"{type(descriptor_sets).__name__}")
+    sets, dim = [], None
+    for i, item in enumerate(descriptor_sets):
+        X = np.asarray(getattr(item, "descriptors", item))
+        if X.ndim != 2:
+            raise ValueError(f"{name}[{i}]: expected an (n, D) array of descriptors, got shape {X.shape}")
+        if X.dtype.kind not in "fiu":
+            raise TypeError(f"{name}[{i}]: expected numbers, got dtype {X.dtype}")
+        if len(X):
+            if dim is None:
+                dim = X.shape[1]
+            elif X.shape[1] != dim:
+                raise ValueError(f"{name}[{i}]: descriptors of dimension {X.shape[1]}, earlier sets {dim}")
+            if not np.isfinite(X).all():
+                raise ValueError(f"{name}[{i}]: descriptors contain NaN or inf")
+        sets.append(X)
+    if dim is None:
+        raise ValueError(f"{name} holds no descriptors")
+    return sets, dim
+
+
+def _group_ids(groups, n, name="groups"):
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) != n:
+        raise ValueError(f"{name} must give one group per descriptor set ({n}), got shape {groups.shape}")
+    _, ids = np.unique(groups, return_inverse=True)
+    return ids.astype(np.intp)
+
+
+def _seed(random_state):
+    """An int seed for numpy Generators and torch, as the other NetVLAD functions read it."""
+    if random_state is None:
+        return 0
+    return int(check_random_state(random_state).randint(2**31 - 1))
+
+
+@contextlib.contextmanager
+def _deterministic_torch(seed, n_threads):
+    """Seeded, deterministic torch on the CPU with a fixed number of threads; the caller's
+    global settings (generator, deterministic flag, threads) are restored on exit."""
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(n_threads)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn)
+            torch.set_num_threads(previous_threads)
+
+
+class _Batches:
+    """Padded (B, N, D) float32 batches of random descriptor subsets, with their masks
+    (None when no row is padding).
+
+    With ``normalize`` the rows are input-normalised here, x / sqrt(sum(x^2) + 1e-12) as
+    the layer would (its INPUT_EPS), and the layer runs with ``normalize_input`` off (see
+    :class:`_Trainer`): the descriptors are frozen, so this saves the layer an
+    elementwise pass over (B, N, D) and its bookkeeping at every step."""
+
+    def __init__(self, sets, dim, per_set, normalize):
+        self.sets, self.dim, self.per_set, self.normalize = sets, dim, per_set, normalize
+
+    def rows(self, index, rng):
+        X = self.sets[index]
+        if len(X) > self.per_set:
+            X = X[np.sort(rng.choice(len(X), self.per_set, replace=False))]
+        return X
+
+    def __call__(self, indices, rng=None, fixed=None):
+        """``fixed``: a list of row arrays already drawn (validation), else drawn with rng."""
+        parts = fixed if fixed is not None else [self.rows(i, rng) for i in indices]
+        width = max(1, max(len(p) for p in parts))
+        x = np.zeros((len(parts), width, self.dim), dtype=np.float32)
+        mask = np.zeros((len(parts), width), dtype=bool)
+        for j, part in enumerate(parts):
+            x[j, :len(part)] = part
+            mask[j, :len(part)] = True
+        if self.normalize:
+            x /= np.sqrt(np.einsum("bnd,bnd->bn", x, x) + INPUT_EPS)[..., None]
+        return torch.from_numpy(x), (None if mask.all() else torch.from_numpy(mask))
+
+
+def _encode(layer, batches, indices, rng=None, fixed=None, chunk=64):
+    """Vectors of the sets ``indices`` (no gradient), float32 numpy."""
+    out = np.empty((len(indices), layer.n_features_out), dtype=np.float32)
+    with torch.no_grad():
+        for first in range(0, len(indices), chunk):
+            part = indices[first:first + chunk]
+            x, mask = batches(part, rng, None if fixed is None else fixed[first:first + chunk])
+            out[first:first + len(part)] = layer(x, mask).numpy()
+    return out
+
+
+def _retrieval_map(vectors, group_ids):
+    """mAP of each set searching all the others by inner product (the squared distances'
+    order for unit vectors), positives its group (:func:`vladkit.evaluation.mean_average_precision`,
+    the Holidays/Oxford trapezoid AP). Sets alone in their group are not queries."""
+    scores = vectors @ vectors.T
+    rankings, truth = {}, {}
+    for q in range(len(vectors)):
+        positives = np.flatnonzero(group_ids == group_ids[q])
+        if len(positives) < 2:
+            continue
+        rankings[q] = np.argsort(-scores[q], kind="stable").tolist()
+        truth[q] = [int(p) for p in positives if p != q]
+    return mean_average_precision(rankings, truth) if truth else float("nan")
+
+
+def _split_validation(group_ids, fraction, rng):
+    """(training indices, validation indices) for a held-out ``fraction``.
+
+    Whole groups are held out when groups are small (a group's share, fraction x its size,
+    would be under 2 sets on average: an image and its copies); otherwise each group is
+    split (labelled folders: every class is seen in training and in validation)."""
+    sizes = np.bincount(group_ids)
+    if fraction * sizes.mean() < 2:
+        n_val = max(1, round(fraction * len(sizes)))
+        if n_val >= len(sizes):
+            raise ValueError(f"validation={fraction} would hold out all {len(sizes)} groups")
+        held = np.isin(group_ids, rng.choice(len(sizes), n_val, replace=False))
+    else:
+        held = np.zeros(len(group_ids), dtype=bool)
+        for g in range(len(sizes)):
+            members = np.flatnonzero(group_ids == g)
+            take = min(len(members) - 1, max(2, round(fraction * len(members))))
+            held[rng.choice(members, take, replace=False)] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+# ------------------------------------------------------------------------- training
+
+
+def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="triplet", epochs=10,
+                  lr=1e-3, optimizer="adam", weight_decay=0.0, lr_decay=None, batch_size=8,
+                  descriptors_per_step=500, margin=0.1, n_negatives=10, negative_pool=1000,
+                  queries_per_epoch=None, classification_weight=1.0, head_lr=None, validation=None,
+                  keep_best=True,
+                  n_init_descriptors=50_000, init_per_image=100, kmeans_iter=100,
+                  random_state=0, n_threads=None, progress=True, log=None, callback=None, metadata=None):
+    r"""Train a NetVLAD layer on sets of frozen local descriptors; return its parameters.
+
+    The layer (:class:`vladkit.netvlad.NetVLAD`, K clusters of dimension D) maps a set of
+    descriptors to the L2-normalised, intra-normalised vector
+    :math:`v = [V_1, \dots, V_K]`, :math:`V_k = \sum_i a_k(x_i)(x_i - c_k)`,
+    :math:`a_k(x) = \mathrm{softmax}_k(w_k^\top x + b_k)`; w, b and c are trained.
+
+    **Initialisation** (the authors' ``getClusters.m``): ``n_init_descriptors`` (50,000)
+    descriptors, ``init_per_image`` (100) from each of ceil(50,000 / 100) random sets,
+    input-normalised; k-means (:class:`vladkit.KMeansVocabulary`, ``kmeans_iter`` = 100
+    Lloyd iterations) gives the centers c; "v1" sets w = α c/‖c‖ and no bias, "v2"
+    w = 2αc, b = −α‖c‖² (α from the sample, see :func:`vladkit.encoders.netvlad.init_netvlad`).
+    ``init`` may also be :class:`~vladkit.encoders.netvlad.NetVLADParams` to start from.
+
+    **Triplet loss** (``loss="triplet"``, the paper's weakly supervised ranking loss). Each
+    set q in turn is a query; its potential positives are the other sets of its group, its
+    negatives the sets of other groups. With v the network's vectors and
+    :math:`d^2(q, x) = \lVert v_q - v_x \rVert^2` (squared Euclidean distance of the
+    normalised vectors),
+
+    .. math::
+
+        L_q = \sum_{j=1}^{n} \max\bigl(0,\; d^2(q, p^*) + m - d^2(q, n_j)\bigr),
+        \qquad p^* = \arg\min_{p \in P_q} d^2(q, p),
+
+    with margin m = ``margin`` (0.1): the best-matching positive must be closer than every
+    one of the n = ``n_negatives`` (10) hard negatives n_j by m. At the start of each epoch
+    every training set is encoded (a cache of vectors, from the current parameters); p*
+    and the negatives are chosen in it: for each query, ``negative_pool`` (1,000) random
+    negatives plus the query's hard negatives of the previous epoch, of which the
+    ``n_negatives`` closest are kept (and remembered). The loss of a batch is the mean of
+    :math:`L_q` over its ``batch_size`` queries, computed from fresh vectors (so gradients
+    flow into the query, the positive and the negatives). Only violated terms contribute.
+
+    **Classification loss** (``loss="classification"``, for labelled folders): a linear
+    head (bias included, starting at zero) maps v to one score per group, trained with the
+    cross-entropy :math:`-\log \mathrm{softmax}(W_h v + b_h)_{y}` jointly with the layer;
+    the head is discarded afterwards. ``"triplet+classification"`` adds
+    ``classification_weight`` times the cross-entropy of each batch's queries to the
+    triplet loss.
+
+    **Descriptors per step.** Each time a set is encoded during training it is represented
+    by ``descriptors_per_step`` rows drawn at random (all its rows if it has fewer):
+    bounded work per step, and a different subset every time (the cache, too, is
+    encoded from fresh subsets each epoch). Inference (:class:`~vladkit.NetVLADEncoder`)
+    uses every descriptor.
+
+    **Determinism.** Every random choice comes from ``random_state`` (numpy Generators and
+    ``torch.manual_seed``); torch runs with deterministic algorithms and ``n_threads``
+    threads (the caller's torch settings are restored afterwards): the same inputs, seed
+    and thread count give identical parameters.
+
+    Parameters
+    ----------
+    descriptor_sets : list of (n_i, D) arrays or LocalFeatures
+        One set per image (float16 is fine: rows are converted to float32 as they are
+        drawn). Not copied: keep them bounded (e.g. a random subset of ~1,000 per image).
+    groups : sequence of hashables, one per set
+        Sets in the same group are positives of each other (a folder, a label, an image and
+        its :func:`attacked_copies`); every group needs two sets for the triplet loss.
+    n_clusters : int, default=64
+        K (ignored when ``init`` is NetVLADParams).
+    init : {"v1", "v2"} or NetVLADParams, default="v1"
+    loss : {"triplet", "classification", "triplet+classification"}, default="triplet"
+    epochs : int, default=10
+        Passes over the training sets (each set a query once per epoch, or once in a
+        classification batch).
+    lr : float, default=1e-3
+        Learning rate of the layer's parameters.
+    optimizer : {"adam", "sgd"}, default="adam"
+        Adam, or SGD with momentum 0.9 (the authors' choice for a whole CNN).
+    weight_decay : float, default=0
+        L2 penalty, applied by the optimiser to every trained parameter.
+    lr_decay : (int, float) or None
+        ``(every, factor)``: multiply the learning rates by ``factor`` every ``every``
+        epochs (the authors halve every 5 epochs: ``(5, 0.5)``).
+    batch_size : int, default=8
+        Queries (triplet) or sets (classification) per optimisation step.
+    descriptors_per_step : int, default=500
+    margin : float, default=0.1
+    n_negatives : int, default=10
+    negative_pool : int, default=1000
+    queries_per_epoch : int or None
+        Queries (or classification sets) per epoch, a new random selection each epoch
+        (default: every training set). The cache is still refreshed every epoch: with many
+        sets (an image and its copies), fewer queries per epoch refresh it more often.
+    classification_weight : float, default=1
+        Weight of the cross-entropy in "triplet+classification".
+    head_lr : float or None
+        Learning rate of the classification head (default ``lr``).
+    validation : None, float in (0, 1), or (descriptor_sets, groups)
+        Evaluated before training and after every epoch: the mean average precision of
+        each validation set searching the others, positives its group (the vectors of
+        fixed random subsets of ``descriptors_per_step`` rows). A float holds out that
+        fraction of the sets (not trained on): whole groups when groups are small (an
+        image and its copies), a share of every group otherwise (labelled folders).
+    keep_best : bool, default=True
+        With validation, return the parameters of the epoch (0: the initialisation) with
+        the best validation mAP rather than the last.
+    n_init_descriptors, init_per_image, kmeans_iter : int
+        The initialisation's sample and k-means iterations (see above).
+    random_state : int, RandomState or None, default=0
+        None is seed 0 (training is always reproducible).
+    n_threads : int or None
+        torch threads (default: every core). Results depend on it (the order of float
+        sums): record it with the results.
+    progress : bool, default=True
+        A tqdm progress bar on stderr, and one line per epoch.
+    log : callable(str) or None
+        Receives the per-epoch lines (default: written above the progress bar when
+        ``progress``, nowhere otherwise).
+    callback : callable(epoch, layer) or None
+        Called after every epoch (and with epoch 0 before training) with the layer being
+        trained (read it, e.g. ``layer.to_params()``; do not modify it).
+    metadata : dict or None
+        JSON-able entries for the parameters' metadata (e.g. ``descriptor_type``).
+
+    Returns
+    -------
+    NetVLADParams
+        Layout "KxD", all normalisations on. ``metadata`` holds ``init``, ``alpha`` and a
+        ``training`` summary: the options above, the number of sets, the per-epoch history
+        (mean loss, active queries, validation mAP, seconds) and the epoch returned.
+
+    References
+    ----------
+    R. Arandjelović, P. Gronát, A. Torii, T. Pajdla, J. Sivic, "NetVLAD: CNN architecture
+    for weakly supervised place recognition", CVPR 2016 (Section 4, the triplet ranking
+    loss and hard negative mining; their ``trainWeakly.m``: margin 0.1, 10 negatives,
+    1,000 sampled, the hard-negative cache).
+    """
+    start = time.perf_counter()
+    sets, dim = _as_sets(descriptor_sets)
+    group_ids = _group_ids(groups, len(sets))
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    if not isinstance(init, NetVLADParams) and init not in ("v1", "v2"):
+        raise ValueError(f"init must be 'v1', 'v2' or NetVLADParams, got {init!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+    epochs = int(epochs)
+    lr = _positive_float("lr", lr)
+    head_lr = lr if head_lr is None else _positive_float("head_lr", head_lr)
+    weight_decay = _positive_float("weight_decay", weight_decay, allow_zero=True)
+    margin = _positive_float("margin", margin, allow_zero=True)
+    classification_weight = _positive_float("classification_weight", classification_weight, allow_zero=True)
+    batch_size = _positive_int("batch_size", batch_size)
+    per_step = _positive_int("descriptors_per_step", descriptors_per_step)
+    n_negatives = _positive_int("n_negatives", n_negatives)
+    negative_pool = _positive_int("negative_pool", negative_pool)
+    if lr_decay is not None:
+        if not isinstance(lr_decay, (tuple, list)) or len(lr_decay) != 2:
+            raise ValueError(f"lr_decay must be (every, factor) or None, got {lr_decay!r}")
+        lr_decay = (_positive_int("lr_decay[0]", lr_decay[0]), _positive_float("lr_decay[1]", lr_decay[1]))
+    if queries_per_epoch is not None:
+        queries_per_epoch = _positive_int("queries_per_epoch", queries_per_epoch)
+    n_threads = torch.get_num_threads() if n_threads is None else _positive_int("n_threads", n_threads)
+    seed = _seed(random_state)
+    say = log if log is not None else (_write if progress else (lambda text: None))
+
+    # Validation sets: held out from the training sets, or given.
+    train, val_sets, val_groups = np.arange(len(sets)), None, None
+    if isinstance(validation, (float, np.floating)) and not isinstance(validation, bool):
+        if not 0 < validation < 1:
+            raise ValueError(f"validation as a fraction must lie in (0, 1), got {validation!r}")
+        train, held = _split_validation(group_ids, float(validation), np.random.default_rng([seed, 21]))
+        val_sets, val_groups = [sets[i] for i in held], group_ids[held]
+    elif isinstance(validation, (tuple, list)) and len(validation) == 2:
+        val_sets, val_dim = _as_sets(validation[0], "validation[0]")
+        if val_dim != dim:
+            raise ValueError(f"validation descriptors have dimension {val_dim}, the training ones {dim}")
+        val_groups = _group_ids(validation[1], len(val_sets), "validation[1]")
+    elif validation is not None:
+        raise TypeError("validation must be None, a fraction in (0, 1) or (descriptor_sets, groups), "
+                        f"got {type(validation).__name__}")
+    if val_groups is not None and np.bincount(val_groups).max() < 2:
+        raise ValueError("the validation sets hold no two sets of the same group: nothing to retrieve "
+                         "(hold out a larger fraction, or give validation=None)")
+    train_groups = group_ids[train]
+    n_groups = len(np.unique(train_groups))
+    if n_groups < 2:
+        raise ValueError(f"the {loss} loss needs at least two groups (negatives, or classes, come from "
+                         "other groups)")
+    if "triplet" in loss and np.bincount(train_groups).max() < 2:
+        raise ValueError("the triplet loss needs groups of two sets or more (a query and a positive); "
+                         "every group has one set: give labels, or attacked copies as positives")
+    training_sets = [sets[i] for i in train]
+
+    with _deterministic_torch(seed, n_threads):
+        if isinstance(init, NetVLADParams):
+            if init.dim != dim:
+                raise ValueError(f"init has dimension {init.dim}, the descriptors {dim}")
+            layer = NetVLAD.from_params(init)
+            version = init.metadata.get("init", "given")
+        else:
+            layer = _initial_layer(training_sets, _positive_int("n_clusters", n_clusters), init,
+                                   n_init_descriptors, init_per_image, kmeans_iter, seed, n_threads)
+            version = init
+        trainer = _Trainer(layer, training_sets, train_groups, dim, loss=loss, lr=lr, head_lr=head_lr,
+                           optimizer=optimizer, weight_decay=weight_decay, batch_size=batch_size,
+                           per_step=per_step, margin=margin, n_negatives=n_negatives,
+                           negative_pool=negative_pool, classification_weight=classification_weight,
+                           rng=np.random.default_rng([seed, 20]))
+        validate = (_Validation(layer, val_sets, val_groups, dim, per_step, seed, trainer.normalize)
+                    if val_sets is not None else None)
+        per_epoch = len(train) if queries_per_epoch is None else min(len(train), queries_per_epoch)
+        history = [{"epoch": 0, "loss": None, "active": None,
+                    "validation_map": validate() if validate else None, "seconds": 0.0}]
+        best = (history[0]["validation_map"], 0, _state(layer))
+        if validate:
+            say(f"epoch 0 (initialisation): validation mAP {best[0]:.4f}")
+        if callback is not None:
+            trainer.call_back(callback, 0)
+        from tqdm import tqdm
+
+        with tqdm(total=epochs * math.ceil(per_epoch / batch_size), desc="training NetVLAD", unit="step",
+                  disable=not progress, dynamic_ncols=True, file=sys.stderr) as bar:
+            for epoch in range(1, epochs + 1):
+                epoch_start = time.perf_counter()
+                mean_loss, active = trainer.epoch(per_epoch, bar)
+                if lr_decay is not None and epoch % lr_decay[0] == 0:
+                    trainer.decay(lr_decay[1])
+                score = validate() if validate else None
+                seconds = time.perf_counter() - epoch_start
+                history.append({"epoch": epoch, "loss": mean_loss, "active": active,
+                                "validation_map": score, "seconds": round(seconds, 3)})
+                line = f"epoch {epoch}/{epochs}: loss {mean_loss:.4f}"
+                if active is not None:
+                    line += f", {active}/{per_epoch} queries with a violated margin"
+                if score is not None:
+                    line += f", validation mAP {score:.4f}"
+                    if score >= best[0]:  # ties: the later epoch (the lower training loss)
+                        best = (score, epoch, _state(layer))
+                say(line + f" ({seconds:.0f} s)")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", **({} if score is None else {"val": f"{score:.3f}"}))
+                if callback is not None:
+                    trainer.call_back(callback, epoch)
+        trainer.finish()
+        returned = epochs
+        if keep_best and best[0] is not None:
+            layer.load_state_dict(best[2])
+            returned = best[1]
+    summary = {
+        "loss": loss, "epochs": epochs, "returned_epoch": returned, "lr": lr, "optimizer": optimizer,
+        "weight_decay": weight_decay, "lr_decay": None if lr_decay is None else list(lr_decay),
+        "batch_size": batch_size, "descriptors_per_step": per_step, "queries_per_epoch": per_epoch,
+        "margin": margin if "triplet" in loss else None,
+        "n_negatives": n_negatives if "triplet" in loss else None,
+        "negative_pool": negative_pool if "triplet" in loss else None,
+        "classification_weight": classification_weight if loss == "triplet+classification" else None,
+        "head_lr": head_lr if "classification" in loss else None,
+        "n_sets": len(train), "n_groups": n_groups,
+        "n_validation_sets": None if val_sets is None else len(val_sets),
+        "random_state": seed, "n_threads": n_threads, "seconds": round(time.perf_counter() - start, 3),
+        "history": history,
+    }
+    extra = dict(metadata or {})
+    extra.setdefault("init", version)
+    extra["training"] = summary
+    return layer.to_params(metadata=extra)
+
+
+def _initial_layer(sets, n_clusters, version, n_descriptors, per_image, kmeans_iter, seed, n_threads):
+    """k-means on a MATLAB-style sample (``getClusters.m``), then the v1/v2 layer."""
+    sample = np.asarray(sample_descriptors(sets, n_descriptors, per_image, seed), dtype=np.float32)
+    if len(sample) < n_clusters:
+        raise ValueError(f"{len(sample)} descriptors to initialise {n_clusters} clusters from: give more "
+                         "descriptors or fewer clusters")
+    vocabulary = KMeansVocabulary(n_clusters, max_descriptors=len(sample), max_iter=kmeans_iter,
+                                  random_state=seed, n_jobs=n_threads)
+    return NetVLAD.from_vocabulary(vocabulary, sample, version, random_state=seed, n_descriptors=len(sample))
+
+
+class _Validation:
+    """The validation mAP of the layer, on fixed random subsets of the validation sets
+    (input-normalised here when ``normalize``: the trained layer runs without)."""
+
+    def __init__(self, layer, sets, groups, dim, per_step, seed, normalize):
+        self.layer, self.groups = layer, groups
+        self.batches = _Batches(sets, dim, per_step, normalize)
+        rng = np.random.default_rng([seed, 22])
+        self.fixed = [self.batches.rows(i, rng) for i in range(len(sets))]
+
+    def __call__(self):
+        self.layer.eval()
+        vectors = _encode(self.layer, self.batches, np.arange(len(self.fixed)), fixed=self.fixed)
+        self.layer.train()
+        return _retrieval_map(vectors, self.groups)
+
+
+class _Trainer:
+    """One training run's state: the layer, its optimiser, the classification head, the
+    hard-negative memory, and the epoch loop of each loss.
+
+    The layer's input normalisation is done on the batches (:class:`_Batches`), so the
+    layer runs with ``normalize_input`` off until :meth:`finish` (and around callbacks)."""
+
+    def __init__(self, layer, sets, groups, dim, *, loss, lr, head_lr, optimizer, weight_decay,
+                 batch_size, per_step, margin, n_negatives, negative_pool, classification_weight, rng):
+        self.layer, self.loss, self.rng = layer, loss, rng
+        self.batch_size, self.margin = batch_size, margin
+        self.n_negatives, self.negative_pool = n_negatives, negative_pool
+        self.classification_weight = classification_weight
+        self.normalize = layer.normalize_input
+        self.batches = _Batches(sets, dim, per_step, self.normalize)
+        layer.normalize_input = False
+        layer.train()
+        self.groups = groups
+        self.members = {g: np.flatnonzero(groups == g) for g in np.unique(groups)}
+        self.hard = {}  # query -> its hard negatives of the last epoch
+        params = [{"params": list(layer.parameters()), "lr": lr}]
+        self.head = None
+        if "classification" in loss:
+            _, labels = np.unique(groups, return_inverse=True)
+            self.labels = torch.from_numpy(labels.astype(np.int64))
+            self.head = torch.nn.Linear(layer.n_features_out, int(labels.max()) + 1)
+            with torch.no_grad():
+                self.head.weight.zero_()
+                self.head.bias.zero_()
+            params.append({"params": list(self.head.parameters()), "lr": head_lr})
+        if optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, weight_decay=weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, momentum=0.9, weight_decay=weight_decay)
+
+    def epoch(self, n_queries, bar):
+        """One pass: (mean loss, queries with a violated margin or None)."""
+        total = count = active = 0
+        if "triplet" in self.loss:  # the cache of vectors hard negatives are mined from
+            self.layer.eval()
+            self.cache = _encode(self.layer, self.batches, np.arange(len(self.groups)), self.rng)
+            self.layer.train()
+            self.squared = np.einsum("ij,ij->i", self.cache, self.cache)
+        order = self.rng.permutation(len(self.groups))[:n_queries]
+        for first in range(0, len(order), self.batch_size):
+            queries = order[first:first + self.batch_size]
+            if "triplet" in self.loss:
+                value, violated = self._triplet(queries)
+                active += violated
+            else:
+                x, mask = self.batches(queries, self.rng)
+                value = F.cross_entropy(self.head(self.layer(x, mask)),
+                                        self.labels[torch.from_numpy(queries)])
+            if value is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                self.optimizer.step()
+                total += float(value.detach()) * len(queries)
+                count += len(queries)
+            bar.update(1)
+        return (total / count if count else 0.0), (active if "triplet" in self.loss else None)
+
+    def _triplet(self, queries):
+        tuples = _mine(queries, self.cache, self.squared, self.members, self.groups, self.hard,
+                       self.n_negatives, self.negative_pool, self.rng)
+        if not tuples:
+            return None, 0
+        x, mask = self.batches(np.concatenate(tuples), self.rng)
+        vectors = self.layer(x, mask).view(len(tuples), 2 + self.n_negatives, -1)
+        d2 = (vectors[:, 1:] - vectors[:, :1]).square().sum(-1)       # (tuples, 1 + n)
+        terms = F.relu(d2[:, :1] + self.margin - d2[:, 1:])
+        value = terms.sum(1).mean()
+        if self.head is not None:
+            first = torch.from_numpy(np.array([t[0] for t in tuples]))
+            value = value + self.classification_weight * F.cross_entropy(self.head(vectors[:, 0]),
+                                                                         self.labels[first])
+        return value, int((terms > 0).any(1).sum())
+
+    def decay(self, factor):
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+
+    def call_back(self, callback, epoch):
+        self.layer.normalize_input = self.normalize  # the layer as the caller knows it
+        try:
+            callback(epoch, self.layer)
+        finally:
+            self.layer.normalize_input = False
+
+    def finish(self):
+        self.layer.normalize_input = self.normalize
+        self.layer.eval()
+
+
+def _write(text):
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
+def _state(layer):
+    return {name: value.detach().clone() for name, value in layer.state_dict().items()}
+
+
+def _mine(queries, cache, squared, group_of, groups, hard, n_negatives, pool, rng):
+    """[q, p*, n_1 .. n_n] (positions) for each query that has a positive and negatives,
+    from the epoch's cache of vectors; updates the hard-negative memory ``hard``."""
+    scores = cache[queries] @ cache.T                                   # (B, n)
+    distances = squared[queries, None] + squared[None, :] - 2 * scores  # d^2 to every set
+    n = len(cache)
+    tuples = []
+    for row, q in enumerate(queries.tolist()):
+        members = group_of[groups[q]]
+        positives = members[members != q]
+        if len(positives) == 0 or len(members) == n:
+            continue
+        positive = positives[np.argmin(distances[row, positives])]
+        # `pool` random negatives (drawn among all sets, then those of q's group dropped),
+        # plus last epoch's hard negatives of q.
+        draw = rng.choice(n, min(n, pool + len(members)), replace=False)
+        draw = draw[groups[draw] != groups[q]][:pool]
+        candidates = np.union1d(draw, hard.get(q, draw[:0]))
+        if len(candidates) < n_negatives:  # few negatives at all: repeat them
+            candidates = np.resize(candidates, n_negatives)
+        nearest = candidates[np.argsort(distances[row, candidates], kind="stable")[:n_negatives]]
+        hard[q] = nearest
+        tuples.append(np.concatenate([[q, positive], nearest]))
+    return tuples
