@@ -1,4 +1,6 @@
+import io
 import os
+from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
@@ -31,3 +33,17 @@ def textured_image(seed, shape=(96, 128)):
 @pytest.fixture
 def make_textured():
     return textured_image
+
+
+def cli(*args):
+    """Run ``vladkit ARGS`` in-process: (exit code, stdout, stderr). Usage errors, which
+    argparse reports by raising SystemExit, give their exit code too."""
+    from vladkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import pytest
 
+from conftest import cli
 from vladkit import load_vocabulary
 from vladkit.cli import main
 from vladkit.encodings import load_encodings
@@ -24,15 +25,6 @@ CLI = [sys.executable, "-m", "vladkit.cli"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args):
-    """``vladkit ARGS`` in-process: (exit code, stdout, stderr), usage errors included."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def _write_images(folder, n, first_seed=0):

@@ -5,14 +5,12 @@ streaming conventions (pieces, pyramid, clone, joblib, grid search, budget) and 
 (encode -> index build -> search). Nothing here needs torch."""
 
 import glob
-import io
 import json
 import math
 import os
 import pickle
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from itertools import product
 
 import cv2
@@ -26,7 +24,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from conftest import textured_image
+from conftest import cli, textured_image
 from vladkit import (
     DenseSIFT,
     ImageEncoder,
@@ -44,7 +42,6 @@ from vladkit import (
 )
 from vladkit._io import write_npz_atomically
 from vladkit.budget import encoder_memory, plan_batches
-from vladkit.cli import main
 from vladkit.encoders._base import CHUNK_ROWS
 from vladkit.encoders.netvlad import NetVLADFileError, netvlad_alpha, sample_descriptors
 from vladkit.encoders.pyramid import cell_masks
@@ -141,15 +138,6 @@ def scene15_vocabulary(scene15_features):
                             descriptor_type="DenseSIFT(step=6, root=True)").fit(scene15_features)
 
 
-def cli(*args):
-    """``vladkit ARGS`` in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 # -------------------------------------------------------------- forward vs reference

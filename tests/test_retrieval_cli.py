@@ -3,16 +3,15 @@ end to end on a small generated collection, and the pieces of the demo."""
 
 import base64
 import dataclasses
-import io
 import json
 import re
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import cli
 from vladkit import load_vocabulary
 from vladkit.cli import main
 from vladkit.datasets import ATTACKS, demo_photos, near_duplicate_set
@@ -33,16 +32,6 @@ GROUPS = 3
 BROKEN = "broken.jpg"
 
 
-def cli(*args):
-    """Run ``vladkit ARGS`` in-process: (exit code, stdout, stderr). Usage errors, which
-    argparse reports by raising SystemExit, give their exit code too."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def _variants(base):
