@@ -73,7 +73,7 @@ class Accumulation:
         self.encoder = encoder
         self.sums = encoder._start(n_images, dtype)
         self.counts = np.zeros(n_images, dtype=np.int64)
-        self._dim = encoder.vocabulary_.descriptor_dim_
+        self._dim = encoder._input_dim()
         self._dtype = dtype
         self._max_rows = max_rows
         self._parts, self._segments, self._rows = [], [], 0
@@ -111,7 +111,7 @@ class Accumulation:
             return
         chunk, segments = _pack(self._parts, self._dtype), np.array(self._segments, dtype=np.int64)
         self._parts, self._segments, self._rows = [], [], 0
-        self.encoder._add(self.encoder.vocabulary_._project(chunk), segments, self.sums)
+        self.encoder._add(self.encoder._project(chunk), segments, self.sums)
 
     def finish(self):
         """The (n_images, n_features_out_) float32 vectors."""
@@ -302,6 +302,14 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
     def _accumulate(self, n_images, dtype=np.float32):
         """An :class:`Accumulation` of ``n_images`` images (given whole or in pieces)."""
         return Accumulation(self, n_images, dtype)
+
+    def _input_dim(self):
+        """The dimension D of the descriptors this encoder takes."""
+        return self.vocabulary_.descriptor_dim_
+
+    def _project(self, chunk):
+        """A chunk of input rows as the encoder's kernels take them (the vocabulary's PCA)."""
+        return self.vocabulary_._project(chunk)
 
     def _thread_limits(self):
         """BLAS, OpenMP and numba threads bounded to ``n_jobs`` inside the block (when

@@ -29,7 +29,7 @@ from sklearn.utils.validation import check_is_fitted
 from .. import __version__
 from .._io import write_npz_atomically
 from ..kernels import normalize_rows, softmax_rows, squared_norms, two_nearest_squared_distances
-from ._base import CHUNK_ROWS, Accumulation, BaseEncoder, _pack, descriptor_sets, work_dtype
+from ._base import Accumulation, BaseEncoder, descriptor_sets, work_dtype
 
 __all__ = [
     "LAYOUTS",
@@ -619,6 +619,12 @@ class NetVLADEncoder(BaseEncoder):
         """A :class:`NetVLADAccumulation` of ``n_images`` images (given whole or in pieces)."""
         return NetVLADAccumulation(self, n_images, dtype)
 
+    def _input_dim(self):
+        return self.params_.dim
+
+    def _project(self, chunk):
+        return chunk  # no PCA: NetVLAD's input normalisation happens in _add
+
     def _start(self, n_images, dtype):
         params = self.params_
         return {
@@ -683,17 +689,8 @@ class NetVLADEncoder(BaseEncoder):
 
 class NetVLADAccumulation(Accumulation):
     """:class:`~vladkit.encoders._base.Accumulation` for a NetVLADEncoder, which has
-    parameters instead of a vocabulary (and no PCA): rows of dimension ``params_.dim``,
-    chunks handed to the encoder as they are packed."""
-
-    def __init__(self, encoder, n_images, dtype, max_rows=CHUNK_ROWS):
-        self.encoder = encoder
-        self.sums = encoder._start(n_images, dtype)
-        self.counts = np.zeros(n_images, dtype=np.int64)
-        self._dim = encoder.params_.dim
-        self._dtype = dtype
-        self._max_rows = max_rows
-        self._parts, self._segments, self._rows = [], [], 0
+    parameters instead of a vocabulary (and no PCA: see its ``_input_dim`` and
+    ``_project``); only the messages about bad rows differ."""
 
     def add(self, image, descriptors):
         """Add (n, D) descriptors (or LocalFeatures) of image number ``image``."""
@@ -705,11 +702,3 @@ class NetVLADAccumulation(Accumulation):
             raise ValueError(f"image {image}: descriptors have dimension {descriptors.shape[1]}, the "
                              f"NetVLAD parameters expect {self._dim}")
         super().add(image, descriptors)
-
-    def flush(self):
-        """Hand the rows gathered so far to the encoder."""
-        if not self._rows:
-            return
-        chunk, segments = _pack(self._parts, self._dtype), np.array(self._segments, dtype=np.int64)
-        self._parts, self._segments, self._rows = [], [], 0
-        self.encoder._add(chunk, segments, self.sums)
