@@ -3,27 +3,6 @@
 
 import numpy as np
 
-from vladkit import GMMVocabulary, KMeansVocabulary
-
-
-def kmeans_vocabulary(centers):
-    """A KMeansVocabulary with the given centers (no training)."""
-    vocab = KMeansVocabulary(len(centers))
-    vocab.centers_ = np.ascontiguousarray(centers)
-    vocab.descriptor_dim_ = centers.shape[1]
-    vocab.pca_mean_ = vocab.pca_components_ = None
-    vocab.n_training_descriptors_ = 0
-    return vocab
-
-
-def gmm_vocabulary(means, variances, weights):
-    vocab = GMMVocabulary(len(means))
-    vocab.means_, vocab.covariances_, vocab.weights_ = means, variances, weights
-    vocab.descriptor_dim_ = means.shape[1]
-    vocab.pca_mean_ = vocab.pca_components_ = None
-    vocab.n_training_descriptors_ = 0
-    return vocab
-
 
 def squared_distances(X, centers):
     return ((X[:, None, :].astype(np.float64) - centers[None].astype(np.float64)) ** 2).sum(-1)

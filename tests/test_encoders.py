@@ -33,9 +33,9 @@ def data():
     weights /= weights.sum()
     return {
         "sets": sets,
-        "kmeans": ref.kmeans_vocabulary(centers.astype(np.float32)),
-        "gmm": ref.gmm_vocabulary(centers.astype(np.float32), variances.astype(np.float32),
-                                  weights.astype(np.float32)),
+        "kmeans": KMeansVocabulary.from_centers(centers.astype(np.float32)),
+        "gmm": GMMVocabulary.from_parameters(centers.astype(np.float32), variances.astype(np.float32),
+                                             weights.astype(np.float32)),
     }
 
 
@@ -145,7 +145,7 @@ def test_fisher_weight_gradient(data):
 @needs_vlfeat
 def test_fisher_float64_matches_vlfeat_double(data):
     vocab = data["gmm"]
-    gmm64 = ref.gmm_vocabulary(*(a.astype(np.float64) for a in (vocab.means_, vocab.covariances_, vocab.weights_)))
+    gmm64 = GMMVocabulary.from_parameters(*(a.astype(np.float64) for a in (vocab.means_, vocab.covariances_, vocab.weights_)))
     sets = [s.astype(np.float64) for s in data["sets"]]
     ours = FisherEncoder(vocabulary=gmm64, improved=False, power=None, l2=False).fit(sets).transform(sets)
     for X, encoded in zip(sets, ours):
@@ -468,7 +468,7 @@ def test_vlad_alpha_estimate_does_not_copy_the_descriptors():
     rng = np.random.default_rng(0)
     sets = [rng.random((20_000, 128), dtype=np.float32) for _ in range(40)]
     total = sum(s.nbytes for s in sets)  # 410 MB
-    vocabulary = ref.kmeans_vocabulary(rng.random((16, 128), dtype=np.float32))
+    vocabulary = KMeansVocabulary.from_centers(rng.random((16, 128), dtype=np.float32))
     encoder = VLADEncoder(vocabulary=vocabulary, assignment="soft", random_state=7)
     encoder.fit([sets[0][:100]])  # numba loads (or compiles) its kernels: not the fit's data
     tracemalloc.start()
@@ -496,7 +496,7 @@ def test_bof_sigma_estimate_does_not_copy_the_descriptors():
     rng = np.random.default_rng(1)
     sets = [rng.random((20_000, 128), dtype=np.float32) for _ in range(20)]
     total = sum(s.nbytes for s in sets)  # 205 MB
-    vocabulary = ref.kmeans_vocabulary(rng.random((16, 128), dtype=np.float32))
+    vocabulary = KMeansVocabulary.from_centers(rng.random((16, 128), dtype=np.float32))
     encoder = BoFEncoder(vocabulary=vocabulary, assignment="soft")
     encoder.fit([sets[0][:100]])  # numba's kernels load: not the fit's data
     tracemalloc.start()

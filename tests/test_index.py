@@ -310,8 +310,11 @@ def test_whitening_parameters_and_sklearn_conventions(anisotropic):
     assert copy.get_params() == model.get_params() and not hasattr(copy, "projection_")
     model.fit(X)
     assert list(model.get_feature_names_out()) == [f"pcawhitening{i}" for i in range(8)]
-    with pytest.raises(ValueError, match="dimension 23.*24"):
+    with pytest.raises(ValueError, match="X has 23 features, but PCAWhitening is expecting 24"):
         model.transform(X[:, :23])
+    assert model.transform(X[:0]).shape == (0, 8)
+    with pytest.raises(ValueError, match="infinity"):  # float64 beyond float32's range
+        model.transform(np.full((1, 24), 1e300))
 
 
 # --------------------------------------------------------------------------- files

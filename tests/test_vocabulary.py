@@ -212,7 +212,7 @@ def test_gmm_variances_stay_positive_on_degenerate_dimensions():
 
 def test_dimension_mismatch(tmp_path):
     vocab = KMeansVocabulary(4, random_state=0).fit(blobs(500, dim=8))
-    with pytest.raises(ValueError, match="dimension 6 but this vocabulary was trained on dimension 8"):
+    with pytest.raises(ValueError, match="X has 6 features, but KMeansVocabulary is expecting 8 features"):
         vocab.predict(np.zeros((3, 6), np.float32))
     vocab.save(tmp_path / "v.npz")
     with pytest.raises(VocabularyFileError, match="trained on 8-dimensional descriptors.*dimension 128"):

@@ -36,6 +36,7 @@ from .evaluation import (
     recall_at_k,
     retrieval_ground_truth,
 )
+from .functional import fisher_encode, vlad_encode
 from .images import ImageReadError, list_images, read_image, read_size
 from .index import IndexFileError, PCAWhitening, VectorIndex
 from .vocabulary import (
@@ -53,6 +54,8 @@ __all__ = [
     "NetVLADEncoder",
     "NetVLADParams",
     "VLADEncoder",
+    "fisher_encode",
+    "vlad_encode",
     "init_netvlad",
     "load_netvlad",
     "save_netvlad",

@@ -281,7 +281,15 @@ class _Extractor(TransformerMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.requires_fit = False
+        # X is a list of images: paths (strings), encoded bytes or pixel arrays; a 3-D
+        # (n_images, height, width) array is a stack of grey images (as for scikit-learn's
+        # PatchExtractor). Not a 2-D array of samples, so scikit-learn's data checks do
+        # not apply.
         tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.input_tags.string = True
+        # The output is a list of LocalFeatures, not an array of the input's dtype.
+        tags.transformer_tags.preserves_dtype = []
         return tags
 
 

@@ -153,7 +153,12 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
+        # X is a list of images, as the extractors take (paths, bytes, pixel arrays, or a
+        # 3-D stack of grey images); not a 2-D array of samples.
         tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.input_tags.string = True
+        tags.transformer_tags.preserves_dtype = ["float32"]  # float32 vectors
         return tags
 
 

@@ -37,7 +37,7 @@ from sklearn.base import (
     TransformerMixin,
 )
 from sklearn.decomposition import PCA
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import __version__
 from ._io import json_dumps, write_npz_atomically
@@ -166,6 +166,8 @@ class PCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         The matrix applied: ``diag(lambda + eps)^(-1/2) P`` (``P`` when not whitening).
     n_components_ : int
     n_features_in_ : int
+    feature_names_in_ : (n_features_in_,) ndarray of str
+        The column names, when fitted on a DataFrame whose column names are all strings.
 
     References
     ----------
@@ -211,10 +213,11 @@ class PCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         self
         """
         self._validate_params()
-        X = _as_matrix(X, "X", dtype=np.float64)  # float64 for an accurate PCA
+        # scikit-learn's validation (its messages for sparse, complex, 1-D, empty or
+        # non-finite input; sets n_features_in_ and, for a DataFrame, feature_names_in_),
+        # in float64 for an accurate PCA; a PCA needs 2 vectors.
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
         n_samples, n_features = X.shape
-        if n_samples < 2:
-            raise ValueError(f"PCAWhitening needs at least 2 training vectors, got {n_samples}")
         limit = min(n_samples, n_features)
         if self.n_components > limit:
             raise ValueError(
@@ -259,7 +262,6 @@ class PCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         self.explained_variance_ratio_ = np.asarray(pca.explained_variance_ratio_, dtype=np.float64)
         self.projection_ = np.ascontiguousarray(projection, dtype=np.float32)
         self.n_components_ = int(self.components_.shape[0])
-        self.n_features_in_ = int(n_features)
         return self
 
     def transform(self, X):
@@ -267,17 +269,20 @@ class PCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
 
         Parameters
         ----------
-        X : (n, n_features) array
-            float32 or float64 (computed in float32); no NaN or inf.
+        X : (n, n_features) array-like
+            Computed in float32 (whatever the input's dtype); no NaN or inf.
 
         Returns
         -------
         (n, n_components) float32 ndarray
-            Unit rows, or zero rows for all-zero inputs.
+            Unit rows, or zero rows for all-zero inputs (and no rows for no input rows).
         """
         check_is_fitted(self, "projection_")
-        X = _as_matrix(X, "X")
-        _check_dim(X, self.n_features_in_, "X", "this PCAWhitening")
+        # Cast to float32 before the finiteness check: float64 values beyond float32's
+        # range become inf and are refused as such (not turned into NaN outputs).
+        with np.errstate(over="ignore"):
+            X = validate_data(self, X, reset=False, dtype=np.float32, order="C",
+                              ensure_min_samples=0)
         return self._transform(X)
 
     def _transform(self, X):
@@ -300,6 +305,13 @@ class PCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     @property
     def _n_features_out(self):
         return self.n_components_
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # The output is float32 whatever the input (the index's precision): float32 is
+        # preserved, float64 is not.
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
 
 
 # ------------------------------------------------------------------------- the index

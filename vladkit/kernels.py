@@ -363,7 +363,7 @@ def softmax_weights(X, centers, alpha, centers_sqnorm=None):
     """(n, K) NetVLAD soft assignment: softmax_k(-alpha ||x - c_k||^2) (Arandjelovic et al. 2016)."""
     scores = _shifted_distances(X, centers, centers_sqnorm)
     scores *= -alpha
-    softmax_rows(scores, 0.0, False)
+    softmax_rows(scores)
     return scores
 
 
@@ -425,82 +425,198 @@ def histogram_sparse(neighbors, weights, tasks, counts):
                     counts[t, neighbors[i, j]] += weights[i, j]
 
 
-#: exp(-x) for the scores of a row more than this many nats below its maximum is skipped
-#: (taken as 0), beyond log(K): the K skipped terms then change the softmax's denominator
-#: by less than exp(-17) ~ 4e-8 of it.
-SOFTMAX_MARGIN = 17.0
-
-
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def softmax_rows(scores, threshold, fast, offsets=None):
+def softmax_rows(scores, offsets=None):
     """In place: each row of ``scores`` (+ ``offsets``, if given) becomes its softmax.
 
-    Entries below ``threshold`` are then set to 0 (not renormalised, as VLFeat). With a
-    threshold > 0, scores more than ``log(K) + SOFTMAX_MARGIN`` below the row's maximum
-    give 0 without an exp(): GMM posteriors are sparse, so this skips most of the work.
-    (With threshold 0 every weight is kept, however small: soft VLAD's mass normalisation
-    divides by them.) With ``fast``, the row becomes one-hot at its first maximum instead.
+    Every weight is kept, however small: soft VLAD's mass normalisation divides by them.
+    (Fisher vectors' sparse posteriors are :func:`accumulate_fisher`'s.)
     """
     n, k = scores.shape
-    cutoff = math.log(k) + SOFTMAX_MARGIN if threshold > 0 else math.inf
     for i in prange(n):
         row = scores[i]
         if offsets is not None:
             for j in range(k):
                 row[j] += offsets[j]
         top = row[0]
-        arg = 0
         for j in range(1, k):
             if row[j] > top:
                 top = row[j]
-                arg = j
-        if fast:
-            for j in range(k):
-                row[j] = 0.0
-            row[arg] = 1.0
-            continue
         total = 0.0
         for j in range(k):
-            # (not row[j] > top - cutoff: for |top| > ~1e17 that floor rounds to top and
-            # every score, the maximum included, would be dropped)
-            if row[j] - top > -cutoff:
-                e = math.exp(row[j] - top)
-                row[j] = e
-                total += e
-            else:
-                row[j] = 0.0
+            e = math.exp(row[j] - top)
+            row[j] = e
+            total += e
         inverse = 1.0 / total
         for j in range(k):
-            if row[j] != 0.0:
-                q = row[j] * inverse
-                row[j] = q if q >= threshold else 0.0
+            row[j] *= inverse
+
+
+def expansion_error_bounds(X, coefficients, constants):
+    """(n,) bounds on |approximate - exact| log-density of each row of X, where the
+    approximation is :func:`gaussian_log_densities` in X's dtype (plus ``constants``).
+
+    A dot product of m terms rounded in precision u errs by at most m u / (1 - m u) times
+    the sum of the terms' magnitudes, whatever the summation order (Higham, "Accuracy and
+    Stability of Numerical Algorithms", 2002, section 3.1); the terms here are
+    x_d^2 a_dk and x_d b_dk, plus one rounding of x_d^2, of the coefficients and of c_k.
+    Bounding each row's magnitudes by the largest coefficient over k costs two
+    matrix-vector products.
+    """
+    u = np.finfo(X.dtype).eps / 2
+    dim = X.shape[1]
+    terms = 2 * dim + 3
+    gamma = terms * u / (1 - terms * u)
+    largest = np.abs(coefficients).max(axis=1).astype(X.dtype)
+    finite = np.abs(constants[np.isfinite(constants)])
+    magnitude = ((X * X) @ largest[:dim] + np.abs(X) @ largest[dim:]).astype(np.float64)
+    return gamma * (magnitude + (finite.max() if finite.size else 0.0))
+
+
+#: accumulate_fisher sums this many rows in the input's precision before adding them to its
+#: float64 sums: short float32 sums err little, and stay in L1 cache (K x D x 2 floats).
+FLUSH_ROWS = 64
+
+
+# The helpers take 2-D arrays and row numbers rather than row views: a view costs numba
+# a reference count (two atomic operations), which here cost more than the arithmetic.
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _squared_standardized_norm(X, i, means, inv_sigmas, k):
+    """sum_d ((x_id - mu_kd) / sigma_kd)^2 in X's precision. Vectorised, the sum runs in
+    SIMD lanes of a few terms each, then a tree of the lanes: its round-off is a few
+    units in the last place, where a float32 sum in sequence (VLFeat's) errs ~sqrt(D)."""
+    total = X.dtype.type(0.0)
+    for d in range(X.shape[1]):
+        value = (X[i, d] - means[k, d]) * inv_sigmas[k, d]
+        total += value * value
+    return total
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _add_fisher_terms(X, i, means, inv_sigmas, k, q, first, second):
+    """first[k] += q z, second[k] += q (z^2 - 1), z = (x_i - mu_k) / sigma_k, in X's precision."""
+    for d in range(X.shape[1]):
+        z = (X[i, d] - means[k, d]) * inv_sigmas[k, d]
+        qz = q * z
+        first[k, d] += qz
+        second[k, d] += qz * z - q
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _flush(block_first, block_second, first, second, t, touched, n_touched):
+    """first[t] += block_first and second[t] += block_second (float64) for the touched
+    words, which are zeroed."""
+    for j in range(n_touched):
+        k = touched[j]
+        for d in range(block_first.shape[1]):
+            first[t, k, d] += block_first[k, d]
+            second[t, k, d] += block_second[k, d]
+            block_first[k, d] = 0
+            block_second[k, d] = 0
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def accumulate_fisher(X, posteriors, means, inv_sigmas, skip, tasks, first, second, mass):
-    """Fisher statistics over the non-zero posteriors.
+def accumulate_fisher(X, scores, constants, slack, log_norms, means, inv_sigmas, skip, margin, threshold,
+                      fast, tasks, first, second, mass):
+    """Exact GMM posteriors and the Fisher statistics over them.
 
-    For each row i of task t and word k with q_ik > 0 and not skip[k]:
-    first[t, k] += q z, second[t, k] += q (z^2 - 1), mass[t, k] += q, where
-    z = (x_i - mu_k) / sigma_k. Scaling by 1/(N sqrt(pi_k)) is left to the caller.
+    ``scores + constants`` approximates each log(pi_k N(x_i; mu_k, sigma_k^2)) to within
+    ``slack[i]`` (the BLAS expansion of :func:`gaussian_log_densities`, which cancels
+    badly in float32 when variances are small next to the values: RootSIFT's are). It only
+    picks the candidates, the words k within log(K) + ``margin`` + 2 slack of the row's
+    best score; every other posterior is below exp(-margin) / K and would be dropped.
+    For the candidates the log-densities are then computed directly, as VLFeat does,
+
+        l_ik = log_norms[k] - 1/2 sum_d z_d^2,   z = (x_i - mu_k) / sigma_k,
+
+    with log_norms[k] = log pi_k - D/2 log(2 pi) - sum_d log sigma_kd (float64).
+    q_ik = softmax over the candidates; q_ik < ``threshold`` is dropped (not renormalised,
+    as VLFeat); with ``fast``, q is one-hot at the first largest l_ik. Then for each row i
+    of task t and kept k:
+
+        first[t, k] += q z,   second[t, k] += q (z^2 - 1),   mass[t, k] += q.
+
+    Scaling by 1 / (N sqrt(pi_k)) is left to the caller.
     """
-    n_words = posteriors.shape[1]
-    dim = X.shape[1]
+    n_words = scores.shape[1]
+    cutoff = math.log(n_words) + margin
+    # Words more than log(1 / threshold) below the best have q < threshold: dropped.
+    keep = -math.log(threshold) if threshold > 0 else math.inf
     for t in prange(tasks.shape[0]):
         start, end = tasks[t, 1], tasks[t, 2]
+        words = np.empty(n_words, dtype=np.int64)
+        log_p = np.empty(n_words, dtype=np.float64)
+        # Sums over FLUSH_ROWS rows in X's precision (small, in L1 cache), added to the
+        # float64 sums after each block.
+        block_first = np.zeros((n_words, X.shape[1]), dtype=X.dtype)
+        block_second = np.zeros((n_words, X.shape[1]), dtype=X.dtype)
+        touched = np.empty(n_words, dtype=np.int64)
+        is_touched = np.zeros(n_words, dtype=np.bool_)
+        n_touched = 0
         for i in range(start, end):
-            x = X[i]
+            if n_touched and (i - start) % FLUSH_ROWS == 0:
+                _flush(block_first, block_second, first, second, t, touched, n_touched)
+                is_touched[touched[:n_touched]] = False
+                n_touched = 0
+            top = -math.inf
             for k in range(n_words):
-                q = posteriors[i, k]
-                if q <= 0 or skip[k]:
+                if not skip[k]:
+                    score = scores[i, k] + constants[k]
+                    if score > top:
+                        top = score
+            floor = top - cutoff - 2.0 * slack[i]
+            exact_floor = top - keep - 2.0 * slack[i]
+            m = 0
+            best = -math.inf
+            for k in range(n_words):
+                score = scores[i, k] + constants[k]
+                if skip[k] or not score >= floor:
                     continue
+                words[m] = k
+                if score >= exact_floor:
+                    log_p[m] = log_norms[k] - 0.5 * float(_squared_standardized_norm(X, i, means, inv_sigmas, k))
+                    if log_p[m] > best:
+                        best = log_p[m]
+                else:
+                    # Below exp(-keep) of the best: dropped by the threshold whatever its
+                    # exact value; it only adds its (approximate) share to the denominator.
+                    log_p[m] = score
+                    words[m] = -1 - k
+                m += 1
+            if m == 0:
+                continue
+            if fast:
+                for j in range(m):
+                    if log_p[j] == best and words[j] >= 0:
+                        k = words[j]
+                        mass[t, k] += 1.0
+                        if not is_touched[k]:
+                            is_touched[k] = True
+                            touched[n_touched] = k
+                            n_touched += 1
+                        _add_fisher_terms(X, i, means, inv_sigmas, k, X.dtype.type(1.0), block_first,
+                                          block_second)
+                        break
+                continue
+            total = 0.0
+            for j in range(m):
+                log_p[j] = math.exp(log_p[j] - best)
+                total += log_p[j]
+            inverse = 1.0 / total
+            for j in range(m):
+                q = log_p[j] * inverse
+                if q < threshold or words[j] < 0:
+                    continue
+                k = words[j]
                 mass[t, k] += q
-                mu, inv, f, v = means[k], inv_sigmas[k], first[t, k], second[t, k]
-                for d in range(dim):
-                    z = (x[d] - mu[d]) * inv[d]
-                    qz = q * z
-                    f[d] += qz
-                    v[d] += qz * z - q  # q (z^2 - 1), with no float64 literal in the loop
+                if not is_touched[k]:
+                    is_touched[k] = True
+                    touched[n_touched] = k
+                    n_touched += 1
+                _add_fisher_terms(X, i, means, inv_sigmas, k, X.dtype.type(q), block_first, block_second)
+        _flush(block_first, block_second, first, second, t, touched, n_touched)
 
 
 # ------------------------------------------------------------------------------- NetVLAD

@@ -20,12 +20,12 @@ import warnings
 from copy import deepcopy
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import __version__
 from ._io import write_npz_atomically
@@ -44,6 +44,8 @@ FILE_FORMAT = "vladkit-vocabulary"
 FILE_FORMAT_VERSION = 1
 #: algorithm="auto" switches from Lloyd's KMeans to MiniBatchKMeans above this many samples.
 MINIBATCH_THRESHOLD = 500_000
+#: ``GMMVocabulary.from_parameters`` accepts weights summing to 1 within this.
+WEIGHTS_SUM_TOLERANCE = 1e-4
 
 
 class VocabularyFileError(ValueError):
@@ -148,6 +150,18 @@ class DescriptorSampler:
         return pooled
 
 
+def _sets_or_pooled(X):
+    """``(sets, None)`` for per-image descriptor sets (a list of LocalFeatures or of
+    (n_i, D) arrays), ``(None, X)`` for one pooled (N, D) array-like (an array, a
+    DataFrame, a sparse matrix, a list of rows), which scikit-learn's validation checks."""
+    if hasattr(X, "shape") or hasattr(X, "__array__") or isinstance(X, (str, bytes)):
+        return None, X
+    items = list(X)
+    if items and np.ndim(getattr(items[0], "descriptors", items[0])) <= 1:
+        return None, items  # rows of numbers (or numbers): one array-like, not sets
+    return items, None
+
+
 def _as_float(X):
     X = np.asarray(X)
     if X.dtype not in (np.float32, np.float64):
@@ -158,8 +172,14 @@ def _as_float(X):
 # ------------------------------------------------------------------------ the models
 
 
-class _Vocabulary(BaseEstimator):
-    """Shared: sampling, PCA, validation, files. Subclasses train the words."""
+class _Vocabulary(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Shared: sampling, PCA, validation, files. Subclasses train the words.
+
+    Given one pooled (N, D) array, a vocabulary is a scikit-learn transformer like
+    ``KMeans`` / ``GaussianMixture`` (validation, ``n_features_in_``, messages and tags
+    as scikit-learn's own checks expect); ``fit`` also takes a list of per-image
+    descriptor sets, which the other methods do not.
+    """
 
     _kind = None
     _size_param = None
@@ -268,9 +288,10 @@ class _Vocabulary(BaseEstimator):
 
         Parameters
         ----------
-        X : list of LocalFeatures or of (n_i, D) arrays, or one (N, D) array
+        X : list of LocalFeatures or of (n_i, D) arrays, or one (N, D) array-like
             Descriptors per image (sampled at most ``max_descriptors`` in all, spread over
-            the images), or one pooled array (sampled uniformly).
+            the images), or one pooled array (sampled uniformly; a DataFrame's column
+            names are kept in ``feature_names_in_``).
         y : ignored
 
         Returns
@@ -279,13 +300,16 @@ class _Vocabulary(BaseEstimator):
         """
         self._validate_params()
         sample_seed, _ = self._seeds()
-        pooled = isinstance(X, np.ndarray) and X.ndim == 2
-        if isinstance(X, np.ndarray) and not pooled:
-            raise ValueError(f"X must be a list of descriptor sets or one 2-D array, got shape {X.shape}")
-        sets = [X] if pooled else list(X)
+        sets, pooled = _sets_or_pooled(X)
+        if sets is None:
+            # scikit-learn's validation: its messages for sparse, complex, 1-D, empty or
+            # non-finite input; sets n_features_in_ (and feature_names_in_ for a DataFrame).
+            sets = [validate_data(self, pooled)]
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_  # per-image sets have no column names
         # A pooled array is one "image" with no per-image cap.
         sampler = DescriptorSampler(len(sets), self.max_descriptors,
-                                    None if pooled else self.max_per_image, sample_seed)
+                                    None if pooled is not None else self.max_per_image, sample_seed)
         for index, item in enumerate(sets):
             sampler.add(index, item)
         return self.fit_sample(sampler.sample())
@@ -301,13 +325,14 @@ class _Vocabulary(BaseEstimator):
         n_words = getattr(self, self._size_param)
         if len(sample) < n_words:
             raise ValueError(
-                f"only {len(sample)} descriptors to train {self._size_param}={n_words} words; "
-                "use fewer words or more images"
+                f"only {len(sample)} descriptors to train {self._size_param}={n_words} words "
+                f"(n_samples={len(sample)}); use fewer words or more images"
             )
         _, model_seed = self._seeds()
         self.descriptor_dim_ = sample.shape[1]
+        self.n_features_in_ = sample.shape[1]
         self._fit_pca(sample, model_seed)
-        projected = self.project(sample)
+        projected = self._project(sample)
         with limit_threads(self.n_jobs):  # safe beside encoders running in other threads
             self._fit_words(projected, model_seed)
         self.n_training_descriptors_ = len(sample)
@@ -359,22 +384,26 @@ class _Vocabulary(BaseEstimator):
 
     def _check_descriptors(self, descriptors):
         check_is_fitted(self, "descriptor_dim_")
-        X = _as_float(descriptors)
-        if X.ndim != 2:
-            raise ValueError(f"descriptors must be a 2-D (n, D) array, got shape {X.shape}")
+        # scikit-learn's validation and messages (sparse, complex, 1-D or non-finite input,
+        # a number of features other than n_features_in_). float32 and float64 are kept,
+        # other numbers become float32; no rows is allowed (an image without descriptors).
+        X = validate_data(self, descriptors, reset=False, dtype=(np.float32, np.float64),
+                          order="C", ensure_min_samples=0)
         if X.shape[1] != self.descriptor_dim_:
-            raise ValueError(
-                f"descriptors have dimension {X.shape[1]} but this vocabulary was trained on "
-                f"dimension {self.descriptor_dim_}"
-            )
-        if not np.all(np.isfinite(X)):
-            raise ValueError("descriptors contain NaN or inf")
+            # The same message for a vocabulary not made by fit (without n_features_in_).
+            raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is "
+                             f"expecting {self.descriptor_dim_} features as input")
         return X
 
     @property
     def n_words_(self):
         """Number of visual words (clusters or mixture components)."""
         return getattr(self, self._word_arrays[0]).shape[0]
+
+    @property
+    def _n_features_out(self):
+        # transform gives one column per word (distances or posteriors).
+        return self.n_words_
 
     @property
     def dim_(self):
@@ -480,6 +509,41 @@ class KMeansVocabulary(_Vocabulary):
         self.n_jobs = n_jobs
         self.descriptor_type = descriptor_type
 
+    @classmethod
+    def from_centers(cls, centers, *, pca_mean=None, pca_components=None, descriptor_type=None):
+        """A fitted vocabulary made from known centers (no training).
+
+        The arrays are checked as :func:`load_vocabulary` checks a file, and copied.
+
+        Parameters
+        ----------
+        centers : (K, D) array of real numbers
+            The words, finite; in the PCA space if a PCA is given.
+        pca_mean : (D_in,) array or None
+            Mean subtracted from the descriptors before the projection.
+        pca_components : (D, D_in) array or None
+            Projection applied to the centred descriptors (``project`` computes
+            ``(x - pca_mean) @ pca_components.T``); give both PCA arrays or neither.
+        descriptor_type : str or None
+            Free text saved in the file.
+
+        Returns
+        -------
+        KMeansVocabulary
+            Fitted: ``predict``, ``save`` and the encoders use it as is. Its arrays are
+            float32 if every given array is float32, float64 otherwise.
+
+        Raises
+        ------
+        ValueError
+            An array has the wrong shape (the message names it), contains NaN or inf, or
+            only one PCA array is given.
+        TypeError
+            An array is not made of real numbers.
+        """
+        (centers,), pca = _checked_arrays([("centers", centers, 2)], pca_mean, pca_components)
+        return _fitted_vocabulary(cls, {"centers_": centers}, pca, descriptor_type)
+
     def _validate_params(self):
         _check_positive_int(self, "n_clusters", "max_descriptors", "n_init", "max_iter")
         _check_common(self)
@@ -528,6 +592,12 @@ class KMeansVocabulary(_Vocabulary):
         """Negative sum of squared distances to the nearest center (higher is better)."""
         X = self.project(descriptors)
         return -float(nearest_words(X, self.centers_.astype(X.dtype, copy=False))[1].sum(dtype=np.float64))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Distances come in the input's precision, as KMeans.transform's.
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
 
 
 class GMMVocabulary(_Vocabulary):
@@ -589,6 +659,42 @@ class GMMVocabulary(_Vocabulary):
         self.n_jobs = n_jobs
         self.descriptor_type = descriptor_type
 
+    @classmethod
+    def from_parameters(cls, means, covariances, weights, *, pca_mean=None, pca_components=None,
+                        descriptor_type=None):
+        """A fitted vocabulary made from known mixture parameters (no training).
+
+        The arrays are checked as :func:`load_vocabulary` checks a file, and copied.
+
+        Parameters
+        ----------
+        means : (K, D) array of real numbers
+            Component means, in the PCA space if a PCA is given.
+        covariances : (K, D) array
+            The diagonal variances, all > 0.
+        weights : (K,) array
+            The priors: >= 0, summing to 1 (within ``WEIGHTS_SUM_TOLERANCE``, 1e-4; they are
+            used as given, not renormalised). Components below 1e-6 are skipped by the
+            Fisher encoder, as VLFeat does.
+        pca_mean, pca_components, descriptor_type
+            As for :meth:`KMeansVocabulary.from_centers`.
+
+        Returns
+        -------
+        GMMVocabulary
+            Fitted; float32 if every given array is float32, float64 otherwise.
+
+        Raises
+        ------
+        ValueError
+            A wrong shape, NaN or inf, a variance <= 0, a negative weight or weights not
+            summing to 1 (the message names the argument), or only one PCA array given.
+        TypeError
+            An array is not made of real numbers.
+        """
+        words, pca = _checked_gmm_arrays(means, covariances, weights, pca_mean, pca_components)
+        return _fitted_vocabulary(cls, words, pca, descriptor_type)
+
     def _validate_params(self):
         _check_positive_int(self, "n_components", "max_descriptors", "n_init", "max_iter")
         _check_common(self)
@@ -596,6 +702,8 @@ class GMMVocabulary(_Vocabulary):
             raise ValueError(f"covariance_floor must be a positive number, got {self.covariance_floor!r}")
 
     def _fit_words(self, X, seed):
+        if len(X) < 2:  # as GaussianMixture: no variance to estimate from one descriptor
+            raise ValueError(f"a Gaussian mixture needs at least 2 descriptors, got n_samples={len(X)}")
         largest_variance = float(X.var(axis=0, dtype=np.float64).max())
         if largest_variance == 0:
             raise ValueError(
@@ -659,6 +767,109 @@ def _check_common(estimator):
         _check_positive_int(estimator, "max_per_image")
     if estimator.pca is not None:
         _check_positive_int(estimator, "pca")
+
+
+def _checked_arrays(named, pca_mean, pca_components):
+    """Validated copies of the arrays of a vocabulary made from known parameters.
+
+    ``named`` lists (argument name, value, ndim); the first is the (K, D) words array,
+    the others must have its K rows (and its D columns if 2-D). Checks, naming the
+    argument: real numbers, shape, at least one word and one dimension, finite values;
+    the PCA arrays as ``load_vocabulary`` checks a file's. All arrays are returned
+    C-contiguous in one dtype: float32 if every one is float32, float64 otherwise.
+
+    Returns ``([arrays in the order of named], (pca_mean, pca_components) or None)``.
+    """
+    if (pca_mean is None) != (pca_components is None):
+        raise ValueError("pca_mean and pca_components go together: give both or neither")
+    if pca_mean is not None:
+        named = named + [("pca_components", pca_components, 2), ("pca_mean", pca_mean, 1)]
+    arrays = []
+    for name, value, ndim in named:
+        array = np.asarray(value)
+        if array.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be an array of real numbers, got dtype {array.dtype}")
+        if array.ndim != ndim:
+            raise ValueError(f"{name} must be a {ndim}-D array, got shape {array.shape}")
+        arrays.append(array)
+    first_name, words = named[0][0], arrays[0]
+    n_words, dim = words.shape
+    if n_words < 1 or dim < 1:
+        raise ValueError(f"{first_name} must have at least one row and one column, got shape {words.shape}")
+    for (name, _, ndim), array in zip(named[1:], arrays[1:]):
+        if name.startswith("pca_"):
+            continue
+        expected = (n_words, dim)[:ndim]
+        if array.shape != expected:
+            raise ValueError(
+                f"{name} has shape {array.shape}, expected {expected} (one "
+                f"{'row' if ndim == 2 else 'value'} per word of {first_name}, shape {words.shape})"
+            )
+    if pca_mean is not None:
+        components, mean = arrays[-2], arrays[-1]
+        if components.shape[0] != dim or components.shape[1] < dim:
+            raise ValueError(
+                f"pca_components has shape {components.shape}, expected ({dim}, D_in) with "
+                f"D_in >= {dim}: one row per dimension of {first_name} (shape {words.shape}), "
+                "one column per descriptor dimension"
+            )
+        if mean.shape != (components.shape[1],):
+            raise ValueError(
+                f"pca_mean has shape {mean.shape}, expected ({components.shape[1]},): one value "
+                f"per descriptor dimension (pca_components has shape {components.shape})"
+            )
+    dtype = np.float32 if all(a.dtype == np.float32 for a in arrays) else np.float64
+    arrays = [np.array(a, dtype=dtype, order="C", copy=True) for a in arrays]
+    for (name, _, _), array in zip(named, arrays):
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} contains NaN or inf")
+    if pca_mean is None:
+        return arrays, None
+    return arrays[:-2], (arrays[-1], arrays[-2])
+
+
+def _checked_gmm_arrays(means, covariances, weights, pca_mean=None, pca_components=None, *,
+                        weights_name="weights", weights_sum_tolerance=None):
+    """``_checked_arrays`` for a diagonal GMM, plus: variances > 0, weights >= 0 summing
+    to 1 within ``weights_sum_tolerance`` (WEIGHTS_SUM_TOLERANCE if None; ``math.inf``
+    skips the sum check). Returns ``({"means_": ..., ...}, pca)``."""
+    (means, covariances, weights), pca = _checked_arrays(
+        [("means", means, 2), ("covariances", covariances, 2), (weights_name, weights, 1)],
+        pca_mean, pca_components)
+    if np.any(covariances <= 0):
+        raise ValueError(
+            f"covariances must be positive (the diagonal variances): {np.count_nonzero(covariances <= 0)} "
+            f"of them are <= 0 (smallest {covariances.min():.6g})"
+        )
+    if np.any(weights < 0):
+        raise ValueError(f"{weights_name} must be >= 0, got {weights.min():.6g} (component {int(weights.argmin())})")
+    tolerance = WEIGHTS_SUM_TOLERANCE if weights_sum_tolerance is None else weights_sum_tolerance
+    total = float(weights.sum(dtype=np.float64))
+    if not abs(total - 1.0) <= tolerance:
+        raise ValueError(
+            f"{weights_name} must sum to 1 (the mixture's priors), got a sum of {total:.8g} "
+            f"(tolerance {tolerance:g}; they are used as given, not renormalised)"
+        )
+    return {"means_": means, "covariances_": covariances, "weights_": weights}, pca
+
+
+def _fitted_vocabulary(cls, words, pca, descriptor_type):
+    """A fitted ``cls`` with the given (already validated) word arrays and PCA: the state
+    ``load_vocabulary`` gives, with parameters describing the words (size, ``pca``)."""
+    first = words[cls._word_arrays[0]]
+    vocab = cls(first.shape[0], pca=None if pca is None else first.shape[1],
+                descriptor_type=descriptor_type)
+    for name, array in words.items():
+        setattr(vocab, name, array)
+    if pca is None:
+        vocab.pca_mean_ = vocab.pca_components_ = None
+        vocab.descriptor_dim_ = int(first.shape[1])
+    else:
+        vocab.pca_mean_, vocab.pca_components_ = pca
+        vocab.descriptor_dim_ = int(vocab.pca_mean_.shape[0])
+    vocab.n_features_in_ = vocab.descriptor_dim_
+    vocab.n_training_descriptors_ = 0
+    return vocab
 
 
 def _same_value(old, new):
@@ -786,6 +997,7 @@ def load_vocabulary(path, *, descriptor_dim=None):
             f"here have dimension {descriptor_dim}"
         )
     vocab.descriptor_dim_ = int(stored_dim)
+    vocab.n_features_in_ = int(stored_dim)  # as after fit (scikit-learn's name for it)
     vocab.n_training_descriptors_ = int(metadata.get("n_training_descriptors", 0))
     vocab.metadata_ = metadata
     return vocab

@@ -113,11 +113,12 @@ class Accumulation:
         self._parts, self._segments, self._rows = [], [], 0
         self.encoder._add(self.encoder._project(chunk), segments, self.sums)
 
-    def finish(self):
-        """The (n_images, n_features_out_) float32 vectors."""
+    def finish(self, dtype=np.float32):
+        """The (n_images, n_features_out_) vectors, float32 (``transform``'s output) unless
+        another ``dtype`` is asked for (the functional API keeps float64)."""
         self.flush()
         vectors = self.encoder._finish(self.sums, self.counts)
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        return np.ascontiguousarray(vectors, dtype=dtype)
 
 
 def split_tasks(segments, n_threads=None):
@@ -327,7 +328,14 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
+        # X is one descriptor set per image (LocalFeatures or (n_i, D) arrays, n_i varying),
+        # which no input tag names: not a 2-D array (a 2-D array is refused, see
+        # descriptor_sets), so scikit-learn's data checks do not apply. Sets of equal size
+        # stacked in a 3-D (n_images, n, D) array are taken as well.
         tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        # The vectors are float32 whatever the descriptors' dtype.
+        tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
 
 

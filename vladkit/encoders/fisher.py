@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import accumulate_fisher, diagonal_gaussian_terms, softmax_rows
+from ..kernels import (
+    accumulate_fisher,
+    diagonal_gaussian_terms,
+    expansion_error_bounds,
+    gaussian_log_densities,
+)
 from ..normalize import l2_normalize, power_normalize
 from ..vocabulary import GMMVocabulary
 from ._base import BaseEncoder, add_tasks, check_params, split_tasks
@@ -14,6 +19,12 @@ AUTO_PCA = 64
 
 #: VLFeat drops posteriors below this, and skips components whose prior is below it.
 POSTERIOR_THRESHOLD = 1e-6
+
+#: Words whose log-density is more than log(K) + MARGIN below a descriptor's best are left
+#: out of its softmax: their posteriors, below exp(-MARGIN) / K, are dropped by the
+#: threshold anyway, and leaving them out of the denominator changes the others by less
+#: than exp(-MARGIN) relative (4e-8 in float32: below its resolution; 4e-18 in float64).
+MARGIN = {np.float32: 17.0, np.float64: 40.0}
 
 
 class FisherEncoder(BaseEncoder):
@@ -99,18 +110,22 @@ class FisherEncoder(BaseEncoder):
         weights = vocabulary.weights_.astype(np.float64)
         skip = weights < POSTERIOR_THRESHOLD
         means = vocabulary.means_.astype(np.float64)
-        # Centre the data on the mean of the means: the [x^2, x] expansion of the
-        # log-densities then works on small numbers, which keeps float32 accurate.
+        variances = vocabulary.covariances_.astype(np.float64)
+        # Candidate words come from one BLAS product of [x^2, x] with the GMM's
+        # coefficients, on data centred on the mean of the means (smaller numbers, less
+        # cancellation); their log-densities are then recomputed exactly (accumulate_fisher).
         centre = means.mean(axis=0)
-        coefficients, constants = diagonal_gaussian_terms(
-            means - centre, vocabulary.covariances_, np.where(skip, 0.0, weights)
-        )
+        coefficients, constants = diagonal_gaussian_terms(means - centre, variances, np.where(skip, 0.0, weights))
+        with np.errstate(divide="ignore"):
+            log_norms = (np.log(np.where(skip, 0.0, weights)) - 0.5 * means.shape[1] * np.log(2 * np.pi)
+                         - 0.5 * np.log(variances).sum(axis=1))
         shape = (n_images, vocabulary.n_words_, vocabulary.dim_)
         return {
             "centre": centre.astype(dtype),
-            "coefficients": coefficients.astype(dtype), "constants": constants.astype(dtype),
-            "means": (means - centre).astype(dtype),
-            "inv_sigmas": (1.0 / np.sqrt(vocabulary.covariances_.astype(np.float64))).astype(dtype),
+            "coefficients": coefficients.astype(dtype), "constants": constants,
+            "log_norms": log_norms,
+            "means": means.astype(dtype),
+            "inv_sigmas": (1.0 / np.sqrt(variances)).astype(dtype),
             "skip": skip,
             # float64 sums: independent of the order of addition (see VLADEncoder._start).
             "first": np.zeros(shape, dtype=np.float64),
@@ -119,23 +134,19 @@ class FisherEncoder(BaseEncoder):
         }
 
     def _add(self, X, segments, acc):
-        X = X - acc["centre"]
-        dim = X.shape[1]
-        # Log-densities: one product of [x^2, x] with the GMM's coefficients.
-        features = np.empty((len(X), 2 * dim), dtype=X.dtype)
-        np.multiply(X, X, out=features[:, :dim])
-        features[:, dim:] = X
-        posteriors = features @ acc["coefficients"]
-        softmax_rows(posteriors, POSTERIOR_THRESHOLD, self.fast, acc["constants"])
+        centred = X - acc["centre"]
+        scores = gaussian_log_densities(centred, acc["coefficients"])
+        slack = expansion_error_bounds(centred, acc["coefficients"], acc["constants"])
+        del centred
         # Posteriors are sparse (VLFeat's 1e-6 threshold leaves a few per descriptor):
-        # aggregate over the non-zero ones only, directly on (x - mu) / sigma. Dense
-        # products Q^T [x^2, x] would be faster for small K but lose ~1e-5 to cancellation.
+        # exact log-densities and aggregation over those few only, on (x - mu) / sigma.
         tasks = split_tasks(segments)
         shape = (len(tasks),) + acc["first"].shape[1:]
         first = np.zeros(shape, dtype=np.float64)
         second = np.zeros(shape, dtype=np.float64)
         mass = np.zeros(shape[:2], dtype=np.float64)
-        accumulate_fisher(X, posteriors, acc["means"], acc["inv_sigmas"], acc["skip"], tasks,
+        accumulate_fisher(X, scores, acc["constants"], slack, acc["log_norms"], acc["means"], acc["inv_sigmas"],
+                          acc["skip"], MARGIN[X.dtype.type], POSTERIOR_THRESHOLD, self.fast, tasks,
                           first, second, mass)
         add_tasks(acc["first"], tasks, first)
         add_tasks(acc["second"], tasks, second)

@@ -642,7 +642,7 @@ class NetVLADEncoder(BaseEncoder):
             normalize_rows(X, INPUT_EPS)  # X is the chunk's own packed copy
         scores = X @ acc["weight"].T
         # In place: scores + b, then softmax over each row, every weight kept (threshold 0).
-        softmax_rows(scores, 0.0, False, acc["bias"])
+        softmax_rows(scores, acc["bias"])
         first, mass = acc["first"], acc["mass"]
         for image, start, end in segments.tolist():
             a = scores[start:end].astype(np.float64, copy=False)

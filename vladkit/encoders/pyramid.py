@@ -117,7 +117,10 @@ class SpatialPyramid(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
+        # X is a list of LocalFeatures (their positions place the descriptors in cells):
+        # no input tag describes it; neither a 2-D nor a 3-D array has positions.
         tags.input_tags.two_d_array = False
+        tags.transformer_tags.preserves_dtype = ["float32"]  # float32 vectors, as the encoders
         return tags
 
 
