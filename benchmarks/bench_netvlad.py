@@ -101,6 +101,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scratch", help="folder for the vectors on disk (default: a temporary folder)")
     parser.add_argument("--save", help="folder to also save the trained NetVLAD files into")
+    parser.add_argument("--cache", help="folder to keep pass 1 (the training descriptors) in, for reruns")
     parser.add_argument("--only", choices=("classification", "near-duplicates"), default=None,
                         help="run one of the two measurements")
     args = parser.parse_args(argv)
@@ -117,14 +118,46 @@ def subsample(descriptors, n, seed, index):
     return descriptors.astype(np.float16)
 
 
+def split_rows(rows, lengths):
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [rows[bounds[i]:bounds[i + 1]] for i in range(len(lengths))]
+
+
+def extract_training_sets(args, extractor, train_paths, copies, quick):
+    """Pass 1 over train/: the baseline's vocabulary sample (bench_scene15's: 300,000
+    descriptors), a bounded subset of every image's descriptors, and of its attacked copies'."""
+    from vladkit.netvlad.training import attacked_copies
+
+    sampler = DescriptorSampler(len(train_paths), 20_000 if quick else 300_000, seed=args.seed)
+    sets, copy_sets = [], []
+    for first in range(0, len(train_paths), args.batch_size):
+        batch = train_paths[first:first + args.batch_size]
+        for offset, features in enumerate(extractor.transform(batch)):
+            index = first + offset
+            sampler.add(index, features.descriptors)
+            sets.append(subsample(features.descriptors, args.per_image, args.seed, index))
+        for offset, path in enumerate(batch if args.only != "classification" else []):
+            index = first + offset
+            image = read_image(path, mode="rgb", max_side=extractor.max_side)
+            made = [copy for _, copy in attacked_copies(image, copies, seed=args.seed, index=index)]
+            copy_sets.append([subsample(f.descriptors, args.per_copy, args.seed, len(train_paths) * (1 + j) + index)
+                              for j, f in enumerate(extractor.transform(made))])
+        print(f"  pass 1: {first + len(batch)}/{len(train_paths)} images", end="\r", flush=True)
+    print()
+    return sampler.sample(), sets, copy_sets
+
+
 def train(name, sets, groups, recipe, args, timings, k):
+    """(initialisation, trained) NetVLADEncoders; the wall time of both (k-means included)."""
     from vladkit.netvlad.training import train_netvlad
 
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    params = train_netvlad(sets, groups, n_clusters=k, validation=0.1, random_state=args.seed,
-                           n_threads=args.threads, progress=sys.stderr.isatty(),
-                           log=lambda line: print(f"    {line}", flush=True), **recipe)
+    options = dict(n_clusters=k, validation=0.1, random_state=args.seed, n_threads=args.threads)
+    initial = train_netvlad(sets, groups, **options, init=recipe["init"], epochs=0, progress=False)
+    recipe = {key: value for key, value in recipe.items() if key != "init"}
+    params = train_netvlad(sets, groups, **options, **recipe, init=initial, progress=sys.stderr.isatty(),
+                           log=lambda line: print(f"    {line}", flush=True))
     seconds = time.perf_counter() - start
     timings[name] = (seconds, load_before, os.getloadavg()[0], len(sets))
     print(f"  {name}: trained in {seconds:.0f} s (epoch {params.metadata['training']['returned_epoch']} "
@@ -132,7 +165,8 @@ def train(name, sets, groups, recipe, args, timings, k):
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         save_netvlad(params, Path(args.save) / f"{name.replace(' ', '_')}.npz")
-    return params
+        save_netvlad(initial, Path(args.save) / f"{name.replace(' ', '_')}_init.npz")
+    return tuple(NetVLADEncoder(p).fit([np.zeros((1, p.dim), np.float32)]) for p in (initial, params))
 
 
 def run(args, parser, scratch):
@@ -153,65 +187,55 @@ def run(args, parser, scratch):
     extractor = DenseSIFT(root=True, n_jobs=-1)
     timings, started = {}, time.perf_counter()
 
-    # Pass 1 over train/: the baseline's vocabulary sample (bench_scene15's), and a bounded
-    # subset of every image's descriptors for training; attacked copies for the unlabelled run.
-    from vladkit.netvlad.training import attacked_copies, copy_groups
+    # Pass 1 over train/: the baseline's vocabulary sample, the training descriptors.
+    from vladkit.netvlad.training import copy_groups
 
     start = time.perf_counter()
-    sampler = DescriptorSampler(len(train_paths), 20_000 if quick else 300_000, seed=args.seed)
-    sets, copy_sets = [], []
-    for first in range(0, len(train_paths), args.batch_size):
-        batch = train_paths[first:first + args.batch_size]
-        for offset, features in enumerate(extractor.transform(batch)):
-            index = first + offset
-            sampler.add(index, features.descriptors)
-            sets.append(subsample(features.descriptors, args.per_image, args.seed, index))
-        for offset, path in enumerate(batch if args.only != "classification" else []):
-            index = first + offset
-            image = read_image(path, mode="rgb", max_side=extractor.max_side)
-            made = [copy for _, copy in attacked_copies(image, copies, seed=args.seed, index=index)]
-            copy_sets.append([subsample(f.descriptors, args.per_copy, args.seed, len(train_paths) * (1 + j) + index)
-                              for j, f in enumerate(extractor.transform(made))])
-        print(f"  pass 1: {first + len(batch)}/{len(train_paths)} images", end="\r", flush=True)
-    sample = sampler.sample()
+    cache = None
+    if args.cache:
+        Path(args.cache).mkdir(parents=True, exist_ok=True)
+        cache = Path(args.cache) / (f"pass1-{len(train_paths)}-{args.per_image}-{args.per_copy}-"
+                                    f"{0 if args.only == 'classification' else copies}-"
+                                    f"{args.seed}.npz")
+    if cache is not None and cache.is_file():
+        with np.load(cache) as stored:
+            sample = stored["sample"]
+            sets = split_rows(stored["sets"], stored["set_lengths"])
+            copy_sets = split_rows(stored["copies"], stored["copy_lengths"])
+        copy_sets = [copy_sets[i:i + copies] for i in range(0, len(copy_sets), copies)]
+        print(f"pass 1 read from {cache}")
+    else:
+        sample, sets, copy_sets = extract_training_sets(args, extractor, train_paths, copies, quick)
+        if cache is not None:
+            flat = [s for made in copy_sets for s in made]
+            np.savez(cache, sample=sample, sets=np.concatenate(sets), set_lengths=[len(s) for s in sets],
+                     copies=np.concatenate(flat) if flat else np.zeros((0, 128), np.float16),
+                     copy_lengths=[len(s) for s in flat])
     timings["extraction, train/ and copies"] = time.perf_counter() - start
-    print(f"\npass 1: {len(sample):,} descriptors sampled, {sum(map(len, sets)):,} kept for training, "
+    print(f"pass 1: {len(sample):,} descriptors sampled, {sum(map(len, sets)):,} kept for training, "
           f"{len(train_paths) * copies} copies, in {timings['extraction, train/ and copies']:.0f} s", flush=True)
 
     vocabulary = KMeansVocabulary(k, random_state=args.seed).fit_sample(sample)
-    del sample, sampler
-    from vladkit.encoders.netvlad import init_netvlad, input_normalize, sample_descriptors
+    del sample
+    vlad = {f"VLAD K={k}": VLADEncoder(vocabulary=vocabulary).fit([np.zeros((1, 128), np.float32)])}
 
-    init_sample = input_normalize(np.asarray(sample_descriptors(sets, 50_000, 100, args.seed), dtype=np.float32))
-    init_vocabulary = KMeansVocabulary(k, max_descriptors=len(init_sample), random_state=args.seed)
-    init_vocabulary.fit_sample(init_sample)
-    encoders = {
-        f"VLAD K={k}": VLADEncoder(vocabulary=vocabulary),
-        f"NetVLAD K={k} init (untrained, {labelled['init']})": NetVLADEncoder(
-            init_netvlad(init_vocabulary, init_sample, labelled["init"])),
-    }
-    for encoder in encoders.values():
-        encoder.fit([np.zeros((1, 128), np.float32)])
-    del init_sample
-
-    # Training, with labels (classification) and without (near duplicates).
+    # Training, with labels (classification) and without (near duplicates); each run's
+    # initialisation is encoded too (what learning started from).
     classification = retrieval = None
     if args.only != "near-duplicates":
-        params = train("NetVLAD labels", sets, y_train, labelled, args, timings, k)
-        labels_encoder = NetVLADEncoder(params).fit([np.zeros((1, 128), np.float32)])
-        classification = run_classification(
-            args, extractor, {**encoders, f"NetVLAD K={k} trained on labels": labels_encoder},
-            train_paths, y_train, test_paths, y_test, scratch)
+        initial, params = train("NetVLAD labels", sets, y_train, labelled, args, timings, k)
+        classification = run_classification(args, extractor, {
+            **vlad, f"NetVLAD K={k} init ({labelled['init']}, untrained)": initial,
+            f"NetVLAD K={k} trained on labels": params}, train_paths, y_train, test_paths, y_test, scratch)
     if args.only != "classification":
         unlabelled_sets = [s for original, made in zip(sets, copy_sets) for s in [original, *made]]
         del sets, copy_sets
-        params = train("NetVLAD copies", unlabelled_sets, copy_groups(len(train_paths), copies), unlabelled,
-                       args, timings, k)
+        initial, params = train("NetVLAD copies", unlabelled_sets, copy_groups(len(train_paths), copies),
+                                unlabelled, args, timings, k)
         del unlabelled_sets
-        copies_encoder = NetVLADEncoder(params).fit([np.zeros((1, 128), np.float32)])
-        retrieval = run_near_duplicates(
-            args, extractor, {**encoders, f"NetVLAD K={k} trained on attacked copies": copies_encoder},
-            train_paths, test_paths, y_test, copies, quick)
+        retrieval = run_near_duplicates(args, extractor, {
+            **vlad, f"NetVLAD K={k} init ({unlabelled['init']}, untrained)": initial,
+            f"NetVLAD K={k} trained on attacked copies": params}, train_paths, test_paths, y_test, copies, quick)
     write_results(args, classification, retrieval, timings, time.perf_counter() - started,
                   len(train_paths), len(test_paths), k, labelled, unlabelled, copies)
     return 0
@@ -315,7 +339,6 @@ def run_near_duplicates(args, extractor, encoders, train_paths, test_paths, y_te
 
 def write_results(args, classification, retrieval, timings, total, n_train, n_test, k, labelled, unlabelled,
                   copies):
-    retrieval, n_photos, n_database, n_queries = retrieval
     lines = [
         f"NetVLAD on dense RootSIFT (step 4, sizes 4/6/8/10), K = {k}: learning against k-means VLAD, "
         f"held-out data. `python benchmarks/bench_netvlad.py{' --quick' if args.quick else ''}`; "
@@ -325,23 +348,29 @@ def write_results(args, classification, retrieval, timings, total, n_train, n_te
         f"Recipes: labels `{labelled}`; attacked copies ({copies} per image) `{unlabelled}`; "
         f"{args.per_image} descriptors kept per training image, 10% of the training sets held out "
         "for validation (the epoch with the best validation mAP is kept).",
-        "",
-        f"### 15-Scene classification ({n_train} train / {n_test} test images, linear SVM, balanced accuracy)",
-        "",
-        "| encoding | dim | balanced accuracy | C |",
-        "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {dim:,} | {100 * accuracy:.1f}% | {C:g} |" for name, dim, accuracy, C in classification]
-    lines += [
-        "",
-        f"### Near-duplicate retrieval ({n_photos} test/ originals + {n_database - n_photos} distractors, "
-        f"{n_queries} attacked queries)",
-        "",
-        "| encoding | index | bytes / image | mAP | recall@1 |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {name} | {variant} | {size:,} | {mAP:.3f} | {r1:.3f} |"
-              for name, variant, size, mAP, r1 in retrieval]
+    if classification is not None:
+        lines += [
+            "",
+            f"### 15-Scene classification ({n_train} train / {n_test} test images, linear SVM, balanced accuracy)",
+            "",
+            "| encoding | dim | balanced accuracy | C |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {name} | {dim:,} | {100 * accuracy:.1f}% | {C:g} |"
+                  for name, dim, accuracy, C in classification]
+    if retrieval is not None:
+        retrieval, n_photos, n_database, n_queries = retrieval
+        lines += [
+            "",
+            f"### Near-duplicate retrieval ({n_photos} test/ originals + {n_database - n_photos} distractors, "
+            f"{n_queries} attacked queries)",
+            "",
+            "| encoding | index | bytes / image | mAP | recall@1 |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {name} | {variant} | {size:,} | {mAP:.3f} | {r1:.3f} |"
+                  for name, variant, size, mAP, r1 in retrieval]
     lines += ["", "### Training time", "", "| run | sets | wall time | load average before / after |",
               "|---|---|---|---|"]
     for name, value in timings.items():
@@ -354,7 +383,8 @@ def write_results(args, classification, retrieval, timings, total, n_train, n_te
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("netvlad-quick.md" if args.quick else "netvlad.md")).write_text(table + "\n")
+    name = "netvlad" + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
+    (out / f"{name}.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":
