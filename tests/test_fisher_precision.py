@@ -2,9 +2,9 @@
 
 On dense RootSIFT the GMM's variances are small next to the values, and the float32
 expansion [x^2, x] . [-1/(2 sigma^2), mu / sigma^2] of the log-densities cancels: the old
-encoder erred 20-35x more than VLFeat's own float32 code (issue 14). The encoder now only
-picks candidate components from that product and computes their log-densities exactly.
-These tests hold it to at most VLFeat float's own error, on 15-Scene images.
+encoder erred 20-35x more than VLFeat's own float32 code (issue 14). The product now runs
+in float64. These tests hold the encoder to at most VLFeat float's own error, on 15-Scene
+images.
 """
 
 from __future__ import annotations

@@ -85,6 +85,7 @@ def encoder_memory(encoder):
     if encoder is None:
         return 0, 0
     from .encoders._base import CHUNK_ROWS
+    from .encoders.fisher import FisherEncoder
     from .encoders.netvlad import NetVLADEncoder
 
     inner = getattr(encoder, "encoder_", encoder)
@@ -97,6 +98,9 @@ def encoder_memory(encoder):
         vocabulary = inner.vocabulary_
         n_words, dim_in, dim = vocabulary.n_words_, vocabulary.descriptor_dim_, vocabulary.dim_
     fixed = CHUNK_ROWS * 4 * (2 * dim_in + 3 * dim + 3 * n_words)
+    if isinstance(inner, FisherEncoder):
+        # Its log-densities are computed in float64: centred rows, [x^2, x], the scores.
+        fixed += CHUNK_ROWS * 8 * (3 * dim + n_words)
     per_image = 8 * 3 * encoder.n_features_out_ + 16 * n_words * getattr(encoder, "n_cells_", 1)
     return fixed, per_image
 

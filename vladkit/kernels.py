@@ -452,46 +452,13 @@ def softmax_rows(scores, offsets=None):
             row[j] *= inverse
 
 
-def expansion_error_bounds(X, coefficients, constants):
-    """(n,) bounds on |approximate - exact| log-density of each row of X, where the
-    approximation is :func:`gaussian_log_densities` in X's dtype (plus ``constants``).
-
-    A dot product of m terms rounded in precision u errs by at most m u / (1 - m u) times
-    the sum of the terms' magnitudes, whatever the summation order (Higham, "Accuracy and
-    Stability of Numerical Algorithms", 2002, section 3.1); the terms here are
-    x_d^2 a_dk and x_d b_dk, plus one rounding of x_d^2, of the coefficients and of c_k.
-    Bounding each row's magnitudes by the largest coefficient over k costs two
-    matrix-vector products.
-    """
-    u = np.finfo(X.dtype).eps / 2
-    dim = X.shape[1]
-    terms = 2 * dim + 3
-    gamma = terms * u / (1 - terms * u)
-    largest = np.abs(coefficients).max(axis=1).astype(X.dtype)
-    finite = np.abs(constants[np.isfinite(constants)])
-    magnitude = ((X * X) @ largest[:dim] + np.abs(X) @ largest[dim:]).astype(np.float64)
-    return gamma * (magnitude + (finite.max() if finite.size else 0.0))
-
-
 #: accumulate_fisher sums this many rows in the input's precision before adding them to its
-#: float64 sums: short float32 sums err little, and stay in L1 cache (K x D x 2 floats).
+#: float64 sums: short float32 sums err little, and stay in cache (K x D x 2 floats).
 FLUSH_ROWS = 64
 
 
 # The helpers take 2-D arrays and row numbers rather than row views: a view costs numba
-# a reference count (two atomic operations), which here cost more than the arithmetic.
-
-
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def _squared_standardized_norm(X, i, means, inv_sigmas, k):
-    """sum_d ((x_id - mu_kd) / sigma_kd)^2 in X's precision. Vectorised, the sum runs in
-    SIMD lanes of a few terms each, then a tree of the lanes: its round-off is a few
-    units in the last place, where a float32 sum in sequence (VLFeat's) errs ~sqrt(D)."""
-    total = X.dtype.type(0.0)
-    for d in range(X.shape[1]):
-        value = (X[i, d] - means[k, d]) * inv_sigmas[k, d]
-        total += value * value
-    return total
+# a reference count (two atomic operations) per call.
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
@@ -518,38 +485,29 @@ def _flush(block_first, block_second, first, second, t, touched, n_touched):
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def accumulate_fisher(X, scores, constants, slack, log_norms, means, inv_sigmas, skip, margin, threshold,
-                      fast, tasks, first, second, mass):
-    """Exact GMM posteriors and the Fisher statistics over them.
+def accumulate_fisher(X, log_densities, threshold, margin, fast, skip, means, inv_sigmas, tasks, first, second,
+                      mass):
+    """GMM posteriors and the Fisher statistics over the non-negligible ones.
 
-    ``scores + constants`` approximates each log(pi_k N(x_i; mu_k, sigma_k^2)) to within
-    ``slack[i]`` (the BLAS expansion of :func:`gaussian_log_densities`, which cancels
-    badly in float32 when variances are small next to the values: RootSIFT's are). It only
-    picks the candidates, the words k within log(K) + ``margin`` + 2 slack of the row's
-    best score; every other posterior is below exp(-margin) / K and would be dropped.
-    For the candidates the log-densities are then computed directly, as VLFeat does,
+    ``log_densities`` (n, K) are log(pi_k N(x_i; mu_k, sigma_k^2)), float64 (-inf where
+    ``skip``). q_ik = their softmax over k; words more than log(K) + ``margin`` below the
+    row's best are left out (their posteriors, below exp(-margin) / K, are dropped by the
+    threshold anyway, and the denominator changes by less than exp(-margin) relative);
+    q_ik < ``threshold`` is dropped (not renormalised, as VLFeat); with ``fast``, q is
+    one-hot at the first largest. Then for each row i of task t and kept k:
 
-        l_ik = log_norms[k] - 1/2 sum_d z_d^2,   z = (x_i - mu_k) / sigma_k,
+        first[t, k] += q z,   second[t, k] += q (z^2 - 1),   mass[t, k] += q,
 
-    with log_norms[k] = log pi_k - D/2 log(2 pi) - sum_d log sigma_kd (float64).
-    q_ik = softmax over the candidates; q_ik < ``threshold`` is dropped (not renormalised,
-    as VLFeat); with ``fast``, q is one-hot at the first largest l_ik. Then for each row i
-    of task t and kept k:
-
-        first[t, k] += q z,   second[t, k] += q (z^2 - 1),   mass[t, k] += q.
-
+    z = (x_i - mu_k) / sigma_k in X's precision, as VLFeat computes it. The sums run over
+    ``FLUSH_ROWS`` rows in X's precision, then go into the float64 ``first``/``second``.
     Scaling by 1 / (N sqrt(pi_k)) is left to the caller.
     """
-    n_words = scores.shape[1]
+    n_words = log_densities.shape[1]
     cutoff = math.log(n_words) + margin
-    # Words more than log(1 / threshold) below the best have q < threshold: dropped.
-    keep = -math.log(threshold) if threshold > 0 else math.inf
     for t in prange(tasks.shape[0]):
         start, end = tasks[t, 1], tasks[t, 2]
         words = np.empty(n_words, dtype=np.int64)
-        log_p = np.empty(n_words, dtype=np.float64)
-        # Sums over FLUSH_ROWS rows in X's precision (small, in L1 cache), added to the
-        # float64 sums after each block.
+        weights = np.empty(n_words, dtype=np.float64)
         block_first = np.zeros((n_words, X.shape[1]), dtype=X.dtype)
         block_second = np.zeros((n_words, X.shape[1]), dtype=X.dtype)
         touched = np.empty(n_words, dtype=np.int64)
@@ -560,54 +518,36 @@ def accumulate_fisher(X, scores, constants, slack, log_norms, means, inv_sigmas,
                 _flush(block_first, block_second, first, second, t, touched, n_touched)
                 is_touched[touched[:n_touched]] = False
                 n_touched = 0
+            row = log_densities[i]
             top = -math.inf
+            arg = -1
             for k in range(n_words):
-                if not skip[k]:
-                    score = scores[i, k] + constants[k]
-                    if score > top:
-                        top = score
-            floor = top - cutoff - 2.0 * slack[i]
-            exact_floor = top - keep - 2.0 * slack[i]
+                if not skip[k] and row[k] > top:
+                    top = row[k]
+                    arg = k
+            if arg < 0:
+                continue
             m = 0
-            best = -math.inf
-            for k in range(n_words):
-                score = scores[i, k] + constants[k]
-                if skip[k] or not score >= floor:
-                    continue
-                words[m] = k
-                if score >= exact_floor:
-                    log_p[m] = log_norms[k] - 0.5 * float(_squared_standardized_norm(X, i, means, inv_sigmas, k))
-                    if log_p[m] > best:
-                        best = log_p[m]
-                else:
-                    # Below exp(-keep) of the best: dropped by the threshold whatever its
-                    # exact value; it only adds its (approximate) share to the denominator.
-                    log_p[m] = score
-                    words[m] = -1 - k
-                m += 1
-            if m == 0:
-                continue
             if fast:
+                words[0] = arg
+                weights[0] = 1.0
+                m = 1
+            else:
+                total = 0.0
+                for k in range(n_words):
+                    # (not row[k] > top - cutoff: for |top| > ~1e17 that floor rounds to
+                    # top and every score, the maximum included, would be dropped)
+                    if not skip[k] and row[k] - top > -cutoff:
+                        words[m] = k
+                        weights[m] = math.exp(row[k] - top)
+                        total += weights[m]
+                        m += 1
+                inverse = 1.0 / total
                 for j in range(m):
-                    if log_p[j] == best and words[j] >= 0:
-                        k = words[j]
-                        mass[t, k] += 1.0
-                        if not is_touched[k]:
-                            is_touched[k] = True
-                            touched[n_touched] = k
-                            n_touched += 1
-                        _add_fisher_terms(X, i, means, inv_sigmas, k, X.dtype.type(1.0), block_first,
-                                          block_second)
-                        break
-                continue
-            total = 0.0
+                    weights[j] *= inverse
             for j in range(m):
-                log_p[j] = math.exp(log_p[j] - best)
-                total += log_p[j]
-            inverse = 1.0 / total
-            for j in range(m):
-                q = log_p[j] * inverse
-                if q < threshold or words[j] < 0:
+                q = weights[j]
+                if q < threshold:
                     continue
                 k = words[j]
                 mass[t, k] += q
