@@ -12,6 +12,9 @@ import os as _os
 # loaded, so it takes effect when vladkit is imported before numpy.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# faiss's bundled OpenBLAS runs its generic kernel on CPUs newer than itself: load faiss
+# with the kernel this CPU supports, unless OPENBLAS_CORETYPE is set (vladkit/_blas.py).
+from ._blas import load_faiss as _load_faiss; _load_faiss()  # noqa: E402,E702
 
 from .datasets import labelled_images
 from .encoders import (

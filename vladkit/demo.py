@@ -81,7 +81,12 @@ def run_demo(out=None, *, seed=0, log=None):
         Folder for the report.
     seed : int
         Seeds the benchmark's attacks, the vocabularies and the quantizers: the same seed
-        gives the same table.
+        gives the same table with the same vladkit and library versions, on the same
+        machine and thread count. Not across machines: OpenCV's SIFT (SIMD code chosen
+        for the CPU), the BLAS kernels (chosen for the CPU) and the threads' share of each
+        sum (the core count) change the last bits, and k-means / GMM training turns those
+        into slightly different vocabularies and quantizers: a few mAP points, mostly in
+        the PCA and PQ rows.
     log : callable or None
         Called with progress messages (e.g. ``print`` to stderr).
 
