@@ -171,14 +171,34 @@ def diagonal_gaussian_terms(means, variances, weights):
     return np.ascontiguousarray(coefficients), constants
 
 
-def gaussian_log_densities(X, coefficients, constants=None):
-    """(n, K) log(pi_k N(x_i; mu_k, s2_k)) from :func:`diagonal_gaussian_terms`, in X's
-    dtype; without ``constants``, the part that depends on x only (add c_k later)."""
+def gaussian_features(X):
+    """(n, 2D) ``[x^2, x]``, in X's dtype: the rows :func:`diagonal_gaussian_terms`'
+    coefficients multiply."""
     n, dim = X.shape
     features = np.empty((n, 2 * dim), dtype=X.dtype)
     np.multiply(X, X, out=features[:, :dim])
     features[:, dim:] = X
-    out = features @ coefficients.astype(X.dtype, copy=False)
+    return features
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def centred_gaussian_features(X, centre):
+    """(n, 2D) float64 ``[y^2, y]``, y = x - ``centre``: :func:`gaussian_features` of the
+    centred rows in float64, in one parallel pass over X (float32 or float64)."""
+    n, dim = X.shape
+    out = np.empty((n, 2 * dim), dtype=np.float64)
+    for i in prange(n):
+        for d in range(dim):
+            y = np.float64(X[i, d]) - centre[d]
+            out[i, d] = y * y
+            out[i, dim + d] = y
+    return out
+
+
+def gaussian_log_densities(X, coefficients, constants=None):
+    """(n, K) log(pi_k N(x_i; mu_k, s2_k)) from :func:`diagonal_gaussian_terms`, in X's
+    dtype; without ``constants``, the part that depends on x only (add c_k later)."""
+    out = gaussian_features(X) @ coefficients.astype(X.dtype, copy=False)
     if constants is not None:
         out += constants.astype(X.dtype, copy=False)
     return out
@@ -430,7 +450,7 @@ def softmax_rows(scores, offsets=None):
     """In place: each row of ``scores`` (+ ``offsets``, if given) becomes its softmax.
 
     Every weight is kept, however small: soft VLAD's mass normalisation divides by them.
-    (Fisher vectors' sparse posteriors are :func:`accumulate_fisher`'s.)
+    (Fisher vectors' thresholded posteriors are :func:`fisher_posteriors`'.)
     """
     n, k = scores.shape
     for i in prange(n):
@@ -452,111 +472,48 @@ def softmax_rows(scores, offsets=None):
             row[j] *= inverse
 
 
-#: accumulate_fisher sums this many rows in the input's precision before adding them to its
-#: float64 sums: short float32 sums err little, and stay in cache (K x D x 2 floats).
-FLUSH_ROWS = 64
-
-
-# The helpers take 2-D arrays and row numbers rather than row views: a view costs numba
-# a reference count (two atomic operations) per call.
-
-
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def _add_fisher_terms(X, i, means, inv_sigmas, k, q, first, second):
-    """first[k] += q z, second[k] += q (z^2 - 1), z = (x_i - mu_k) / sigma_k, in X's precision."""
-    for d in range(X.shape[1]):
-        z = (X[i, d] - means[k, d]) * inv_sigmas[k, d]
-        qz = q * z
-        first[k, d] += qz
-        second[k, d] += qz * z - q
-
-
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def _flush(block_first, block_second, first, second, t, touched, n_touched):
-    """first[t] += block_first and second[t] += block_second (float64) for the touched
-    words, which are zeroed."""
-    for j in range(n_touched):
-        k = touched[j]
-        for d in range(block_first.shape[1]):
-            first[t, k, d] += block_first[k, d]
-            second[t, k, d] += block_second[k, d]
-            block_first[k, d] = 0
-            block_second[k, d] = 0
-
-
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def accumulate_fisher(X, log_densities, threshold, margin, fast, skip, means, inv_sigmas, tasks, first, second,
-                      mass):
-    """GMM posteriors and the Fisher statistics over the non-negligible ones.
+def fisher_posteriors(log_densities, threshold, margin, fast, skip):
+    """In place: GMM log-densities become VLFeat's sparse posteriors (zeros elsewhere).
 
     ``log_densities`` (n, K) are log(pi_k N(x_i; mu_k, sigma_k^2)), float64 (-inf where
     ``skip``). q_ik = their softmax over k; words more than log(K) + ``margin`` below the
     row's best are left out (their posteriors, below exp(-margin) / K, are dropped by the
     threshold anyway, and the denominator changes by less than exp(-margin) relative);
-    q_ik < ``threshold`` is dropped (not renormalised, as VLFeat); with ``fast``, q is
-    one-hot at the first largest. Then for each row i of task t and kept k:
-
-        first[t, k] += q z,   second[t, k] += q (z^2 - 1),   mass[t, k] += q,
-
-    z = (x_i - mu_k) / sigma_k in X's precision, as VLFeat computes it. The sums run over
-    ``FLUSH_ROWS`` rows in X's precision, then go into the float64 ``first``/``second``.
-    Scaling by 1 / (N sqrt(pi_k)) is left to the caller.
+    q_ik < ``threshold`` becomes 0 (not renormalised, as VLFeat); with ``fast``, q is
+    one-hot at the first largest (VLFeat's FAST). A row whose components are all skipped
+    becomes zeros.
     """
-    n_words = log_densities.shape[1]
+    n, n_words = log_densities.shape
     cutoff = math.log(n_words) + margin
-    for t in prange(tasks.shape[0]):
-        start, end = tasks[t, 1], tasks[t, 2]
-        words = np.empty(n_words, dtype=np.int64)
-        weights = np.empty(n_words, dtype=np.float64)
-        block_first = np.zeros((n_words, X.shape[1]), dtype=X.dtype)
-        block_second = np.zeros((n_words, X.shape[1]), dtype=X.dtype)
-        touched = np.empty(n_words, dtype=np.int64)
-        is_touched = np.zeros(n_words, dtype=np.bool_)
-        n_touched = 0
-        for i in range(start, end):
-            if n_touched and (i - start) % FLUSH_ROWS == 0:
-                _flush(block_first, block_second, first, second, t, touched, n_touched)
-                is_touched[touched[:n_touched]] = False
-                n_touched = 0
-            row = log_densities[i]
-            top = -math.inf
-            arg = -1
+    for i in prange(n):
+        row = log_densities[i]
+        top = -math.inf
+        arg = -1
+        for k in range(n_words):
+            if not skip[k] and row[k] > top:
+                top = row[k]
+                arg = k
+        if arg < 0 or fast:
             for k in range(n_words):
-                if not skip[k] and row[k] > top:
-                    top = row[k]
-                    arg = k
-            if arg < 0:
-                continue
-            m = 0
-            if fast:
-                words[0] = arg
-                weights[0] = 1.0
-                m = 1
+                row[k] = 0.0
+            if arg >= 0:
+                row[arg] = 1.0
+            continue
+        total = 0.0
+        for k in range(n_words):
+            # (not row[k] > top - cutoff: for |top| > ~1e17 that floor rounds to top and
+            # every score, the maximum included, would be dropped)
+            if not skip[k] and row[k] - top > -cutoff:
+                e = math.exp(row[k] - top)
+                row[k] = e
+                total += e
             else:
-                total = 0.0
-                for k in range(n_words):
-                    # (not row[k] > top - cutoff: for |top| > ~1e17 that floor rounds to
-                    # top and every score, the maximum included, would be dropped)
-                    if not skip[k] and row[k] - top > -cutoff:
-                        words[m] = k
-                        weights[m] = math.exp(row[k] - top)
-                        total += weights[m]
-                        m += 1
-                inverse = 1.0 / total
-                for j in range(m):
-                    weights[j] *= inverse
-            for j in range(m):
-                q = weights[j]
-                if q < threshold:
-                    continue
-                k = words[j]
-                mass[t, k] += q
-                if not is_touched[k]:
-                    is_touched[k] = True
-                    touched[n_touched] = k
-                    n_touched += 1
-                _add_fisher_terms(X, i, means, inv_sigmas, k, X.dtype.type(q), block_first, block_second)
-        _flush(block_first, block_second, first, second, t, touched, n_touched)
+                row[k] = 0.0
+        inverse = 1.0 / total
+        for k in range(n_words):
+            q = row[k] * inverse
+            row[k] = q if q >= threshold else 0.0
 
 
 # ------------------------------------------------------------------------------- NetVLAD

@@ -145,6 +145,11 @@ def add_tasks(target, tasks, values):
 
 
 def _pack(parts, dtype):
+    """The parts as one C-contiguous array of ``dtype``: a copy, except for a single part
+    that is one already (a large image fills a chunk on its own: copying it would cost as
+    much as the rest of VLAD). Encoders must not write into the chunk they are given."""
+    if len(parts) == 1 and parts[0].dtype == dtype and parts[0].flags.c_contiguous:
+        return parts[0]
     out = np.empty((sum(len(p) for p in parts), parts[0].shape[1]), dtype=dtype)
     row = 0
     for part in parts:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import accumulate_fisher, diagonal_gaussian_terms, gaussian_log_densities
+from ..kernels import diagonal_gaussian_terms, centred_gaussian_features, fisher_posteriors
 from ..normalize import l2_normalize, power_normalize
 from ..vocabulary import GMMVocabulary
-from ._base import BaseEncoder, add_tasks, check_params, split_tasks
+from ._base import BaseEncoder, check_params
 
 #: pca="auto": descriptors of more dimensions than this are reduced to it.
 AUTO_PCA = 64
@@ -104,55 +104,57 @@ class FisherEncoder(BaseEncoder):
         vocabulary = self.vocabulary_
         weights = vocabulary.weights_.astype(np.float64)
         skip = weights < POSTERIOR_THRESHOLD
-        means = vocabulary.means_.astype(np.float64)
-        # Log-densities: one float64 BLAS product of [x^2, x] with the GMM's coefficients,
-        # on data centred on the mean of the means. In float32 the expansion cancels badly
-        # when variances are small next to the values (RootSIFT's are: errors 20-35x
-        # VLFeat float's); in float64 it is exact to ~1e-10 nats.
-        centre = means.mean(axis=0)
+        # Everything runs in float64 on descriptors centred on the mean of the means, y = x - c:
+        # the log-densities are one BLAS product of [y^2, y] with the GMM's coefficients
+        # (in float32 that expansion cancels badly when variances are small next to the
+        # values, as RootSIFT's are: errors 20-35x VLFeat float's), and the Fisher
+        # statistics another, of the posteriors with the same [y^2, y] (see _finish).
+        centre = vocabulary.means_.astype(np.float64).mean(axis=0)
         coefficients, constants = diagonal_gaussian_terms(
-            means - centre, vocabulary.covariances_, np.where(skip, 0.0, weights))
-        shape = (n_images, vocabulary.n_words_, vocabulary.dim_)
+            vocabulary.means_.astype(np.float64) - centre, vocabulary.covariances_, np.where(skip, 0.0, weights))
+        shape = (n_images, vocabulary.n_words_, 2 * vocabulary.dim_)
         return {
-            "centre": centre, "coefficients": coefficients, "constants": constants,
-            "means": means.astype(dtype),
-            "inv_sigmas": (1.0 / np.sqrt(vocabulary.covariances_.astype(np.float64))).astype(dtype),
-            "skip": skip,
-            # float64 sums: independent of the order of addition (see VLADEncoder._start).
-            "first": np.zeros(shape, dtype=np.float64),
-            "second": np.zeros(shape, dtype=np.float64),
+            "centre": centre, "coefficients": coefficients, "constants": constants, "skip": skip,
+            # sum_i q_ik [y_i^2, y_i] and sum_i q_ik per image, in float64: independent of
+            # the order of addition (see VLADEncoder._start).
+            "moments": np.zeros(shape, dtype=np.float64),
             "mass": np.zeros(shape[:2], dtype=np.float64),
         }
 
     def _add(self, X, segments, acc):
-        log_densities = gaussian_log_densities(X.astype(np.float64) - acc["centre"], acc["coefficients"],
-                                               acc["constants"])
-        # Posteriors are sparse (VLFeat's 1e-6 threshold leaves a few per descriptor):
-        # aggregate over the non-zero ones only, directly on (x - mu) / sigma.
-        tasks = split_tasks(segments)
-        shape = (len(tasks),) + acc["first"].shape[1:]
-        first = np.zeros(shape, dtype=np.float64)
-        second = np.zeros(shape, dtype=np.float64)
-        mass = np.zeros(shape[:2], dtype=np.float64)
-        accumulate_fisher(X, log_densities, POSTERIOR_THRESHOLD, MARGIN[X.dtype.type], self.fast, acc["skip"],
-                          acc["means"], acc["inv_sigmas"], tasks, first, second, mass)
-        add_tasks(acc["first"], tasks, first)
-        add_tasks(acc["second"], tasks, second)
-        add_tasks(acc["mass"], tasks, mass)
+        features = centred_gaussian_features(X, acc["centre"])
+        posteriors = features @ acc["coefficients"]  # log-densities, until fisher_posteriors
+        posteriors += acc["constants"]
+        fisher_posteriors(posteriors, POSTERIOR_THRESHOLD, MARGIN[X.dtype.type], self.fast, acc["skip"])
+        # Dense products: on real descriptors 10-17 components per descriptor keep a
+        # posterior, and BLAS over the zeros beats a sparse loop over those.
+        for image, start, end in segments.tolist():
+            q = posteriors[start:end]
+            acc["moments"][image] += q.T @ features[start:end]
+            acc["mass"][image] += np.ones(end - start) @ q  # (a BLAS product: 2x faster than q.sum(0))
 
     def _finish(self, acc, counts):
-        weights = self.vocabulary_.weights_.astype(np.float64)
-        first, second = acc["first"], acc["second"]
-        n_images, n_words, dim = first.shape
+        vocabulary = self.vocabulary_
+        weights = vocabulary.weights_.astype(np.float64)
+        n_images, n_words, dim = acc["moments"].shape[0], vocabulary.n_words_, vocabulary.dim_
+        # With a = mu_k - c, S1 = sum_i q_ik y_i, S2 = sum_i q_ik y_i^2 and m = sum_i q_ik:
+        #   sum_i q_ik (x_i - mu_k) / sigma_k         = (S1 - m a) / sigma_k
+        #   sum_i q_ik [((x_i - mu_k) / sigma_k)^2 - 1] = (S2 - 2 a S1 + m a^2) / sigma_k^2 - m
+        # (float64: the cancellation costs ~ (|y| / sigma)^2 ulps, ~1e-14 here).
+        second_moment, first_moment = acc["moments"][:, :, :dim], acc["moments"][:, :, dim:]
+        mass = acc["mass"][:, :, None]
+        offsets = vocabulary.means_.astype(np.float64) - acc["centre"]
+        inverse_variances = 1.0 / vocabulary.covariances_.astype(np.float64)
+        first = (first_moment - mass * offsets) * np.sqrt(inverse_variances)
+        second = (second_moment - 2 * offsets * first_moment + mass * offsets**2) * inverse_variances - mass
         with np.errstate(divide="ignore"):
             per_image = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)[:, None]
             scale = np.where(acc["skip"], 0.0, 1.0 / np.sqrt(weights))[None, :] * per_image
-        first *= scale[:, :, None].astype(first.dtype)
-        second *= (scale / np.sqrt(2.0))[:, :, None].astype(second.dtype)
+        first *= scale[:, :, None]
+        second *= (scale / np.sqrt(2.0))[:, :, None]
         parts = [first.reshape(n_images, -1), second.reshape(n_images, -1)]
         if self.include_weights:
-            gradient = (acc["mass"] - counts[:, None] * weights[None, :]) * scale
-            parts.append(gradient.astype(first.dtype))
+            parts.append((acc["mass"] - counts[:, None] * weights[None, :]) * scale)
         vectors = np.concatenate(parts, axis=1)
         power = 0.5 if self.improved else self.power
         if power is not None:

@@ -639,7 +639,8 @@ class NetVLADEncoder(BaseEncoder):
     def _add(self, X, segments, acc):
         """Add a chunk X (rows of consecutive images, ``segments``: (image, start, end))."""
         if self.params_.normalize_input:
-            normalize_rows(X, INPUT_EPS)  # X is the chunk's own packed copy
+            X = X.copy()  # (a chunk of one image may be the caller's own array: see _pack)
+            normalize_rows(X, INPUT_EPS)
         scores = X @ acc["weight"].T
         # In place: scores + b, then softmax over each row, every weight kept (threshold 0).
         softmax_rows(scores, acc["bias"])
