@@ -126,12 +126,12 @@ def test_killed_encode_resumes_to_the_same_output(tmp_path, vocabulary):
     job = subprocess.Popen(_encode_command(folder, vocabulary, output),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while len(list(parts.glob("shard-*.npz"))) < 3 and job.poll() is None and time.monotonic() < deadline:
+    while len(list(parts.glob("shard-*.json"))) < 3 and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     job.send_signal(signal.SIGKILL)
     job.wait()
     assert job.returncode == -signal.SIGKILL, "the job finished before it could be killed"
-    done = len(list(parts.glob("shard-*.npz")))
+    done = len(list(parts.glob("shard-*.json")))
     assert 3 <= done < 31 and not output.exists()
 
     rerun = subprocess.run(_encode_command(folder, vocabulary, output), capture_output=True, text=True)

@@ -39,9 +39,12 @@ from .evaluation import (
     recall_at_k,
     retrieval_ground_truth,
 )
+from .encodings import EncodedImages, Recipe, load_encodings
 from .functional import fisher_encode, vlad_encode
 from .images import ImageReadError, list_images, read_image, read_size
 from .index import IndexFileError, PCAWhitening, VectorIndex
+from .jobs import EncodeResult, encode_images
+from .sharded import ShardedEncodings
 from .vocabulary import (
     DescriptorSampler,
     GMMVocabulary,
@@ -59,6 +62,12 @@ __all__ = [
     "VLADEncoder",
     "fisher_encode",
     "vlad_encode",
+    "EncodedImages",
+    "EncodeResult",
+    "Recipe",
+    "ShardedEncodings",
+    "encode_images",
+    "load_encodings",
     "init_netvlad",
     "load_netvlad",
     "save_netvlad",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from ._io import atomic_output, json_dumps, write_npz_atomically
+from ._io import atomic_output, json_dumps
 from .encodings import (
     EXTRACTORS,
     EncodedImages,
@@ -41,6 +42,7 @@ from .features import SIFT, DenseSIFT
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, list_images
 from .image_encoder import encode_batches, sample_features
 from .index import IndexFileError, PCAWhitening, VectorIndex
+from .jobs import encode_images
 from .vocabulary import (
     DescriptorSampler,
     GMMVocabulary,
@@ -264,60 +266,27 @@ def _recipe_from_args(args, vocab):
     return recipe
 
 
-def _encode_job(args, paths, recipe, vocab):
-    """The folder, shard by shard, in ``OUTPUT.parts/``; returns (vectors, encoded mask,
-    skipped). Each shard (whole batches, so the vectors do not depend on where a run
-    stopped) is written atomically; a rerun of the same command after a crash or a kill
-    finds the manifest, keeps the finished shards and computes the others."""
-    parts = Path(str(args.output) + ".parts")
-    shard_size = -(-args.shard_size // args.batch_size) * args.batch_size
-    manifest = {
-        "format": "vladkit-encode-job", "format_version": 1, "paths": [str(p) for p in paths],
-        "recipe": recipe.to_json(), "batch_size": args.batch_size, "shard_size": shard_size,
-        "max_pixels": args.max_pixels, "max_side": args.max_side, "max_memory": args.max_memory,
-    }
-    manifest_path = parts / "manifest.json"
-    if parts.is_dir():
-        try:
-            previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            previous = None
-        if previous != manifest:
-            print(f"vladkit: {parts} holds a partial run for other images or settings: starting over",
-                  file=sys.stderr)
-            shutil.rmtree(parts)
-    if not parts.is_dir():
-        parts.mkdir(parents=True)
-        with atomic_output(manifest_path, "w") as handle:
-            json.dump(manifest, handle)
-    extractor, encoder = recipe.build(vocab, n_jobs=args.jobs)
-    extractor.set_params(max_pixels=None if args.max_pixels == 0 else args.max_pixels)
-    vectors = np.zeros((len(paths), encoder.n_features_out_), dtype=np.float32)
-    encoded = np.zeros(len(paths), dtype=bool)
-    skipped, resumed = [], 0
-    with _progress(len(paths), "encoding", not args.quiet) as bar:
-        for number, first in enumerate(range(0, len(paths), shard_size)):
-            last = min(first + shard_size, len(paths))
-            shard = parts / f"shard-{number:06d}.npz"
-            if shard.is_file():
-                with np.load(shard, allow_pickle=False) as stored:
-                    vectors[first:last], encoded[first:last] = stored["vectors"], stored["encoded"]
-                    skipped += [tuple(item) for item in json.loads(str(stored["skipped"]))]
-                resumed += last - first
-                bar.update(last - first)
-                continue
-            shard_skipped = []
-            batches = _read_batches(extractor, paths[first:last], args, bar, shard_skipped, encoder, first)
-            for rows, batch_vectors in encode_batches(encoder, batches):
-                vectors[rows] = batch_vectors
-                encoded[rows] = True
-            write_npz_atomically(shard, {"vectors": vectors[first:last], "encoded": encoded[first:last],
-                                         "skipped": np.array(json.dumps(shard_skipped))})
-            skipped += shard_skipped
-    if resumed:
-        print(f"vladkit: resumed: {resumed} of {len(paths)} images were already encoded in {parts}",
-              file=sys.stderr)
-    return vectors, encoded, skipped, parts
+@contextlib.contextmanager
+def _dask_client(args):
+    """A Dask client for --scheduler ADDRESS or a local cluster of --workers N processes
+    (one thread each), or None to run here."""
+    if not args.workers and not args.scheduler:
+        yield None
+        return
+    if args.workers and args.scheduler:
+        raise UsageError("--workers starts a local cluster, --scheduler uses an existing one: give one")
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise CommandError("--workers and --scheduler run on Dask, which is not installed: "
+                           "python -m pip install 'vladkit[dask]'") from None
+    if args.scheduler:
+        with Client(args.scheduler, timeout=30) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
 
 
 def cmd_encode(args):
@@ -326,30 +295,57 @@ def cmd_encode(args):
         raise CommandError(f"no images found in {args.folder!r}")
     vocab = load_vocabulary_file(args.vocab)  # a vocabulary or NetVLAD parameters, by format
     recipe = _recipe_from_args(args, vocab)
-    try:
-        vectors, encoded, skipped, parts = _encode_job(args, paths, recipe, vocab)
-    except CommandError:
-        # Stopped by a bad image (--on-error raise): keep finished shards for a rerun,
-        # but leave no empty work folder behind.
-        parts = Path(str(args.output) + ".parts")
-        if parts.is_dir() and not any(parts.glob("shard-*.npz")):
-            shutil.rmtree(parts)
-        raise
-    _report_skipped(skipped, len(paths), args.error_log)
-    if not encoded.any():
+    # OUTPUT.npz: one file, assembled from a sharded job in OUTPUT.npz.parts/ (removed at
+    # the end); any other OUTPUT: the sharded folder itself, never loaded whole.
+    single_file = str(args.output).endswith(".npz")
+    folder = Path(str(args.output) + ".parts") if single_file else Path(args.output)
+    on_dask = bool(args.workers or args.scheduler)
+    with _progress(len(paths), "encoding", not args.quiet) as bar, _dask_client(args) as client:
+        def skipped(path, reason):
+            bar.write(f"vladkit: skipped {path}: {reason}", file=sys.stderr)
+
+        def log(message):
+            bar.write(f"vladkit: {message}", file=sys.stderr)
+
+        try:
+            result = encode_images(
+                paths, recipe, folder, vocabulary=vocab, shard_size=args.shard_size, batch_size=args.batch_size,
+                max_memory=args.max_memory, max_pixels=None if args.max_pixels == 0 else args.max_pixels,
+                on_error=args.on_error, n_jobs=None if on_dask and args.jobs == -1 else args.jobs,
+                client=client, progress=bar.update, on_skipped=skipped, log=log)
+        except ImageReadError as error:
+            # Stopped by a bad image (--on-error raise): finished shards stay for a rerun,
+            # but no work folder without any is left behind.
+            if single_file and folder.is_dir() and not any(folder.glob("shard-*.json")):
+                shutil.rmtree(folder)
+            raise CommandError(f"cannot read {error.path}: {error.reason} (--on-error skip "
+                               "reports unreadable images and goes on)") from None
+        except FileExistsError as error:
+            raise CommandError(str(error)) from None
+    if result.resumed:
+        print(f"vladkit: resumed: {result.resumed} of {len(paths)} images were already encoded in {folder}",
+              file=sys.stderr)
+    _report_skipped(result.skipped, len(paths), args.error_log)
+    encodings = result.encodings
+    if not len(encodings):
+        if single_file:
+            shutil.rmtree(folder)
         raise CommandError(f"none of the {len(paths)} images could be read")
-    ids = [str(path) for path, ok in zip(paths, encoded) if ok]
-    EncodedImages(vectors[encoded], ids, recipe, skipped).save(args.output)
-    shutil.rmtree(parts)
-    print(f"wrote {args.output}: {len(ids)} images x {vectors.shape[1]:,} ({recipe.encoder}"
+    if single_file:
+        EncodedImages(encodings.vectors, encodings.ids, recipe, result.skipped).save(args.output)
+        shutil.rmtree(folder)
+    print(f"wrote {args.output}: {len(encodings)} images x {encodings.dim:,} ({recipe.encoder}"
           f"{' + spatial pyramid' if recipe.pyramid else ''}, {recipe.extractor})"
-          + (f", {len(skipped)} skipped" if skipped else ""))
+          + (f" in {len(encodings.manifest['shards'])} shards" if not single_file else "")
+          + (f", {len(result.skipped)} skipped" if result.skipped else ""))
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- index
 
 RECIPE_FILE, VOCABULARY_FILE = "recipe.json", "vocabulary.npz"
+#: index build adds vectors this many at a time (bounds the whitened copy).
+ADD_ROWS = 65_536
 
 
 def _check_index_options(args):
@@ -374,7 +370,9 @@ def cmd_index_build(args):
     encoded = load_encodings(args.encodings)
     # Found first: a missing vocabulary fails before the (long) training, not after.
     vocabulary = locate_vocabulary(encoded.recipe, args.encodings, given=args.vocab)
-    training = load_encodings(args.train).vectors if args.train else encoded.vectors
+    # Out of core: whitening and quantizers learn from a reproducible sample; the vectors
+    # are then added shard by shard, so memory is the index plus one block.
+    training, _ = (load_encodings(args.train) if args.train else encoded).sample(args.train_size, seed=0)
     whitening = None
     if args.pca:
         whitening = PCAWhitening(args.pca, whiten=0.5 if args.whiten is None else args.whiten,
@@ -383,7 +381,11 @@ def cmd_index_build(args):
     index = VectorIndex(kind, pq=args.pq or "16x8", nlist=args.nlist, nprobe=args.nprobe or 8,
                         whitening=whitening)
     index.train(training)
-    index.add(encoded.vectors, encoded.ids)
+    del training
+    for start, block in encoded.blocks():
+        for first in range(0, len(block), ADD_ROWS):
+            rows = slice(first, min(first + ADD_ROWS, len(block)))
+            index.add(np.array(block[rows]), encoded.ids[start + rows.start:start + rows.stop])
     # The recipe and the vocabulary travel with the index (same atomic write), so that
     # `vladkit search` can encode query images exactly as the indexed ones.
     recipe = json.dumps(encoded.recipe.to_json(), indent=1, sort_keys=True).encode()
@@ -519,7 +521,7 @@ def cmd_evaluate(args):
     # One result more than --top: a query that is indexed finds itself, and is left out
     # before its top N are scored (its ground truth ignores at most that one id).
     depth = len(index) if args.top is None else min(args.top + 1, len(index))
-    _, ranked = index.search(queries.vectors[[rows[q] for q in names]], k=depth)
+    _, ranked = index.search(queries.take([rows[q] for q in names]), k=depth)
     rankings = dict(zip(names, ranked))
     ks = args.k or [k for k in DEFAULT_RECALL_KS if args.top is None or k <= args.top]
     # Cut at N, AP counts the positives ranked lower as not found: a lower bound of the
@@ -854,12 +856,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "for a NetVLAD file (which only netvlad can use)")
     encode.add_argument("--pyramid", action="store_true",
                         help="spatial pyramid: encode 1x1 + 2x2 + 1x3 cells and concatenate (8x longer)")
-    encode.add_argument("-o", "--output", required=True, metavar="FILE", help="encodings file to write (.npz)")
+    encode.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                        help="OUTPUT.npz: one file (vectors in memory while it is written: for up to "
+                             "~100k images); any other name: a folder of shards (out of core: .npy "
+                             "vectors + JSON reports + manifest), which every command reads")
     encode.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     encode.add_argument("--shard-size", type=_positive_int, default=1024, metavar="N",
                         help="images per shard of the resumable job (default 1024): finished shards "
-                             "are kept in OUTPUT.parts/ until the output is written, and a rerun of "
-                             "the same command after a crash resumes from them")
+                             "stay (in OUTPUT.npz.parts/ for a .npz) and a rerun of the same command "
+                             "after a crash or a kill resumes from them; on Dask a shard is a task")
+    dask = encode.add_argument_group("Dask (optional extra: pip install 'vladkit[dask]')")
+    dask.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                      help="encode on a local Dask cluster of N worker processes (one thread each)")
+    dask.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                      help="encode on an existing Dask cluster, e.g. tcp://10.0.0.1:8786; the "
+                           "images and OUTPUT must be at the same paths on every worker (shared "
+                           "storage); --jobs sets threads per task (default 1)")
     _add_feature_options(encode, from_vocabulary=True)
     encode.set_defaults(run=cmd_encode)
 
@@ -876,7 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "'vladkit search' encodes queries the same way. Written atomically.",
         epilog="example: vladkit index build photos.npz --pca 256 --pq 64x8 -o photos.index",
     )
-    build_index.add_argument("encodings", help="encodings file from 'vladkit encode'")
+    build_index.add_argument("encodings", help="encodings from 'vladkit encode' (.npz file or shards folder)")
     build_index.add_argument("--pca", type=_positive_int, default=None, metavar="D",
                              help="PCA-whiten to D dimensions before indexing")
     build_index.add_argument("--whiten", type=_whiten, default=None, metavar="A",
@@ -892,6 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="lists visited per query with --nlist (default 8)")
     build_index.add_argument("--train", default=None, metavar="FILE",
                              help="encodings to learn the PCA and quantizer on (default: the indexed ones)")
+    build_index.add_argument("--train-size", type=_positive_int, default=100_000, metavar="N",
+                             help="learn them on at most N vectors, a reproducible sample (default "
+                                  "100,000; memory: N x dimension x 4 bytes)")
     build_index.add_argument("--vocab", default=None, metavar="FILE",
                              help="the vocabulary that encoded ENCODINGS, if it is no longer at the path "
                                   "they record nor beside them (a moved folder); checked by its SHA-256")

@@ -90,6 +90,24 @@ class Recipe:
     vocabulary_path: str = ""      # a vocabulary file, or NetVLAD parameters for "netvlad"
     vocabulary_sha256: str = ""
 
+    @classmethod
+    def make(cls, extractor, vocabulary_path, encoder=None, pyramid=None, **encoder_params):
+        """The recipe of ``extractor`` (a SIFT or DenseSIFT) with the vocabulary (or NetVLAD
+        parameters) file at ``vocabulary_path``, encoded by ``encoder`` ("bof", "vlad",
+        "fisher", "netvlad"; default: Fisher for a GMM, VLAD for k-means, NetVLAD for its
+        parameters) with ``encoder_params``, optionally in a spatial ``pyramid`` (levels
+        such as ``[(1, 1), (2, 2), (1, 3)]``)."""
+        kind = type(extractor).__name__
+        if kind not in EXTRACTORS:
+            raise TypeError(f"extractor must be one of {sorted(EXTRACTORS)}, got {kind}")
+        params = {k: v for k, v in extractor.get_params().items() if k not in ("n_jobs", "max_pixels", "on_error")}
+        vocabulary = load_vocabulary_file(vocabulary_path)
+        encoder = encoder or default_encoder(vocabulary)
+        check_encoder(encoder, vocabulary)
+        return cls(kind, params, encoder, dict(encoder_params),
+                   None if pyramid is None else [list(level) for level in pyramid],
+                   os.path.abspath(vocabulary_path), file_sha256(vocabulary_path))
+
     def build(self, vocabulary=None, n_jobs=-1):
         """(extractor, fitted encoder). ``vocabulary``: a loaded vocabulary (or
         NetVLADParams), or a path overriding the recorded one."""
@@ -244,6 +262,28 @@ class EncodedImages:
     recipe: Recipe
     skipped: list = field(default_factory=list)   # [(path, reason), ...]
 
+    def __len__(self):
+        return len(self.vectors)
+
+    @property
+    def dim(self):
+        return self.vectors.shape[1]
+
+    def blocks(self):
+        """Yield (first row, vectors): one block here (see ShardedEncodings.blocks)."""
+        if len(self.vectors):
+            yield 0, self.vectors
+
+    def take(self, rows):
+        """The vectors of the given rows, in that order."""
+        return self.vectors[np.asarray(rows, dtype=np.int64).reshape(-1)]
+
+    def sample(self, n, seed=0):
+        """As :meth:`vladkit.sharded.ShardedEncodings.sample` (the same rows for the same n,
+        length and seed)."""
+        rows = sample_rows(len(self), n, seed)
+        return self.take(rows), rows
+
     def save(self, path):
         """Write atomically (temporary file + rename) and reproducibly."""
         metadata = {
@@ -260,9 +300,21 @@ class EncodedImages:
         })
 
 
+def sample_rows(n_rows, n, seed=0):
+    """``min(n, n_rows)`` row numbers drawn without replacement, sorted, from ``seed``."""
+    if n >= n_rows:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng(seed).choice(n_rows, size=n, replace=False))
+
+
 def load_encodings(path):
-    """Read a file written by :meth:`EncodedImages.save` (``vladkit encode``)."""
+    """Read ``vladkit encode``'s output: an ``.npz`` file (:meth:`EncodedImages.save`), or
+    a sharded folder (:class:`vladkit.sharded.ShardedEncodings`, read block by block)."""
     name = os.fspath(path)
+    if os.path.isdir(name):
+        from .sharded import ShardedEncodings
+
+        return ShardedEncodings(name)
     try:
         archive = np.load(name, allow_pickle=False)
     except (OSError, ValueError) as exc:

@@ -136,7 +136,7 @@ class FisherEncoder(BaseEncoder):
     def _finish(self, acc, counts):
         vocabulary = self.vocabulary_
         weights = vocabulary.weights_.astype(np.float64)
-        n_images, n_words, dim = acc["moments"].shape[0], vocabulary.n_words_, vocabulary.dim_
+        n_images, dim = acc["moments"].shape[0], vocabulary.dim_
         # With a = mu_k - c, S1 = sum_i q_ik y_i, S2 = sum_i q_ik y_i^2 and m = sum_i q_ik:
         #   sum_i q_ik (x_i - mu_k) / sigma_k         = (S1 - m a) / sigma_k
         #   sum_i q_ik [((x_i - mu_k) / sigma_k)^2 - 1] = (S2 - 2 a S1 + m a^2) / sigma_k^2 - m

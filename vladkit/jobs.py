@@ -1,0 +1,298 @@
+"""Encoding jobs: a list of images to a sharded encodings folder, on this machine or a
+Dask cluster, resumable, with the same bytes either way.
+
+:func:`encode_images` cuts the images into shards of ``shard_size`` consecutive images
+(whole batches) and encodes each shard into ``shard-NNNNNN.npy`` + ``.json``
+(:mod:`vladkit.sharded`). A shard's vectors depend only on its images and the recipe (the
+encoders sum in float64 in a fixed order, see ARCHITECTURE.md), so where and how often a
+shard is computed does not change a byte:
+
+* resumable: a rerun of the same job keeps the shards already written (checked against
+  their SHA-256) and computes the others; a different job in the same folder starts over;
+* on Dask (``client=``), each shard is a task with a stable key; the vocabulary is
+  scattered to every worker once. A worker that dies takes its task with it and the
+  scheduler runs it elsewhere: the shard is then written twice, atomically, with the same
+  bytes. Unreadable images are reported by the client from the shard reports, so each is
+  reported once however often its task ran.
+
+Workers: every task limits BLAS, OpenMP *and* numba threads to ``n_jobs`` (the Dask nanny
+sets only the first two); the first task of a process compiles vladkit's numba kernels
+under a machine-wide file lock, so that worker processes do not write the same on-disk
+cache at once; the kernels release the GIL (numba ``nogil``, BLAS, OpenCV), so a long task
+does not starve the worker's heartbeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._threads import limit_threads
+from .budget import DEFAULT_MAX_MEMORY, iter_batches
+from .encodings import Recipe, load_vocabulary_file
+from .features import ImageSkippedWarning
+from .image_encoder import encode_batches
+from .images import DEFAULT_MAX_PIXELS
+from .sharded import (IMAGES, MANIFEST, ShardedEncodings, images_digest, read_manifest, read_shard,
+                      shard_stem, write_images, write_manifest, write_shard)
+
+__all__ = ["EncodeResult", "encode_images"]
+
+
+@dataclass
+class EncodeResult:
+    """What :func:`encode_images` did."""
+
+    encodings: ShardedEncodings   # the output folder, opened
+    n_images: int                 # images given
+    skipped: list                 # [(path, reason)] of the unreadable ones, in input order
+    resumed: int                  # images found already encoded by an earlier run
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What every shard task needs besides its images and the vocabulary (small: pickled
+    into each task)."""
+
+    folder: str
+    recipe: dict
+    batch_size: int
+    max_memory: int
+    max_pixels: int | None
+    on_error: str
+    n_jobs: int | None
+
+
+@dataclass(frozen=True)
+class _Shard:
+    number: int
+    first: int
+    end: int
+    images: tuple
+
+
+def encode_images(images, recipe, output, *, vocabulary=None, shard_size=1024, batch_size=64,
+                  max_memory=DEFAULT_MAX_MEMORY, max_pixels=DEFAULT_MAX_PIXELS, on_error="skip",
+                  n_jobs=None, client=None, progress=None, on_skipped=None, log=None):
+    """Encode ``images`` with ``recipe`` into the sharded folder ``output``.
+
+    Parameters
+    ----------
+    images : list of paths
+        In the order of the output rows; their string forms are the ids.
+    recipe : vladkit.encodings.Recipe
+        Extractor, encoder (+ pyramid) and vocabulary file.
+    output : path
+        A new or empty folder, or one an earlier run of this job left (it resumes). A folder
+        of another job is started over; a folder that holds anything else is refused.
+    vocabulary : loaded vocabulary or NetVLADParams, optional
+        Default: loaded from ``recipe.vocabulary_path``.
+    shard_size : int, default=1024
+        Images per shard, rounded up to a multiple of ``batch_size``.
+    batch_size, max_memory
+        Images per batch and the memory budget of one task (:mod:`vladkit.budget`).
+    max_pixels : int or None
+        The extractor's pixel limit (None: none).
+    on_error : {"skip", "raise"}
+        "skip": an unreadable image is reported (``on_skipped``) and left out; "raise":
+        :class:`vladkit.ImageReadError` naming it stops the job (finished shards are kept).
+    n_jobs : int or None
+        Threads per task (BLAS, OpenMP, numba, extraction). Default: all cores locally,
+        1 per task on Dask (run one task per worker thread).
+    client : distributed.Client, optional
+        Run the shards as tasks on this Dask cluster. The output folder must be on storage
+        every worker sees, at the same path.
+    progress : callable(n), optional
+        Called with the number of images finished (per batch locally, per shard on Dask).
+    on_skipped : callable(path, reason), optional
+        Told of each unreadable image once, when it is found (resumed shards' are not
+        told again). Default: an :class:`vladkit.ImageSkippedWarning`.
+    log : callable(message), optional
+        Told when the folder held another job, which is started over. Default: a warning.
+
+    Returns
+    -------
+    EncodeResult
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
+    images = [os.fspath(image) for image in images]
+    if not images:
+        raise ValueError("no images to encode")
+    if vocabulary is None:
+        vocabulary = load_vocabulary_file(recipe.vocabulary_path)
+    shard_size = -(-shard_size // batch_size) * batch_size
+    folder = Path(output)
+    job = {"recipe": recipe.to_json(), "n_images": len(images), "images_sha256": images_digest(images),
+           "batch_size": batch_size, "shard_size": shard_size, "max_pixels": max_pixels,
+           "max_memory": max_memory}
+    _prepare_folder(folder, job, images, log)
+    settings = _Settings(os.fspath(folder.resolve()), recipe.to_json(), batch_size, max_memory, max_pixels,
+                         on_error, n_jobs if n_jobs is not None else (1 if client is not None else -1))
+    shards = [_Shard(number, first, min(first + shard_size, len(images)),
+                     tuple(images[first:first + shard_size]))
+              for number, first in enumerate(range(0, len(images), shard_size))]
+    reports = {}
+    for shard in shards:
+        report = read_shard(folder, shard.number)
+        if report is not None and (report["first"], report["end"]) == (shard.first, shard.end):
+            reports[shard.number] = report
+    resumed = sum(reports[n]["end"] - reports[n]["first"] for n in reports)
+    if progress is not None and resumed:
+        progress(resumed)
+    if on_skipped is None:
+        def on_skipped(path, reason):
+            warnings.warn(f"skipped {path}: {reason}", ImageSkippedWarning, stacklevel=3)
+    todo = [shard for shard in shards if shard.number not in reports]
+    if client is None:
+        for shard in todo:
+            reports[shard.number] = _encode_shard(settings, shard, vocabulary, progress, on_skipped)
+    else:
+        reports.update(_encode_on_dask(client, settings, todo, vocabulary, job, progress, on_skipped))
+    ordered = [reports[shard.number] for shard in shards]
+    write_manifest(folder, job, ordered, dim=ordered[0]["dim"])
+    skipped = [tuple(item) for report in ordered for item in report["skipped"]]
+    return EncodeResult(ShardedEncodings(folder), len(images), skipped, resumed)
+
+
+def _prepare_folder(folder, job, images, log):
+    """Create the job's folder, or keep an earlier run's of the same job (resume), or
+    clear the files of another job (start over). Anything else in it: refused."""
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if manifest is not None and manifest.get("job") == job:
+        return
+    if folder.is_dir():
+        ours = [entry for entry in folder.iterdir() if _is_job_file(entry.name)]
+        others = [entry.name for entry in folder.iterdir() if not _is_job_file(entry.name)]
+        if others:
+            raise FileExistsError(f"{os.fspath(folder)!r} exists and holds other files than a vladkit "
+                                  f"encoding job's (e.g. {sorted(others)[0]!r}): choose a new or empty folder")
+        if manifest is not None:
+            message = f"{os.fspath(folder)} holds a job for other images or settings: starting over"
+            if log is None:
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+            else:
+                log(message)
+        for entry in ours:
+            entry.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_images(folder, images)
+    write_manifest(folder, job)
+
+
+def _is_job_file(name):
+    return (name in (MANIFEST, IMAGES) or name.startswith(("shard-", ".shard-", f".{MANIFEST}.", f".{IMAGES}."))
+            and name.endswith((".npy", ".json", ".jsonl", ".tmp")))
+
+
+def _encode_shard(settings, shard, vocabulary, progress=None, on_skipped=None):
+    """Encode one shard and write it (the task). A shard already written, by an earlier
+    run of the task, is returned as it is."""
+    report = read_shard(settings.folder, shard.number)
+    if report is not None and (report["first"], report["end"]) == (shard.first, shard.end):
+        return report
+    extractor, encoder = Recipe.from_json(settings.recipe).build(vocabulary, n_jobs=settings.n_jobs)
+    extractor.set_params(max_pixels=settings.max_pixels)
+    _compile_once(extractor, encoder)
+    skipped = []
+
+    def unreadable(index, error):
+        if settings.on_error == "raise":
+            raise error
+        skipped.append((shard.images[index], error.reason))
+        if on_skipped is not None:
+            on_skipped(shard.images[index], error.reason)
+
+    vectors = np.zeros((len(shard.images), encoder.n_features_out_), dtype=np.float32)
+    encoded = np.zeros(len(shard.images), dtype=bool)
+    done = 0
+    with limit_threads(settings.n_jobs):
+        batches = iter_batches(extractor, list(shard.images), max_memory=settings.max_memory,
+                               max_images=settings.batch_size, encoder=encoder, on_unreadable=unreadable)
+        for rows, batch_vectors in encode_batches(encoder, batches):
+            vectors[rows], encoded[rows] = batch_vectors, True
+            if progress is not None:
+                progress(rows[-1] + 1 - done)
+                done = rows[-1] + 1
+    if progress is not None and done < len(shard.images):
+        progress(len(shard.images) - done)
+    ids = [image for image, ok in zip(shard.images, encoded) if ok]
+    return write_shard(settings.folder, shard.number, shard.first, shard.end, vectors[encoded], ids, skipped)
+
+
+def _encode_on_dask(client, settings, shards, vocabulary, job, progress, on_skipped):
+    """Run the shards as tasks on ``client``'s cluster; their reports, by shard number."""
+    from distributed import as_completed
+
+    if not shards:
+        return {}
+    # Stable keys: a client that reconnects (or resubmits) gets the same tasks, not copies.
+    job_key = job["images_sha256"][:12] + "-" + _digest(job)[:12]
+    vocabulary_future = client.scatter(vocabulary, broadcast=True, hash=False)
+    futures = {client.submit(_encode_shard, settings, shard, vocabulary_future,
+                             key=f"vladkit-encode-{job_key}-{shard_stem(shard.number)}"): shard
+               for shard in shards}
+    reports = {}
+    try:
+        for future in as_completed(futures):
+            report = future.result()  # re-raises a task's error (an unreadable image with "raise")
+            for path, reason in report["skipped"]:
+                on_skipped(path, reason)
+            if progress is not None:
+                progress(report["end"] - report["first"])
+            reports[report["number"]] = report
+    finally:
+        client.cancel([future for future in futures if not future.done()])
+    return reports
+
+
+def _digest(value):
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+_compiled = set()
+_compiled_lock = threading.Lock()
+
+
+def _compile_once(extractor, encoder):
+    """Encode a small synthetic image once per process and kind of recipe, under a
+    machine-wide file lock: numba compiles (or loads from its on-disk cache) every kernel
+    the recipe uses, one process at a time. Several processes compiling the same
+    ``cache=True`` function at once can corrupt its cache files."""
+    key = (type(extractor), type(encoder), type(getattr(encoder, "encoder", None)))
+    with _compiled_lock:
+        if key in _compiled:
+            return
+        with _machine_lock("vladkit-numba-compile"):
+            image = np.random.default_rng(0).integers(0, 256, size=(48, 48), dtype=np.uint8)
+            with limit_threads(1):
+                list(encode_batches(encoder, [[(0, extractor.transform([image]))]]))
+        _compiled.add(key)
+
+
+@contextlib.contextmanager
+def _machine_lock(name):
+    """An exclusive lock shared by the processes of this machine (a no-op without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: numba's own cache locking has to do
+        yield
+        return
+    path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}.lock")
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
