@@ -42,7 +42,7 @@ from .features import SIFT, DenseSIFT
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, list_images
 from .image_encoder import encode_batches, sample_features
 from .index import IndexFileError, PCAWhitening, VectorIndex
-from .jobs import encode_images
+from .jobs import encode_images, sample_descriptors
 from .vocabulary import (
     DescriptorSampler,
     GMMVocabulary,
@@ -146,6 +146,17 @@ def _read_batches(extractor, paths, args, progress, skipped, encoder=None, first
     progress.update(len(paths) - done)
 
 
+def _skip_reporter(bar):
+    """on_skipped for the jobs: one line on stderr per unreadable image, above the bar."""
+    def report(path, reason):
+        bar.write(f"vladkit: skipped {path}: {reason}", file=sys.stderr)
+    return report
+
+
+def _cannot_read(error):
+    return f"cannot read {error.path}: {error.reason} (--on-error skip reports unreadable images and goes on)"
+
+
 def _report_skipped(skipped, n_images, error_log):
     """The end-of-job summary on stderr (n read, n skipped, why), and the JSON-lines log."""
     if error_log:
@@ -181,18 +192,21 @@ def cmd_vocab_build(args):
     if not paths:
         raise CommandError(f"no images found in {args.folder!r}")
     extractor = _extractor_from_args(args)
-    sampler = DescriptorSampler(len(paths), args.max_descriptors, args.max_per_image, args.seed)
     show = not args.quiet
-    skipped = []
-    with _progress(len(paths), "extracting", show) as bar:
-        for batch in _read_batches(extractor, paths, args, bar, skipped):
-            for index, pieces in batch:
-                sampler.keep(index, sample_features(sampler, index, pieces, extractor).descriptors)
-            del batch, pieces  # not alive while the next batch is extracted
+    with _progress(len(paths), "extracting", show) as bar, _dask_client(args) as client:
+        try:
+            sample, skipped = sample_descriptors(
+                paths, extractor, max_descriptors=args.max_descriptors, max_per_image=args.max_per_image,
+                seed=args.seed, batch_size=args.batch_size, max_memory=args.max_memory, on_error=args.on_error,
+                n_jobs=None if client is not None and args.jobs == -1 else args.jobs, client=client,
+                progress=bar.update, on_skipped=_skip_reporter(bar))
+        except ImageReadError as error:
+            raise CommandError(_cannot_read(error)) from None
     _report_skipped(skipped, len(paths), args.error_log)
     if len(skipped) == len(paths):
         raise CommandError(f"none of the {len(paths)} images could be read")
-    sample = sampler.sample()
+    if sample is None:
+        raise CommandError(f"none of the {len(paths)} images has any descriptor")
     cls = KMeansVocabulary if args.kind == "kmeans" else GMMVocabulary
     size = {"n_clusters": args.k} if args.kind == "kmeans" else {"n_components": args.k}
     vocab = cls(**size, max_descriptors=args.max_descriptors, max_per_image=args.max_per_image,
@@ -285,7 +299,7 @@ def _dask_client(args):
             yield client
         return
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -301,9 +315,6 @@ def cmd_encode(args):
     folder = Path(str(args.output) + ".parts") if single_file else Path(args.output)
     on_dask = bool(args.workers or args.scheduler)
     with _progress(len(paths), "encoding", not args.quiet) as bar, _dask_client(args) as client:
-        def skipped(path, reason):
-            bar.write(f"vladkit: skipped {path}: {reason}", file=sys.stderr)
-
         def log(message):
             bar.write(f"vladkit: {message}", file=sys.stderr)
 
@@ -312,14 +323,13 @@ def cmd_encode(args):
                 paths, recipe, folder, vocabulary=vocab, shard_size=args.shard_size, batch_size=args.batch_size,
                 max_memory=args.max_memory, max_pixels=None if args.max_pixels == 0 else args.max_pixels,
                 on_error=args.on_error, n_jobs=None if on_dask and args.jobs == -1 else args.jobs,
-                client=client, progress=bar.update, on_skipped=skipped, log=log)
+                client=client, progress=bar.update, on_skipped=_skip_reporter(bar), log=log)
         except ImageReadError as error:
             # Stopped by a bad image (--on-error raise): finished shards stay for a rerun,
             # but no work folder without any is left behind.
             if single_file and folder.is_dir() and not any(folder.glob("shard-*.json")):
                 shutil.rmtree(folder)
-            raise CommandError(f"cannot read {error.path}: {error.reason} (--on-error skip "
-                               "reports unreadable images and goes on)") from None
+            raise CommandError(_cannot_read(error)) from None
         except FileExistsError as error:
             raise CommandError(str(error)) from None
     if result.resumed:
@@ -750,6 +760,16 @@ def _add_input_options(group):
                             "for it is processed in pieces")
 
 
+def _add_dask_options(parser, verb, shared):
+    dask = parser.add_argument_group("Dask (optional extra: pip install 'vladkit[dask]')")
+    dask.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                      help=f"{verb} on a local Dask cluster of N worker processes (one thread each)")
+    dask.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                      help=f"{verb} on an existing Dask cluster, e.g. tcp://10.0.0.1:8786; {shared} must "
+                           "be at the same paths on every worker (shared storage); --jobs sets threads "
+                           "per task (default 1)")
+
+
 def _non_negative_int(text):
     try:
         value = int(text)
@@ -830,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", required=True, metavar="FILE", help="vocabulary file to write (.npz)")
     build.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_feature_options(build)
+    _add_dask_options(build, "extract the sample", "the images")
     build.set_defaults(run=cmd_vocab_build)
 
     info = vocab_commands.add_parser("info", help="describe a vocabulary file",
@@ -865,13 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per shard of the resumable job (default 1024): finished shards "
                              "stay (in OUTPUT.npz.parts/ for a .npz) and a rerun of the same command "
                              "after a crash or a kill resumes from them; on Dask a shard is a task")
-    dask = encode.add_argument_group("Dask (optional extra: pip install 'vladkit[dask]')")
-    dask.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                      help="encode on a local Dask cluster of N worker processes (one thread each)")
-    dask.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                      help="encode on an existing Dask cluster, e.g. tcp://10.0.0.1:8786; the "
-                           "images and OUTPUT must be at the same paths on every worker (shared "
-                           "storage); --jobs sets threads per task (default 1)")
+    _add_dask_options(encode, "encode", "the images and OUTPUT")
     _add_feature_options(encode, from_vocabulary=True)
     encode.set_defaults(run=cmd_encode)
 

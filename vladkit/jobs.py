@@ -35,17 +35,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import clone
 
 from ._threads import limit_threads
 from .budget import DEFAULT_MAX_MEMORY, iter_batches
 from .encodings import Recipe, load_vocabulary_file
 from .features import ImageSkippedWarning
-from .image_encoder import encode_batches
+from .image_encoder import encode_batches, sample_features
 from .images import DEFAULT_MAX_PIXELS
+from .vocabulary import DescriptorSampler
 from .sharded import (IMAGES, MANIFEST, ShardedEncodings, images_digest, read_manifest, read_shard,
                       shard_stem, write_images, write_manifest, write_shard)
 
-__all__ = ["EncodeResult", "encode_images"]
+__all__ = ["EncodeResult", "encode_images", "sample_descriptors"]
 
 
 @dataclass
@@ -255,6 +257,103 @@ def _encode_on_dask(client, settings, shards, vocabulary, job, progress, on_skip
     finally:
         client.cancel([future for future in futures if not future.done()])
     return reports
+
+
+def sample_descriptors(images, extractor, *, max_descriptors=200_000, max_per_image=None, seed=0,
+                       chunk_size=1024, batch_size=64, max_memory=DEFAULT_MAX_MEMORY, on_error="skip",
+                       n_jobs=None, client=None, progress=None, on_skipped=None):
+    """A vocabulary's training sample: :class:`vladkit.DescriptorSampler`'s rows of every
+    image, extracted here or on a Dask cluster (chunks of ``chunk_size`` images per task).
+
+    The sample is the same wherever it is drawn (each image's rows are drawn from
+    ``(seed, image index)``), and only it travels back to the caller: memory is bounded
+    by ``max_descriptors``, not by the number of images.
+
+    Parameters
+    ----------
+    images : list of paths
+    extractor : SIFT or DenseSIFT
+    max_descriptors, max_per_image, seed
+        As for :class:`vladkit.DescriptorSampler`.
+    chunk_size, batch_size, max_memory, on_error, n_jobs, client, progress, on_skipped
+        As for :func:`encode_images` (``chunk_size`` images per task).
+
+    Returns
+    -------
+    sample : (n, D) array or None
+        At most ``max_descriptors`` rows, in image order; None if no image gave any.
+    skipped : list of (path, reason)
+    """
+    images = [os.fspath(image) for image in images]
+    sampler = DescriptorSampler(len(images), max_descriptors, max_per_image, seed)
+    chunks = [_Shard(number, first, min(first + chunk_size, len(images)), tuple(images[first:first + chunk_size]))
+              for number, first in enumerate(range(0, len(images), chunk_size))]
+    settings = _Settings("", {}, batch_size, max_memory, None, on_error,
+                         n_jobs if n_jobs is not None else (1 if client is not None else -1))
+    if on_skipped is None:
+        def on_skipped(path, reason):
+            warnings.warn(f"skipped {path}: {reason}", ImageSkippedWarning, stacklevel=3)
+    skipped = {}  # by chunk: reported as they come, listed in input order
+
+    def gather(chunk, result):
+        for index, descriptors in result["rows"].items():
+            sampler.keep(index, descriptors)
+        skipped[chunk.number] = result["skipped"]
+
+    if client is None:
+        for chunk in chunks:
+            gather(chunk, _sample_chunk(settings, chunk, extractor, (len(images), max_descriptors, max_per_image,
+                                                                     seed), progress, on_skipped))
+    else:
+        from distributed import as_completed
+
+        futures = {client.submit(_sample_chunk, settings, chunk, extractor,
+                                 (len(images), max_descriptors, max_per_image, seed), pure=False): chunk
+                   for chunk in chunks}
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                for path, reason in result["skipped"]:
+                    on_skipped(path, reason)
+                gather(futures[future], result)
+                if progress is not None:
+                    progress(len(futures[future].images))
+        finally:
+            client.cancel([future for future in futures if not future.done()])
+    skipped = [item for number in sorted(skipped) for item in skipped[number]]
+    try:
+        return sampler.sample(), skipped
+    except ValueError:  # no descriptors at all
+        return None, skipped
+
+
+def _sample_chunk(settings, chunk, extractor, sampler_args, progress=None, on_skipped=None):
+    """One chunk of :func:`sample_descriptors` (the task): {image index: sampled rows}."""
+    sampler = DescriptorSampler(*sampler_args)
+    extractor = clone(extractor).set_params(n_jobs=settings.n_jobs)
+    skipped, rows, done = [], {}, 0
+
+    def unreadable(index, error):
+        if settings.on_error == "raise":
+            raise error
+        skipped.append((chunk.images[index], error.reason))
+        if on_skipped is not None:
+            on_skipped(chunk.images[index], error.reason)
+
+    with limit_threads(settings.n_jobs):
+        for batch in iter_batches(extractor, list(chunk.images), max_memory=settings.max_memory,
+                                  max_images=settings.batch_size, on_unreadable=unreadable):
+            for index, pieces in batch:
+                rows[chunk.first + index] = sample_features(sampler, chunk.first + index, pieces,
+                                                            extractor).descriptors
+            end = batch[-1][0] + 1
+            del batch, pieces
+            if progress is not None:
+                progress(end - done)
+            done = end
+    if progress is not None and done < len(chunk.images):
+        progress(len(chunk.images) - done)
+    return {"rows": rows, "skipped": skipped}
 
 
 def _digest(value):
