@@ -16,7 +16,7 @@ import pytest
 
 from conftest import textured_image
 from vladkit import (DenseSIFT, EncodedImages, ImageEncoder, ImageReadError, KMeansVocabulary, Recipe,
-                     ShardedEncodings, VLADEncoder, encode_images, load_encodings)
+                     ShardedEncodings, encode_images, load_encodings)
 from vladkit.encodings import EncodingsFileError
 
 EXTRACTOR = DenseSIFT(step=8, sizes=(4, 8), root=True)

@@ -269,15 +269,7 @@ def _recipe_from_args(args, vocab):
         raise UsageError(f"--encoder {encoder_kind} with --vocab {args.vocab}: {exc}") from None
     recipe = Recipe(kind, params, encoder_kind, {}, [list(level) for level in PYRAMID] if args.pyramid else None,
                     str(Path(args.vocab).resolve()), file_sha256(args.vocab))
-    _, encoder = recipe.build(vocab, n_jobs=1)
-    inner = encoder.encoder if args.pyramid else encoder
-    # Record every parameter that shapes the vectors (defaults included), and only those:
-    # the vocabulary is given, so the ones that would train one (its size, PCA, sample)
-    # were not used, and the vocabulary file records how it was trained.
-    # (NetVLAD: its "params" are the file itself.)
-    unused = {"vocabulary", "params", "n_jobs", inner._size_param, "pca", "max_descriptors", "random_state"}
-    recipe.encoder_params = {k: v for k, v in inner.get_params(deep=False).items() if k not in unused}
-    return recipe
+    return recipe.with_encoder_defaults(vocab)
 
 
 @contextlib.contextmanager
@@ -863,10 +855,13 @@ def build_parser() -> argparse.ArgumentParser:
         "encode", help="encode the images of a folder into vectors (BoF, VLAD, Fisher, NetVLAD)",
         description="Extract local features from the images of FOLDER (recursively) and encode "
                     "each image into one vector with the vocabulary (or NetVLAD parameters), batch "
-                    "by batch. The output "
-                    "(.npz: vectors, image paths, and the recipe: features, encoder, vocabulary) "
-                    "is written atomically. Unreadable images are reported and skipped.",
-        epilog="example: vladkit encode photos/ --vocab words.npz --encoder vlad -o photos.npz",
+                    "by batch, in resumable shards (rerun the same command after a crash or a "
+                    "kill). The output (vectors, image paths, and the recipe: features, encoder, "
+                    "vocabulary) is one .npz, or for any other name a folder of shards that no "
+                    "command loads whole. Unreadable images are reported and skipped. --workers "
+                    "or --scheduler run the shards on Dask, with the same output bytes.",
+        epilog="example: vladkit encode photos/ --vocab words.npz -o photos.npz (one file); "
+               "-o photos.enc (a folder of shards); add --workers 8 to run on a local Dask cluster",
     )
     encode.add_argument("folder", help="folder of images")
     encode.add_argument("--vocab", required=True, metavar="FILE",
@@ -882,8 +877,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "~100k images); any other name: a folder of shards (out of core: .npy "
                              "vectors + JSON reports + manifest), which every command reads")
     encode.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    encode.add_argument("--shard-size", type=_positive_int, default=1024, metavar="N",
-                        help="images per shard of the resumable job (default 1024): finished shards "
+    encode.add_argument("--shard-size", type=_positive_int, default=256, metavar="N",
+                        help="images per shard of the resumable job (default 256): finished shards "
                              "stay (in OUTPUT.npz.parts/ for a .npz) and a rerun of the same command "
                              "after a crash or a kill resumes from them; on Dask a shard is a task")
     _add_dask_options(encode, "encode", "the images and OUTPUT")

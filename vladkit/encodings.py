@@ -13,6 +13,7 @@ For the "netvlad" encoder, the "vocabulary" file is a NetVLAD parameters file
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import os
@@ -104,9 +105,21 @@ class Recipe:
         vocabulary = load_vocabulary_file(vocabulary_path)
         encoder = encoder or default_encoder(vocabulary)
         check_encoder(encoder, vocabulary)
-        return cls(kind, params, encoder, dict(encoder_params),
-                   None if pyramid is None else [list(level) for level in pyramid],
-                   os.path.abspath(vocabulary_path), file_sha256(vocabulary_path))
+        recipe = cls(kind, params, encoder, dict(encoder_params),
+                     None if pyramid is None else [list(level) for level in pyramid],
+                     os.path.realpath(vocabulary_path), file_sha256(vocabulary_path))
+        return recipe.with_encoder_defaults(vocabulary)
+
+    def with_encoder_defaults(self, vocabulary):
+        """This recipe with every encoder parameter that shapes the vectors recorded,
+        defaults included, and only those: the vocabulary is given, so the ones that
+        would train one (its size, PCA, sample) are not used (the vocabulary file records
+        how it was trained). NetVLAD's "params" are the file itself."""
+        _, encoder = self.build(vocabulary, n_jobs=1)
+        inner = encoder.encoder if self.pyramid is not None else encoder
+        unused = {"vocabulary", "params", "n_jobs", inner._size_param, "pca", "max_descriptors", "random_state"}
+        params = {k: v for k, v in inner.get_params(deep=False).items() if k not in unused}
+        return dataclasses.replace(self, encoder_params=params)
 
     def build(self, vocabulary=None, n_jobs=-1):
         """(extractor, fitted encoder). ``vocabulary``: a loaded vocabulary (or

@@ -82,7 +82,7 @@ class _Shard:
     images: tuple
 
 
-def encode_images(images, recipe, output, *, vocabulary=None, shard_size=1024, batch_size=64,
+def encode_images(images, recipe, output, *, vocabulary=None, shard_size=256, batch_size=64,
                   max_memory=DEFAULT_MAX_MEMORY, max_pixels=DEFAULT_MAX_PIXELS, on_error="skip",
                   n_jobs=None, client=None, progress=None, on_skipped=None, log=None):
     """Encode ``images`` with ``recipe`` into the sharded folder ``output``.
@@ -98,8 +98,10 @@ def encode_images(images, recipe, output, *, vocabulary=None, shard_size=1024, b
         of another job is started over; a folder that holds anything else is refused.
     vocabulary : loaded vocabulary or NetVLADParams, optional
         Default: loaded from ``recipe.vocabulary_path``.
-    shard_size : int, default=1024
-        Images per shard, rounded up to a multiple of ``batch_size``.
+    shard_size : int, default=256
+        Images per shard, rounded up to a multiple of ``batch_size``: the unit of work
+        that a rerun resumes from and of a Dask task (small enough to balance a few
+        workers on thousands of images; 8 MB per shard for VLAD K=64).
     batch_size, max_memory
         Images per batch and the memory budget of one task (:mod:`vladkit.budget`).
     max_pixels : int or None
@@ -260,7 +262,7 @@ def _encode_on_dask(client, settings, shards, vocabulary, job, progress, on_skip
 
 
 def sample_descriptors(images, extractor, *, max_descriptors=200_000, max_per_image=None, seed=0,
-                       chunk_size=1024, batch_size=64, max_memory=DEFAULT_MAX_MEMORY, on_error="skip",
+                       chunk_size=256, batch_size=64, max_memory=DEFAULT_MAX_MEMORY, on_error="skip",
                        n_jobs=None, client=None, progress=None, on_skipped=None):
     """A vocabulary's training sample: :class:`vladkit.DescriptorSampler`'s rows of every
     image, extracted here or on a Dask cluster (chunks of ``chunk_size`` images per task).
