@@ -1099,8 +1099,9 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        # (encode keeps its finished shards in OUTPUT.parts/ for a rerun: not an output)
-        print("vladkit: interrupted; no output file was written", file=sys.stderr)
+        # (encode keeps its finished shards for a rerun; they are not an output yet)
+        resume = " (rerun the same command to resume from the finished shards)" if args.command == "encode" else ""
+        print(f"vladkit: interrupted; no output file was written{resume}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader of our output went away (`vladkit vocab info F | head -1`): stop
