@@ -541,3 +541,35 @@ def test_parameter_validation():
 def test_whitening_exponent_out_of_range_is_refused(anisotropic, whiten):
     with pytest.raises(ValueError, match="whiten"):
         PCAWhitening(4, whiten=whiten).fit(anisotropic[0])
+
+
+@pytest.mark.parametrize("kind", ["flat", "pq", "ivfpq"])
+@pytest.mark.parametrize("alpha", [0.0, 3.0])
+def test_query_expansion_matches_its_formula(kind, alpha):
+    """q' = normalise(q + sum_i max(s_i, 0)^alpha x_i) over the first search's top m (x_i as
+    stored: decoded for PQ), then an ordinary search with q'."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((600, 32)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    Q = X[:5] + 0.3 * rng.standard_normal((5, 32)).astype(np.float32)
+    Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    index = VectorIndex(kind, pq="8x4", nlist=8 if kind == "ivfpq" else None, nprobe=8)
+    index.train(X).add(X, [f"v{i}" for i in range(len(X))])
+    m = 4
+    scores, ids = index.search(Q, k=m)
+    stored = index.faiss_index.reconstruct_n(0, len(X)) if kind != "ivfpq" else None
+    if stored is None:
+        index.faiss_index.make_direct_map()
+        stored = np.stack([index.faiss_index.reconstruct(i) for i in range(len(X))])
+    rows = [[int(i[1:]) for i in row] for row in ids]
+    weights = np.ones_like(scores) if alpha == 0 else np.maximum(scores, 0) ** alpha
+    expanded = Q + np.einsum("qm,qmd->qd", weights, stored[np.array(rows)])
+    expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
+    want_scores, want_ids = index.search(expanded, k=10)
+    got_scores, got_ids = index.search(Q, k=10, expand=m, alpha=alpha)
+    assert got_ids == want_ids
+    np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+    with pytest.raises(ValueError, match="expand"):
+        index.search(Q, expand=-1)
+    with pytest.raises(ValueError, match="alpha"):
+        index.search(Q, expand=2, alpha=-1)

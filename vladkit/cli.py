@@ -428,7 +428,7 @@ def cmd_search(args):
         vectors[rows], read[rows] = batch_vectors, True
     answers = []
     if read.any():
-        all_scores, all_ids = index.search(vectors[read], k=args.top)
+        all_scores, all_ids = index.search(vectors[read], k=args.top, expand=args.qe, alpha=args.qe_alpha)
         queries = [image for image, ok in zip(args.images, read) if ok]
         answers = [{"query": image, "results": [{"id": i, "score": round(float(s), 6)} for i, s in zip(ids, scores)]}
                    for image, ids, scores in zip(queries, all_ids, all_scores)]
@@ -523,7 +523,7 @@ def cmd_evaluate(args):
     # One result more than --top: a query that is indexed finds itself, and is left out
     # before its top N are scored (its ground truth ignores at most that one id).
     depth = len(index) if args.top is None else min(args.top + 1, len(index))
-    _, ranked = index.search(queries.take([rows[q] for q in names]), k=depth)
+    _, ranked = index.search(queries.take([rows[q] for q in names]), k=depth, expand=args.qe, alpha=args.qe_alpha)
     rankings = dict(zip(names, ranked))
     ks = args.k or [k for k in DEFAULT_RECALL_KS if args.top is None or k <= args.top]
     # Cut at N, AP counts the positives ranked lower as not found: a lower bound of the
@@ -762,6 +762,25 @@ def _add_dask_options(parser, verb, shared):
                            "per task (default 1)")
 
 
+def _add_retrieval_options(parser):
+    parser.add_argument("--qe", type=_non_negative_int, default=0, metavar="M",
+                        help="query expansion: search again with the query plus its M nearest "
+                             "results (average QE, Chum et al. 2007; default 0: none)")
+    parser.add_argument("--qe-alpha", type=_non_negative_float, default=0.0, metavar="A",
+                        help="alpha-QE: weight each of the M results by max(score, 0)^A "
+                             "(default 0: average QE; 3 in Radenovic et al. 2018)")
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
 def _non_negative_int(text):
     try:
         value = int(text)
@@ -934,6 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("images", nargs="+", metavar="IMAGE", help="query image files")
     search.add_argument("--top", type=_positive_int, default=10, metavar="K", help="results per query (default 10)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a listing")
+    _add_retrieval_options(search)
     search.add_argument("-j", "--jobs", type=int, default=-1, metavar="N",
                         help="threads, over the query images and within each (default -1: every core)")
     search.add_argument("--max-memory", type=_memory, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
@@ -984,6 +1004,7 @@ examples:
                                "itself when it is indexed: reported as mAP@N, positives ranked lower "
                                "count as not found (default: rank the whole index, exact mAP)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_retrieval_options(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 
     demo = commands.add_parser(

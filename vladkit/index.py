@@ -467,6 +467,7 @@ class VectorIndex:
         self.nprobe = nprobe
         self.whitening = whitening
         self._index = None
+        self._has_direct_map = False
         self._ids = []
         self._id_set = set()
         self._dim = whitening.n_features_in_ if whitening is not None else None
@@ -626,7 +627,7 @@ class VectorIndex:
 
     # -- searching ---------------------------------------------------------------------
 
-    def search(self, X, k=10):
+    def search(self, X, k=10, *, expand=0, alpha=0.0):
         """The ``k`` indexed vectors with the largest inner products with each query.
 
         Parameters
@@ -634,6 +635,19 @@ class VectorIndex:
         X : (n, dim) array
             Queries (whitened like the indexed vectors when the index has whitening).
         k : int, default=10
+        expand : int, default=0
+            Query expansion: search first for the ``expand`` nearest vectors x_1..x_m of
+            each query q (in the index's space: whitened, and as stored, i.e. decoded for
+            "pq"/"ivfpq"), then search again with
+
+                q' = (q + sum_i w_i x_i) / ||q + sum_i w_i x_i||,   w_i = max(s_i, 0)^alpha
+
+            where s_i = q.x_i. ``alpha=0``: average query expansion (Chum et al. ICCV
+            2007: all weights 1); ``alpha>0``: alpha-QE (Radenovic et al. TPAMI 2018;
+            they use alpha = 3), which lets weak neighbours count less. Helps when the
+            nearest results are right (a near-duplicate's other views); can drift
+            otherwise.
+        alpha : float, default=0.0
 
         Returns
         -------
@@ -652,9 +666,27 @@ class VectorIndex:
         n, k = len(Q), min(int(k), len(self))
         if n == 0 or k == 0:
             return np.zeros((n, k), dtype=np.float32), [[] for _ in range(n)]
+        if not isinstance(expand, (int, np.integer)) or isinstance(expand, bool) or expand < 0:
+            raise ValueError(f"expand must be a non-negative integer, got {expand!r}")
+        if not (isinstance(alpha, (int, float, np.floating)) and not isinstance(alpha, bool) and 0 <= alpha < math.inf):
+            raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
+        if expand:
+            Q = self._expand(Q, min(int(expand), len(self)), float(alpha))
         scores, labels = self._search(Q, k)
         ids = self._ids
         return scores, [[ids[j] for j in row] for row in labels.tolist()]
+
+    def _expand(self, Q, m, alpha):
+        """The expanded queries of :meth:`search` (``expand=m``), unit rows, float32."""
+        scores, labels = self._search(Q, m)
+        if self.kind == "ivfpq" and not self._has_direct_map:
+            self._index.make_direct_map()  # reconstruction by id in an inverted file
+            self._has_direct_map = True
+        stored = self._index.reconstruct_batch(labels.ravel()).reshape(len(Q), m, -1)
+        weights = np.ones_like(scores) if alpha == 0 else np.maximum(scores, 0) ** alpha
+        expanded = Q.astype(np.float64) + np.einsum("qm,qmd->qd", weights.astype(np.float64), stored)
+        norms = np.linalg.norm(expanded, axis=1, keepdims=True)
+        return (expanded / np.maximum(norms, 1e-12)).astype(np.float32)
 
     def _faiss_search(self, Q, kk, nprobe):
         if self.kind == "ivfpq":
