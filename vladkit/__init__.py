@@ -20,6 +20,7 @@ from .datasets import labelled_images
 from .encoders import (
     BoFEncoder,
     FisherEncoder,
+    MultiVocabulary,
     NetVLADEncoder,
     NetVLADParams,
     SpatialPyramid,
@@ -45,6 +46,8 @@ from .images import ImageReadError, list_images, read_image, read_size
 from .index import IndexFileError, PCAWhitening, VectorIndex
 from .jobs import EncodeResult, encode_images
 from .sharded import ShardedEncodings
+from .spatial import Verification, match_descriptors, spatial_score, verify
+from .rerank import FeatureStore, RerankResult, rerank, write_feature_store
 from .vocabulary import (
     DescriptorSampler,
     GMMVocabulary,
@@ -57,6 +60,7 @@ __all__ = [
     "BoFEncoder",
     "FisherEncoder",
     "ImageEncoder",
+    "MultiVocabulary",
     "NetVLADEncoder",
     "NetVLADParams",
     "VLADEncoder",
@@ -67,6 +71,14 @@ __all__ = [
     "Recipe",
     "ShardedEncodings",
     "encode_images",
+    "FeatureStore",
+    "RerankResult",
+    "Verification",
+    "match_descriptors",
+    "rerank",
+    "spatial_score",
+    "verify",
+    "write_feature_store",
     "load_encodings",
     "init_netvlad",
     "load_netvlad",

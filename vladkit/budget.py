@@ -88,6 +88,11 @@ def encoder_memory(encoder):
     from .encoders.fisher import FisherEncoder
     from .encoders.netvlad import NetVLADEncoder
 
+    if hasattr(encoder, "encoders_"):
+        # MultiVocabulary: its encoders flush their chunks one after the other (the
+        # largest scratch counts), and each keeps its own per-image sums and vector.
+        parts = [encoder_memory(part) for part in encoder.encoders_]
+        return max(fixed for fixed, _ in parts), sum(per_image for _, per_image in parts) + 4 * encoder.n_features_out_
     inner = getattr(encoder, "encoder_", encoder)
     if isinstance(inner, NetVLADEncoder):
         # No vocabulary: K clusters of the descriptors' own dimension (no PCA); the chunk,

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -38,10 +39,11 @@ from .encodings import (
 from .budget import DEFAULT_MAX_MEMORY, iter_batches, parse_memory
 from .evaluation import folder_roots, mean_average_precision, recall_at_k, retrieval_ground_truth
 from .encoders.fisher import AUTO_PCA
-from .features import SIFT, DenseSIFT
+from .features import SIFT, DenseSIFT, LocalFeatures
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, list_images
 from .image_encoder import encode_batches, sample_features
 from .index import IndexFileError, PCAWhitening, VectorIndex
+from .rerank import STORE_BIN, STORE_JSON, FeatureStore, rerank, write_feature_store
 from .jobs import encode_images, sample_descriptors
 from .vocabulary import (
     DescriptorSampler,
@@ -372,6 +374,10 @@ def cmd_index_build(args):
     encoded = load_encodings(args.encodings)
     # Found first: a missing vocabulary fails before the (long) training, not after.
     vocabulary = locate_vocabulary(encoded.recipe, args.encodings, given=args.vocab)
+    if encoded.recipe.extractor == "DenseSIFT":
+        print("vladkit: note: these encodings come from dense SIFT, the features for classifying scenes; to "
+              "find copies and near-duplicates of images, sparse RootSIFT finds about twice as many "
+              "(vocab build --features sift --root; README, \"Finding near-duplicates\")", file=sys.stderr)
     # Out of core: whitening and quantizers learn from a reproducible sample; the vectors
     # are then added shard by shard, so memory is the index plus one block.
     training, _ = (load_encodings(args.train) if args.train else encoded).sample(args.train_size, seed=0)
@@ -391,11 +397,31 @@ def cmd_index_build(args):
     # The recipe and the vocabulary travel with the index (same atomic write), so that
     # `vladkit search` can encode query images exactly as the indexed ones.
     recipe = json.dumps(encoded.recipe.to_json(), indent=1, sort_keys=True).encode()
-    index.save(args.output, extra_files={RECIPE_FILE: recipe, VOCABULARY_FILE: Path(vocabulary).read_bytes()})
+    extra = {RECIPE_FILE: recipe, VOCABULARY_FILE: Path(vocabulary).read_bytes()}
+    with tempfile.TemporaryDirectory(prefix=".vladkit-rerank-", dir=Path(args.output).resolve().parent) as scratch:
+        if args.rerank_features:
+            extra.update(_feature_store(args, encoded.ids, scratch))
+        index.save(args.output, extra_files=extra)
     size = index.bytes_per_vector
     print(f"wrote {args.output}: {len(index)} images, {kind} index of dimension {index.index_dim}, "
           f"{size:,} bytes per image")
     return EXIT_OK
+
+
+def _feature_store(args, images, folder):
+    """Sparse RootSIFT of the indexed images (their ids are their paths) for re-ranking,
+    written into ``folder``: {file name in the index: path}."""
+    def unreadable(position, error):
+        print(f"vladkit: cannot read {images[position]} for re-ranking: {error.reason} (it keeps its rank)",
+              file=sys.stderr)
+
+    from .rerank import default_rerank_extractor
+
+    with _progress(len(images), "re-ranking features", not args.quiet) as bar:
+        json_path, bin_path = write_feature_store(images, folder, default_rerank_extractor(n_jobs=args.jobs),
+                                                  max_memory=args.max_memory, progress=bar.update,
+                                                  on_unreadable=unreadable)
+    return {STORE_JSON: json_path, STORE_BIN: bin_path}
 
 
 def _load_search_index(folder):
@@ -428,18 +454,62 @@ def cmd_search(args):
         vectors[rows], read[rows] = batch_vectors, True
     answers = []
     if read.any():
-        all_scores, all_ids = index.search(vectors[read], k=args.top, expand=args.qe, alpha=args.qe_alpha)
+        depth = max(args.top, args.rerank)
+        all_scores, all_ids = index.search(vectors[read], k=depth, expand=args.qe, alpha=args.qe_alpha)
         queries = [image for image, ok in zip(args.images, read) if ok]
-        answers = [{"query": image, "results": [{"id": i, "score": round(float(s), 6)} for i, s in zip(ids, scores)]}
-                   for image, ids, scores in zip(queries, all_ids, all_scores)]
+        all_inliers = [None] * len(queries)
+        if args.rerank:
+            score_of = [dict(zip(ids, scores)) for ids, scores in zip(all_ids, all_scores)]
+            all_ids, all_inliers = _rerank_lists(args, index, queries, all_ids)
+            all_scores = [[row[i] for i in ids] for row, ids in zip(score_of, all_ids)]
+        answers = []
+        for image, ids, scores, inliers in zip(queries, all_ids, all_scores, all_inliers):
+            results = [{"id": i, "score": round(float(s), 6)} for i, s in zip(ids[:args.top], scores[:args.top])]
+            if inliers is not None:
+                for result in results:
+                    result["inliers"] = inliers.get(result["id"], 0)
+            answers.append({"query": image, "results": results})
     if args.json:
         print(json_dumps(answers, indent=1))
     else:
         for answer in answers:
             print(answer["query"])
             for rank, result in enumerate(answer["results"], 1):
-                print(f"  {rank:3d}  {result['score']:.4f}  {result['id']}")
+                verified = f"  {result['inliers']:4d} inliers" if "inliers" in result else ""
+                print(f"  {rank:3d}  {result['score']:.4f}{verified}  {result['id']}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _rerank_lists(args, index, query_images, ranked):
+    """Each query's ranked ids with its top --rerank re-ranked by spatial verification
+    (:func:`vladkit.rerank.rerank`), and {id: inliers} per query. Query images that cannot
+    be read keep their global ranking."""
+    try:
+        store = FeatureStore(args.index)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    extractor = store.extractor.set_params(n_jobs=getattr(args, "jobs", -1))
+    rows = {image: row for row, image in enumerate(index.ids)}
+    reranked, inliers = [list(ids) for ids in ranked], [{} for _ in ranked]
+
+    def unreadable(position, error):
+        print(f"vladkit: cannot read {query_images[position]} to re-rank its results: {error.reason}",
+              file=sys.stderr)
+
+    with _progress(len(query_images), "re-ranking", not getattr(args, "quiet", False) and len(query_images) > 1) as bar:
+        for batch in iter_batches(extractor, list(query_images),
+                                  max_memory=getattr(args, "max_memory", DEFAULT_MAX_MEMORY), on_unreadable=unreadable):
+            for position, pieces in batch:
+                pieces = list(pieces)  # sparse SIFT: one piece (only dense SIFT splits an image)
+                features = pieces[0] if len(pieces) == 1 else LocalFeatures(
+                    np.concatenate([p.descriptors for p in pieces]), np.concatenate([p.positions for p in pieces]),
+                    np.concatenate([p.scales for p in pieces]), pieces[0].image_shape)
+                top = reranked[position][:args.rerank]
+                result = rerank(features, [rows[i] for i in top], store)
+                reranked[position][:len(top)] = [top[j] for j in result.order]
+                inliers[position] = {i: int(n) for i, n in zip(top, result.inliers)}
+                bar.update(1)
+    return reranked, inliers
 
 
 DEFAULT_RECALL_KS = (1, 5, 10)
@@ -524,6 +594,9 @@ def cmd_evaluate(args):
     # before its top N are scored (its ground truth ignores at most that one id).
     depth = len(index) if args.top is None else min(args.top + 1, len(index))
     _, ranked = index.search(queries.take([rows[q] for q in names]), k=depth, expand=args.qe, alpha=args.qe_alpha)
+    if args.rerank:
+        # The queries' local features come from their images (the ids are their paths).
+        ranked, _ = _rerank_lists(args, index, names, ranked)
     rankings = dict(zip(names, ranked))
     ks = args.k or [k for k in DEFAULT_RECALL_KS if args.top is None or k <= args.top]
     # Cut at N, AP counts the positives ranked lower as not found: a lower bound of the
@@ -763,6 +836,9 @@ def _add_dask_options(parser, verb, shared):
 
 
 def _add_retrieval_options(parser):
+    parser.add_argument("--rerank", type=_non_negative_int, default=0, metavar="R",
+                        help="re-rank the top R results by spatial verification of local feature "
+                             "matches (needs an index built with --rerank-features; e.g. 100)")
     parser.add_argument("--qe", type=_non_negative_int, default=0, metavar="M",
                         help="query expansion: search again with the query plus its M nearest "
                              "results (average QE, Chum et al. 2007; default 0: none)")
@@ -939,6 +1015,15 @@ def build_parser() -> argparse.ArgumentParser:
     build_index.add_argument("--vocab", default=None, metavar="FILE",
                              help="the vocabulary that encoded ENCODINGS, if it is no longer at the path "
                                   "they record nor beside them (a moved folder); checked by its SHA-256")
+    build_index.add_argument("--rerank-features", action="store_true",
+                             help="also store sparse RootSIFT features of the indexed images (read again "
+                                  "from their paths, at most 1,000 per image, ~140 KB each) so that "
+                                  "search and evaluate can --rerank")
+    build_index.add_argument("-j", "--jobs", type=int, default=-1, metavar="N",
+                             help="threads for --rerank-features' extraction (default -1: every core)")
+    build_index.add_argument("--max-memory", type=_memory, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
+                             help="working-memory budget of that extraction (default 1GB)")
+    build_index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     build_index.add_argument("-o", "--output", required=True, metavar="FOLDER", help="index folder to write")
     build_index.set_defaults(run=cmd_index_build)
     index.set_defaults(run=lambda args: (index.print_help(), EXIT_USAGE)[1])

@@ -763,9 +763,10 @@ class VectorIndex:
         ----------
         folder : str or path-like
         extra_files : dict or None
-            More files to keep in the folder, ``{name: bytes}`` (e.g. the command line's
-            recipe and vocabulary), written with the rest, inside the same atomic step;
-            their names are recorded in the metadata, so a rebuild may replace them.
+            More files to keep in the folder, ``{name: bytes or path of a file}`` (e.g. the
+            command line's recipe and vocabulary; a path is moved in, so large files are
+            not held in memory), written with the rest, inside the same atomic step; their
+            names are recorded in the metadata, so a rebuild may replace them.
         """
         extra_files = dict(extra_files or {})
         for extra in extra_files:
@@ -790,7 +791,10 @@ class VectorIndex:
                 write_npz_atomically(os.path.join(temporary, WHITENING_FILE),
                                       {key: getattr(self.whitening, key) for key in _WHITENING_ARRAYS})
             for extra, data in sorted(extra_files.items()):
-                _write_file(os.path.join(temporary, extra), bytes(data))
+                if isinstance(data, (str, os.PathLike)):
+                    shutil.move(os.fspath(data), os.path.join(temporary, extra))
+                else:
+                    _write_file(os.path.join(temporary, extra), bytes(data))
             # metadata last: a folder with metadata.json is complete.
             metadata = self._metadata()
             if extra_files:

@@ -2,6 +2,7 @@
 
 from .bof import BoFEncoder
 from .fisher import FisherEncoder
+from .multi import MultiVocabulary
 from .netvlad import NetVLADEncoder, NetVLADParams, init_netvlad, load_netvlad, save_netvlad
 from .pyramid import SpatialPyramid
 from .vlad import VLADEncoder
@@ -9,6 +10,7 @@ from .vlad import VLADEncoder
 __all__ = [
     "BoFEncoder",
     "FisherEncoder",
+    "MultiVocabulary",
     "NetVLADEncoder",
     "NetVLADParams",
     "SpatialPyramid",
