@@ -110,3 +110,14 @@ def test_cli_rerank_keeps_the_ids_of_the_top_r(tmp_path, capsys):
     assert main(["index", "build", str(encodings), "-o", str(tmp_path / "plain"), "-q"]) == 0
     assert main(["search", str(tmp_path / "plain"), str(query), "--rerank", "10"]) == 1
     assert "--rerank-features" in capsys.readouterr().err
+
+
+def test_index_build_notes_dense_fisher_vectors(tmp_path, capsys):
+    _photos(tmp_path / "db", 4)
+    words, encodings = tmp_path / "g.npz", tmp_path / "e.npz"
+    assert main(["vocab", "build", str(tmp_path / "db"), "-k", "2", "--kind", "gmm", "--pca", "8", "--step", "8",
+                 "-o", str(words), "-q"]) == 0
+    assert main(["encode", str(tmp_path / "db"), "--vocab", str(words), "-o", str(encodings), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["index", "build", str(encodings), "-o", str(tmp_path / "idx"), "-q"]) == 0
+    assert "sparse RootSIFT" in capsys.readouterr().err
