@@ -210,13 +210,7 @@ def _encode_shard(settings, shard, vocabulary, progress=None, on_skipped=None):
     extractor.set_params(max_pixels=settings.max_pixels)
     _compile_once(extractor, encoder)
     skipped = []
-
-    def unreadable(index, error):
-        if settings.on_error == "raise":
-            raise error
-        skipped.append((shard.images[index], error.reason))
-        if on_skipped is not None:
-            on_skipped(shard.images[index], error.reason)
+    unreadable = _unreadable(settings, shard.images, skipped, on_skipped)
 
     vectors = np.zeros((len(shard.images), encoder.n_features_out_), dtype=np.float32)
     encoded = np.zeros(len(shard.images), dtype=bool)
@@ -233,6 +227,18 @@ def _encode_shard(settings, shard, vocabulary, progress=None, on_skipped=None):
         progress(len(shard.images) - done)
     ids = [image for image, ok in zip(shard.images, encoded) if ok]
     return write_shard(settings.folder, shard.number, shard.first, shard.end, vectors[encoded], ids, skipped)
+
+
+def _unreadable(settings, images, skipped, on_skipped):
+    """The ``on_unreadable`` of a task: with on_error "raise" the error stops it; else the
+    image is listed in ``skipped`` (the task's report) and told to ``on_skipped``."""
+    def unreadable(index, error):
+        if settings.on_error == "raise":
+            raise error
+        skipped.append((images[index], error.reason))
+        if on_skipped is not None:
+            on_skipped(images[index], error.reason)
+    return unreadable
 
 
 def _encode_on_dask(client, settings, shards, vocabulary, job, progress, on_skipped):
@@ -334,13 +340,7 @@ def _sample_chunk(settings, chunk, extractor, sampler_args, progress=None, on_sk
     sampler = DescriptorSampler(*sampler_args)
     extractor = clone(extractor).set_params(n_jobs=settings.n_jobs)
     skipped, rows, done = [], {}, 0
-
-    def unreadable(index, error):
-        if settings.on_error == "raise":
-            raise error
-        skipped.append((chunk.images[index], error.reason))
-        if on_skipped is not None:
-            on_skipped(chunk.images[index], error.reason)
+    unreadable = _unreadable(settings, chunk.images, skipped, on_skipped)
 
     with limit_threads(settings.n_jobs):
         for batch in iter_batches(extractor, list(chunk.images), max_memory=settings.max_memory,

@@ -144,6 +144,16 @@ def add_tasks(target, tasks, values):
     np.add.at(target, images[starts], np.add.reduceat(values, starts, axis=0).astype(target.dtype, copy=False))
 
 
+def encode_whole(encoder, items, dtype):
+    """Encode whole images (descriptor sets or LocalFeatures, one per image) through the
+    encoder's accumulation, under its thread limits: ``transform`` of every encoder."""
+    with encoder._thread_limits():
+        accumulation = encoder._accumulate(len(items), dtype)
+        for image, item in enumerate(items):
+            accumulation.add(image, item)
+        return accumulation.finish()
+
+
 def _pack(parts, dtype):
     """The parts as one C-contiguous array of ``dtype``: a copy, except for a single part
     that is one already (a large image fills a chunk on its own: copying it would cost as
@@ -299,11 +309,7 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "vocabulary_")
         sets = descriptor_sets(X)
-        with self._thread_limits():
-            accumulation = self._accumulate(len(sets), work_dtype(sets, self._float32_limit))
-            for image, descriptors in enumerate(sets):
-                accumulation.add(image, descriptors)
-            return accumulation.finish()
+        return encode_whole(self, sets, work_dtype(sets, self._float32_limit))
 
     def _accumulate(self, n_images, dtype=np.float32):
         """An :class:`Accumulation` of ``n_images`` images (given whole or in pieces)."""

@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import descriptor_sets, work_dtype
+from ._base import descriptor_sets, encode_whole, work_dtype
 
 
 class MultiVocabulary(TransformerMixin, BaseEstimator):
@@ -65,11 +65,7 @@ class MultiVocabulary(TransformerMixin, BaseEstimator):
         X = list(X)
         limits = [e._float32_limit for e in self.encoders_ if getattr(e, "_float32_limit", None)]
         dtype = work_dtype(descriptor_sets(X), min(limits) if limits else None)  # also validates
-        with self._thread_limits():
-            accumulation = self._accumulate(len(X), dtype)
-            for image, features in enumerate(X):
-                accumulation.add(image, features)
-            return accumulation.finish()
+        return encode_whole(self, X, dtype)
 
     def _accumulate(self, n_images, dtype=np.float32):
         return MultiAccumulation(self, n_images, dtype)

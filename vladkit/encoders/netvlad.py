@@ -29,7 +29,7 @@ from sklearn.utils.validation import check_is_fitted
 from .. import __version__
 from .._io import write_npz_atomically
 from ..kernels import normalize_rows, softmax_rows, squared_norms, two_nearest_squared_distances
-from ._base import Accumulation, BaseEncoder, descriptor_sets, work_dtype
+from ._base import Accumulation, BaseEncoder, descriptor_sets, encode_whole, work_dtype
 
 __all__ = [
     "LAYOUTS",
@@ -609,11 +609,7 @@ class NetVLADEncoder(BaseEncoder):
         """
         check_is_fitted(self, "params_")
         sets = descriptor_sets(X)
-        with self._thread_limits():
-            accumulation = self._accumulate(len(sets), work_dtype(sets, self._float32_limit))
-            for image, descriptors in enumerate(sets):
-                accumulation.add(image, descriptors)
-            return accumulation.finish()
+        return encode_whole(self, sets, work_dtype(sets, self._float32_limit))
 
     def _accumulate(self, n_images, dtype=np.float32):
         """A :class:`NetVLADAccumulation` of ``n_images`` images (given whole or in pieces)."""

@@ -8,7 +8,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
 from ..normalize import l2_normalize
-from ._base import descriptor_sets, work_dtype
+from ._base import descriptor_sets, encode_whole, work_dtype
 
 #: 1x1 + 2x2 + 3 horizontal bands: the layout of Chatfield et al.'s encoding comparison.
 DEFAULT_LEVELS = ((1, 1), (2, 2), (1, 3))
@@ -92,11 +92,7 @@ class SpatialPyramid(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "encoder_")
         X = list(X)
         dtype = work_dtype(descriptor_sets(X), self.encoder_._float32_limit)  # also validates
-        with self._thread_limits():
-            accumulation = self._accumulate(len(X), dtype)
-            for image, features in enumerate(X):
-                accumulation.add(image, features)
-            return accumulation.finish()
+        return encode_whole(self, X, dtype)
 
     def _accumulate(self, n_images, dtype=np.float32):
         """A :class:`PyramidAccumulation` of ``n_images`` images (whole or in pieces)."""
