@@ -507,7 +507,7 @@ def _rerank_lists(args, index, query_images, ranked):
                     np.concatenate([p.descriptors for p in pieces]), np.concatenate([p.positions for p in pieces]),
                     np.concatenate([p.scales for p in pieces]), pieces[0].image_shape)
                 top = reranked[position][:args.rerank]
-                result = rerank(features, [rows[i] for i in top], store)
+                result = rerank(features, [rows[i] for i in top], store, n_jobs=getattr(args, "jobs", -1))
                 reranked[position][:len(top)] = [top[j] for j in result.order]
                 inliers[position] = {i: int(n) for i, n in zip(top, result.inliers)}
                 bar.update(1)
