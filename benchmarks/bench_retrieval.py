@@ -1,7 +1,7 @@
 """Near-duplicate retrieval through the command line: features x encodings x compression.
 
     python benchmarks/bench_retrieval.py [--data ../shared/data/scene15] [--cache bench-retrieval-cache]
-        [--seed 0] [--only PATTERN ...] [--add CONFIGS.json] [--top 100] [--repeat 3] [--set scene15|demo]
+        [--seed 0] [--only PATTERN ...] [--add CONFIGS.json] [--top 100] [--repeat 5] [--set scene15|demo]
         [--list] [--out FILE]
 
 **The set** (written once into ``--cache``, deterministic from ``--seed``). From the
@@ -32,7 +32,8 @@ vocabularies, PCA and quantizers are then learnt, as the demo does).
 
 **The protocol**: every step is a ``python -m vladkit.cli`` command run in the cache folder,
 as a user would type it. For each configuration: ``vocab build database`` (the
-vocabulary is learnt on the database photos, ``--max-descriptors 200000 --seed 0``),
+vocabulary is learnt on the database photos -- the queries' originals, never the attacked
+queries -- ``--max-descriptors 200000 --seed 0``),
 ``encode database`` and ``encode queries`` (``-o X.npz``), ``index build`` (exact; or
 ``--pca 256 --pq 64x8``: PCA-whitening with the default exponent 0.5, learnt on the
 database vectors, then a 64-byte product-quantized code), and ``search INDEX QUERIES...
@@ -42,10 +43,14 @@ queries of AP = 1/r (0 when the positive is not in the top R). (That is the
 non-interpolated AP, i.e. the mean reciprocal rank; ``vladkit evaluate`` and the demo use
 the Holidays trapezoidal AP, which for one positive at rank r > 1 is 1/(2r).)
 **ms/query** is the marginal cost of a query: (wall time of ``search`` with all queries -
-wall time with the first query alone) / (queries - 1), medians of ``--repeat`` runs, so
-the command's fixed cost (starting Python, importing vladkit, loading the index: printed
-below the table) is left out; it covers extracting, encoding and searching one query.
-**bytes/image** is what ``index build`` reports.
+wall time with the first query alone) / (queries - 1), each the median of ``--repeat``
+(5) runs, so the command's fixed cost (starting Python, importing vladkit, loading the
+index: printed below the table, with the same in CPU time) is left out; it covers reading,
+extracting, encoding and searching one query. On a busy machine it is noisy (+/- several
+ms: a difference of two ~3 s commands, divided by 79).
+**bytes/image** is what ``index build`` reports. With 80 queries a query is 0.0125 of a
+recall, and a recall near 0.7 has a binomial standard error of about 0.05: rows a few
+hundredths apart are not distinguishable (``--queries`` makes more).
 
 For exact indexes the script also ranks the ``encode queries`` vectors against the
 ``encode database`` ones itself and checks that ``search`` found the same first result
@@ -56,17 +61,29 @@ step), so a row is added without code: ``--add FILE`` reads more of them from a 
 Keys: ``name`` (what ``--only`` matches, shell-style patterns), ``vocabs`` (a list of
 option lists, one ``vocab build`` each; ``encode`` gets one ``--vocab FILE`` per
 vocabulary, in order: room for multi-vocabulary encodings), ``encode``, ``index``,
-``search`` (option lists for those commands). For example::
+``search`` (option lists for those commands; ``--top`` and ``--json`` are the script's).
+For example, with ``python benchmarks/bench_retrieval.py --add more.json --only '*-w0.25'``::
 
-    [{"name": "dense-vlad64-pq64-rerank100",
+    [{"name": "dense-vlad64-pq64-w0.25",
       "vocabs": [["--root", "-k", "64", "--max-descriptors", "200000", "--seed", "0"]],
-      "encode": [], "index": ["--pca", "256", "--pq", "64x8"], "search": ["--rerank", "100"]}]
+      "index": ["--pca", "256", "--whiten", "0.25", "--pq", "64x8"]}]
+
+or spatial re-ranking and query expansion::
+
+    {"name": "dense-vlad256-pq64-rerank100", "vocabs": [["--root", "-k", "256", ...]],
+     "index": ["--pca", "256", "--pq", "64x8", "--rerank-features"], "search": ["--rerank", "100"]}
+    {"name": "sift-fv64-exact-qe2", "vocabs": [[...]], "search": ["--qe", "2"]}
+
+(``encode`` takes one ``--vocab`` today: several vocabularies, ``MultiVocabulary``, are
+API only, so a row with two ``vocabs`` waits for the command line to accept them.)
 
 **Caching**: every output lands in ``<cache>/steps/``, named by a hash of the set and of
 the options that produced it (and of its inputs), next to a ``.json`` record of the command,
 its wall time and output, written when the step succeeded. A rerun skips finished steps,
 configurations sharing a vocabulary or encodings compute them once, and an interrupted
-``encode`` resumes from its shards. Delete ``steps/`` to measure again. The table is
+``encode`` resumes from its shards. Delete ``steps/`` to measure again. There is no
+locking: two runs on one cache at the same time may compute a step twice, or collide in
+an ``encode``'s shards. The table is
 printed and written to ``<cache>/results.md`` (or ``--out``).
 
 Configurations: dense RootSIFT (``--root``, vladkit's dense default: step 4, sizes 4/6/8/10)
@@ -112,6 +129,17 @@ CONFIGURATIONS = [
      "index": list(INDEXES[index]),
      "search": []}
     for features in FEATURES for encoding in ENCODINGS for index in INDEXES
+] + [
+    # Spatial re-ranking of the top 100 (the index keeps sparse RootSIFT of its images).
+    {"name": f"{features}-{encoding}-pq64-rerank100",
+     "vocabs": [[*FEATURES[features], *ENCODINGS[encoding], *VOCAB_SAMPLE]],
+     "encode": [],
+     "index": [*INDEXES["pq64"], "--rerank-features"],
+     "search": ["--rerank", "100"]}
+    for features, encoding in (("dense", "vlad256"), ("sift", "vlad256"), ("sift", "fv64"))
+] + [
+    {"name": "sift-fv64-exact-qe2", "vocabs": [[*FEATURES["sift"], *ENCODINGS["fv64"], *VOCAB_SAMPLE]],
+     "encode": [], "index": [], "search": ["--qe", "2"]},
 ]
 
 
@@ -479,8 +507,8 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="list the configurations and exit")
     parser.add_argument("--top", type=int, default=100,
                         help="results per query (default 100): a positive ranked lower scores AP 0")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="timed runs of each search, the median is reported (default 3)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed runs of each search, the median is reported (default 5)")
     parser.add_argument("--out", help="markdown file for the table (default CACHE/results.md)")
     args = parser.parse_args(argv)
     if args.top < 10:
@@ -528,9 +556,9 @@ def main(argv=None):
     checks = [f"{row['name']} {row['check'][0]}/{row['check'][1]}" for row in rows if row["check"]]
     notes = (f"\n\n{len(truth)} queries, {args.set} set (seed {args.seed}); mAP: AP = 1/rank of the positive "
              f"in the top {args.top}. ms/query: marginal (the search of all queries minus that of the first "
-             f"alone, over {len(truth) - 1}; medians of {args.repeat} runs).\n\n" + timing_table(rows))
+             f"alone, over {len(truth) - 1}; the median of {args.repeat} runs each).\n\n" + timing_table(rows))
     if checks:
-        notes += "\nSame first result as ranking `encode`'s query vectors (exact indexes): " + ", ".join(checks) + "."
+        notes += "\n\nSame first result as ranking `encode`'s query vectors (exact indexes): " + ", ".join(checks) + "."
     print()
     print(text + notes)
     out = Path(args.out) if args.out else root / "results.md"
