@@ -110,6 +110,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from vladkit.encodings import describe_extractor
+from vladkit.rerank import default_rerank_extractor
+
 SET_VERSION = 1
 STEPS = "steps"
 
@@ -137,6 +140,15 @@ CONFIGURATIONS = [
      "index": [*INDEXES["pq64"], "--rerank-features"],
      "search": ["--rerank", "100"]}
     for features, encoding in (("dense", "vlad256"), ("sift", "vlad256"), ("sift", "fv64"))
+] + [
+    # Deeper: the 64-byte index has more of the copies in its top 200 than in its top 100.
+    {"name": "dense-vlad256-pq64-rerank200",
+     "vocabs": [[*FEATURES["dense"], *ENCODINGS["vlad256"], *VOCAB_SAMPLE]],
+     "encode": [], "index": [*INDEXES["pq64"], "--rerank-features"], "search": ["--rerank", "200"]},
+    # Re-ranking on top of exact global vectors.
+    {"name": "sift-fv64-exact-rerank100",
+     "vocabs": [[*FEATURES["sift"], *ENCODINGS["fv64"], *VOCAB_SAMPLE]],
+     "encode": [], "index": ["--rerank-features"], "search": ["--rerank", "100"]},
 ] + [
     {"name": "sift-fv64-exact-qe2", "vocabs": [[*FEATURES["sift"], *ENCODINGS["fv64"], *VOCAB_SAMPLE]],
      "encode": [], "index": [], "search": ["--qe", "2"]},
@@ -390,7 +402,10 @@ def evaluate(config, root, fingerprint, truth, args, log):
     index_options = list(config["index"])
     if "learning" in encodings:
         index_options += ["--train", encodings["learning"]]
-    index_name = f"index-{key(fingerprint, encodings['database'], index_options)}"
+    # The re-ranking features are the library's defaults: a change of them is a new index.
+    rerank_features = (describe_extractor(default_rerank_extractor()) if "--rerank-features" in index_options
+                       else None)
+    index_name = f"index-{key(fingerprint, encodings['database'], index_options, *filter(None, [rerank_features]))}"
     built = step(root, index_name, cli("index", "build", encodings["database"], *index_options, "-o",
                                        f"{STEPS}/{index_name}"), log)
     match = re.search(r"([\d,]+) bytes per image", built["stdout"])
