@@ -77,6 +77,10 @@ or spatial re-ranking and query expansion::
 (``encode`` takes one ``--vocab`` today: several vocabularies, ``MultiVocabulary``, are
 API only, so a row with two ``vocabs`` waits for the command line to accept them.)
 
+**Montage**: ``--montage FILE.png`` draws, for six queries of the first configuration run
+that re-ranks, the top 5 of its index searched without and with re-ranking, the copy's
+original framed in green (the README's figure).
+
 **Caching**: every output lands in ``<cache>/steps/``, named by a hash of the set and of
 the options that produced it (and of its inputs), next to a ``.json`` record of the command,
 its wall time and output, written when the step succeeded. A rerun skips finished steps,
@@ -462,6 +466,8 @@ def evaluate(config, root, fingerprint, truth, args, log):
         "command s": statistics.median(result["seconds_one"]),
         "load": result.get("load_average", float("nan")),
         "check": None,
+        "index": f"{STEPS}/{index_name}",
+        "answers": answers,
     }
     if not config["index"] and not config["search"]:
         row["check"] = same_first_result(root, encodings, queries, answers)
@@ -525,6 +531,9 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=5,
                         help="timed runs of each search, the median is reported (default 5)")
     parser.add_argument("--out", help="markdown file for the table (default CACHE/results.md)")
+    parser.add_argument("--montage", metavar="PNG",
+                        help="also draw a few queries' top 5 before and after re-ranking, from the first "
+                             "configuration run that re-ranks (e.g. benchmarks/results/retrieval_montage.png)")
     args = parser.parse_args(argv)
     if args.top < 10:
         parser.error("--top must be at least 10 (recall@10)")
@@ -578,8 +587,65 @@ def main(argv=None):
     print(text + notes)
     out = Path(args.out) if args.out else root / "results.md"
     out.write_text(text + notes + "\n", encoding="utf-8")
+    if args.montage:
+        reranked = [(c, row) for c, row in zip(configurations, rows) if "--rerank" in c["search"]]
+        if not reranked:
+            raise SystemExit("--montage needs a configuration that re-ranks (e.g. --only '*rerank*')")
+        config, row = reranked[0]
+        # The same index searched without re-ranking: the "before" column.
+        stdout, _, _ = run(cli("search", row["index"], *sorted(truth), "--top", "5", "--json"), root)
+        before = {answer["query"]: [hit["id"] for hit in answer["results"]] for answer in json.loads(stdout)}
+        draw_montage(root, truth, before, row["answers"], Path(args.montage), config["name"])
+        print(f"(wrote {args.montage})")
     print(f"\n(wrote {out}; {time.perf_counter() - started:.0f} s)")
     return 0
+
+
+# ------------------------------------------------------------------ montage
+
+def montage_queries(truth, before, after, n=6):
+    """Up to ``n`` queries in a fixed order: copies re-ranking moved to the first place,
+    then one already first, then one re-ranking did not find."""
+    fixed = [q for q in sorted(truth) if before[q][:1] != [truth[q]] and after[q][:1] == [truth[q]]]
+    kept = [q for q in sorted(truth) if before[q][:1] == [truth[q]]]
+    missed = [q for q in sorted(truth) if after[q][:1] != [truth[q]]]
+    return (fixed[:max(1, n - 2)] + kept[:1] + missed[:1])[:n]
+
+
+def draw_montage(root, truth, before, after, path, name, top=5, side=96, gap=12):
+    """One row per query: the query, its top ``top`` before and after re-ranking; the copy's
+    original framed in green."""
+    def tile(relative, good):
+        image = cv2.imread(str(root / relative), cv2.IMREAD_COLOR)
+        if image is None:
+            image = np.zeros((side, side, 3), np.uint8)
+        h, w = image.shape[:2]
+        scale = side / max(h, w)
+        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        cell = np.full((side + 6, side + 6, 3), 255, np.uint8)
+        cell[3:3 + image.shape[0], 3:3 + image.shape[1]] = image
+        cv2.rectangle(cell, (0, 0), (side + 5, side + 5), (40, 170, 40) if good else (200, 200, 200), 3)
+        return cell
+
+    queries = montage_queries(truth, before, after)
+    blank = np.full((side + 6, gap, 3), 255, np.uint8)
+    lines = []
+    for query in queries:
+        cells = [tile(query, False), blank, blank]
+        cells += [tile(hit, hit == truth[query]) for hit in before[query][:top]]
+        cells += [blank, blank]
+        cells += [tile(hit, hit == truth[query]) for hit in after[query][:top]]
+        lines.append(np.hstack(cells))
+        lines.append(np.full((gap, lines[-1].shape[1], 3), 255, np.uint8))
+    body = np.vstack(lines)
+    header = np.full((40, body.shape[1], 3), 255, np.uint8)
+    cell = side + 6
+    for x, text in ((0, "query"), (cell + 2 * gap, f"top {top}, global search"),
+                    (cell + 2 * gap + top * cell + 2 * gap, f"top {top}, re-ranked ({name})")):
+        cv2.putText(header, text, (x + 4, 26), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.vstack([header, body])):
+        raise SystemExit(f"could not write {path}")
 
 
 if __name__ == "__main__":
