@@ -101,3 +101,54 @@ def bof(X, centers, Q_fn, idf=None, power=None, norm="l2"):
     elif norm == "l1":
         h = h / max(np.abs(h).sum(), 1e-12)
     return h
+
+
+def llc_codes(X, centers, n_neighbors=5, beta=1e-4, distances=None):
+    """(N, K) approximated LLC codes, descriptor by descriptor, as Wang et al.'s
+    LLC_coding_appr.m: the k nearest words by sorting the distances (``distances``, (N, K),
+    if given, else reference.squared_distances), z = B - x, C = z z^T + beta tr(C) I,
+    w = C^-1 1 normalised to sum 1. When x is each of its k words (tr C = 0), vladkit's
+    rule: uniform weights 1 / k."""
+    X, B = np.asarray(X, np.float64), np.asarray(centers, np.float64)
+    d = squared_distances(X, B) if distances is None else distances
+    k = min(n_neighbors, len(B))
+    codes = np.zeros((len(X), len(B)))
+    for i in range(len(X)):
+        nearest = np.argsort(d[i], kind="stable")[:k]
+        z = B[nearest] - X[i]
+        C = z @ z.T
+        trace = np.trace(C)
+        if trace == 0:
+            w = np.full(k, 1.0 / k)
+        else:
+            w = np.linalg.solve(C + beta * trace * np.eye(k), np.ones(k))
+            w /= w.sum()
+        codes[i, nearest] = w
+    return codes
+
+
+def llc(X, centers, n_neighbors=5, beta=1e-4, pooling="max", l2=True, distances=None):
+    """LLC codes pooled over the image (max or sum; zeros without descriptors), then L2."""
+    codes = llc_codes(X, centers, n_neighbors, beta, distances)
+    if not len(X):
+        v = np.zeros(len(centers))
+    else:
+        v = codes.max(0) if pooling == "max" else codes.sum(0)
+    return normalize(v, None, 0, l2)
+
+
+def supervector(X, centers, Q, s=1.0, l2=True):
+    """Super-vector coding (Zhou et al. 2010) with assignment weights Q (N, K), word by word:
+    block_k = sqrt(n_k / N) [s, sum_i q_ik (x_i - c_k) / n_k], n_k = sum_i q_ik, 0 if n_k = 0."""
+    X, centers = np.asarray(X, np.float64), np.asarray(centers, np.float64)
+    K, D = centers.shape
+    v = np.zeros((K, D + 1))
+    for k in range(K):
+        n_k = Q[:, k].sum()
+        if n_k == 0:
+            continue
+        mean = (Q[:, k, None] * (X - centers[k])).sum(0) / n_k
+        v[k, 0] = s
+        v[k, 1:] = mean
+        v[k] *= np.sqrt(n_k / len(X))
+    return normalize(v.ravel(), None, 0, l2)

@@ -7,7 +7,8 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 import reference as ref
-from vladkit import BoFEncoder, FisherEncoder, GMMVocabulary, KMeansVocabulary, VLADEncoder
+from vladkit import (BoFEncoder, FisherEncoder, GMMVocabulary, KMeansVocabulary, LLCEncoder, SuperVectorEncoder,
+                     VLADEncoder)
 from vladkit import _vlfeat as vl
 from vladkit import LocalFeatures, SpatialPyramid
 from vladkit.encoders.pyramid import cell_masks
@@ -206,7 +207,9 @@ def test_bof_idf_from_document_frequencies_of_batches(data, assignment):
 @pytest.mark.parametrize("encoder", [
     VLADEncoder(assignment="hard"), VLADEncoder(assignment="knn"), VLADEncoder(assignment="soft"),
     BoFEncoder(), BoFEncoder(assignment="soft", tf_idf=True), FisherEncoder(), FisherEncoder(fast=True),
-], ids=["vlad-hard", "vlad-knn", "vlad-soft", "bof", "bof-soft-tfidf", "fisher", "fisher-fast"])
+    LLCEncoder(), LLCEncoder(pooling="sum"), SuperVectorEncoder(), SuperVectorEncoder(assignment="soft"),
+], ids=["vlad-hard", "vlad-knn", "vlad-soft", "bof", "bof-soft-tfidf", "fisher", "fisher-fast", "llc", "llc-sum",
+        "sv", "sv-soft"])
 def test_edge_cases_are_finite_and_zero_where_empty(data, encoder):
     vocab = data["gmm"] if isinstance(encoder, FisherEncoder) else data["kmeans"]
     encoder = clone(encoder).set_params(vocabulary=vocab).fit(data["sets"])

@@ -3,7 +3,7 @@ retrieval measures.
 
 Every property runs 200 examples (explicit ``@settings``, so CI runs as many). The
 vocabularies are small (D = 8, K = 6) and fitted once per process on a fixed sample, and
-each example goes through all 15 encoder configurations, so an example costs a few
+each example goes through all 20 encoder configurations, so an example costs a few
 milliseconds and each configuration sees the 200 examples of every property.
 
 Descriptor sets (see :func:`descriptor_sets`) hold up to 60 rows of moderate values (the
@@ -33,9 +33,11 @@ from vladkit import (
     GMMVocabulary,
     GroundTruth,
     KMeansVocabulary,
+    LLCEncoder,
     LocalFeatures,
     PCAWhitening,
     SpatialPyramid,
+    SuperVectorEncoder,
     VectorIndex,
     VLADEncoder,
     average_precision,
@@ -97,13 +99,22 @@ SPECS = {
     "spm-vlad": Spec(lambda km, gmm: SpatialPyramid(VLADEncoder(vocabulary=km), levels=((1, 1), (2, 2)))),
     "spm-fisher": Spec(lambda km, gmm: SpatialPyramid(FisherEncoder(vocabulary=gmm),
                                                       levels=((1, 1), (1, 3)))),
+    "llc": Spec(lambda km, gmm: LLCEncoder(vocabulary=km, n_neighbors=3), power=False),
+    "llc-sum": Spec(lambda km, gmm: LLCEncoder(vocabulary=km, pooling="sum"), power=False),
+    "sv": Spec(lambda km, gmm: SuperVectorEncoder(vocabulary=km), power=False),
+    "sv-soft": Spec(lambda km, gmm: SuperVectorEncoder(vocabulary=km, assignment="soft", n_neighbors=3),
+                    power=False),
+    "spm-llc": Spec(lambda km, gmm: SpatialPyramid(LLCEncoder(vocabulary=km, n_neighbors=3, l2=False),
+                                                   levels=((1, 1), (2, 2))), power=False),
 }
-#: Encoders with hard assignments (nearest word, most probable component). The others'
+#: Encoders with hard assignments (nearest word, most probable component), and LLC (its
+#: words are ranked and its codes solved in float64 from the same values). The others'
 #: soft weights exp(-alpha d) and posteriors come from differences of products that grow
 #: with |x|: in float32 the exponent is off by ~6e-8 alpha |x| |c|, a relative error of the
 #: weights that float64 does not have, so float32 and float64 are compared on moderate
 #: values only (|x| <= MODERATE: at most ~1e-6), beyond which it is inherent to float32.
-HARD = {"bof-hard", "bof-tfidf-hellinger", "bof-l1", "vlad-hard", "vlad-hard-plain", "fisher-fast", "spm-vlad"}
+HARD = {"bof-hard", "bof-tfidf-hellinger", "bof-l1", "vlad-hard", "vlad-hard-plain", "fisher-fast", "spm-vlad",
+        "llc", "llc-sum", "sv", "spm-llc"}
 MODERATE = 20.0
 #: Encoders whose output is exactly zero when every descriptor is a k-means centre (hard
 #: assignment: every residual is 0); the others encode any non-empty set as a non-zero vector.
@@ -259,6 +270,15 @@ def reference_encoding(name, X):
         return ref.fisher(X, vocabulary.means_, vocabulary.covariances_, vocabulary.weights_,
                           fast=encoder.fast, include_weights=encoder.include_weights)
     centers = encoder.vocabulary_.centers_
+    if name.startswith("llc"):
+        return ref.llc(X, centers, encoder.n_neighbors, encoder.beta, encoder.pooling, encoder.l2,
+                       distances=_relative_distances(X, centers))
+    if name.startswith("sv"):
+        if encoder.assignment == "hard":
+            Q = _hard_weights(X, centers)
+        else:
+            Q = _knn_weights(X, centers, encoder.n_neighbors, 0.5 / encoder.sigma_**2)
+        return ref.supervector(X, centers, Q, encoder.s, encoder.l2)
     if name.startswith("bof"):
         if encoder.assignment == "hard":
             weights = _hard_weights
@@ -321,7 +341,7 @@ def _soft_weights(X, centers, alpha):
 # ------------------------------------------------------------------ encoder properties
 #
 # Each example goes through every encoder (the failure message names the one that fails):
-# 200 examples per encoder and property, without paying hypothesis' overhead 15 times.
+# 200 examples per encoder and property, without paying hypothesis' overhead 20 times.
 
 
 @PROPERTY

@@ -39,9 +39,11 @@ from vladkit import (
     GMMVocabulary,
     ImageEncoder,
     KMeansVocabulary,
+    LLCEncoder,
     NetVLADEncoder,
     PCAWhitening,
     SpatialPyramid,
+    SuperVectorEncoder,
     VLADEncoder,
     load_vocabulary,
 )
@@ -66,6 +68,8 @@ LIST_ESTIMATORS = [
     FisherEncoder(n_components=3, random_state=0),
     NetVLADEncoder(_netvlad_params()),
     SpatialPyramid(VLADEncoder(n_clusters=3, random_state=0)),
+    LLCEncoder(n_clusters=3, random_state=0),
+    SuperVectorEncoder(n_clusters=3, random_state=0),
     SIFT(),
     DenseSIFT(),
     ImageEncoder(DenseSIFT(step=8), VLADEncoder(n_clusters=3, random_state=0)),
@@ -156,7 +160,8 @@ def descriptor_sets():
     return [rng.standard_normal((40, 8)).astype(np.float32) for _ in range(4)]
 
 
-@pytest.mark.parametrize("estimator", LIST_ESTIMATORS[:4], ids=lambda estimator: type(estimator).__name__)
+@pytest.mark.parametrize("estimator", LIST_ESTIMATORS[:4] + LIST_ESTIMATORS[5:7],
+                         ids=lambda estimator: type(estimator).__name__)
 def test_encoders_take_what_their_tags_declare(estimator, descriptor_sets):
     tags = get_tags(estimator)
     assert (tags.input_tags.two_d_array, tags.input_tags.three_d_array) == (False, True)

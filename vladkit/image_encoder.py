@@ -51,7 +51,7 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
     Parameters
     ----------
     extractor : SIFT or DenseSIFT
-    encoder : BoFEncoder, VLADEncoder, FisherEncoder or SpatialPyramid
+    encoder : BoFEncoder, VLADEncoder, FisherEncoder, LLCEncoder, SuperVectorEncoder or SpatialPyramid
     batch_size : int, default=64
         At most this many images extracted and encoded together.
     max_memory : int or str, default=1_000_000_000

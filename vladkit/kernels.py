@@ -145,6 +145,60 @@ def _two_smallest_rows(products, centers_sqnorm, out):
         out[i, 1] = second
 
 
+def nearest_k_words(X, centers, k, centers_sqnorm=None):
+    """The ``k`` nearest centers of each row of X, nearest first, by BLAS.
+
+    As :func:`nearest_words`: one matrix product per chunk of rows, then a numba pass
+    keeps each row's ``k`` smallest values of ||c||^2 - 2 x.c. ||x||^2 changes no ranking,
+    and leaving it out keeps the differences between words for large x (see
+    :func:`_shifted_distances`). Unlike :func:`knn_weights`, no (n, K) matrix outlives
+    its chunk and no argpartition runs over it: k is small, K large.
+
+    Parameters
+    ----------
+    X : (n, D) float32 or float64
+    centers : (K, D), same dtype as X
+    k : int >= 1; at most K are returned
+    centers_sqnorm : (K,), optional, precomputed ``squared_norms(centers)``
+
+    Returns
+    -------
+    (n, min(k, K)) int64: word indices, nearest first (the lower index first on ties)
+    """
+    if centers_sqnorm is None:
+        centers_sqnorm = squared_norms(centers)
+    k = min(k, centers.shape[0])
+    out = np.empty((X.shape[0], k), dtype=np.int64)
+    for rows in _chunks(X.shape[0], centers.shape[0]):
+        _k_smallest_rows(X[rows] @ centers.T, centers_sqnorm, out[rows])
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def _k_smallest_rows(products, centers_sqnorm, out):
+    """out[i] = the indices of the out.shape[1] smallest ||c_k||^2 - 2 products[i, k],
+    ascending: insertion into a sorted list of k, which most words skip at one compare."""
+    n, n_words = products.shape
+    k = out.shape[1]
+    for i in prange(n):
+        values = np.empty(k, dtype=products.dtype)
+        filled = 0
+        for word in range(n_words):
+            value = centers_sqnorm[word] - 2 * products[i, word]
+            if filled == k and not value < values[k - 1]:
+                continue
+            # strict comparisons: a word ties behind the lower indices already there
+            j = filled if filled < k else k - 1
+            while j > 0 and value < values[j - 1]:
+                values[j] = values[j - 1]
+                out[i, j] = out[i, j - 1]
+                j -= 1
+            values[j] = value
+            out[i, j] = word
+            if filled < k:
+                filled += 1
+
+
 def diagonal_gaussian_terms(means, variances, weights):
     """Coefficients that turn diagonal-Gaussian log-densities into one matrix product.
 
@@ -514,6 +568,156 @@ def fisher_posteriors(log_densities, threshold, margin, fast, skip):
         for k in range(n_words):
             q = row[k] * inverse
             row[k] = q if q >= threshold else 0.0
+
+
+# ------------------------------------------------------------------ LLC (locality-constrained)
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
+def llc_codes(X, centers, candidates, beta, neighbors, weights):
+    """Approximated locality-constrained linear codes (Wang et al., CVPR 2010) of the rows of X.
+
+    For a row x, with B the k = ``neighbors.shape[1]`` words nearest x:
+
+        z = B - 1 x^T (k x D),  C = z z^T + beta tr(z z^T) I,  w = C^-1 1 / (1^T C^-1 1)
+
+    (``LLC_coding_appr.m`` of their code). w sums to 1 and may hold negative values.
+
+    The words are chosen among the row's ``candidates`` (a few more than k, from
+    :func:`nearest_k_words`), ranked again by ||c||^2 - 2 x.c in float64: a near tie that
+    float32 BLAS ranks wrongly would swap a word of the code for another, a jump no
+    rounding of the weights comes near. w does not change when z is scaled, so z is
+    divided by a power of two near its largest value first: C can neither overflow nor
+    underflow whatever the descriptors' magnitude. C + beta tr(C) I is positive definite
+    unless tr(C) = 0 (x is each of its k words, possible only for k = 1 or repeated
+    words): the weights are then uniform, 1 / k, the limit of w as z -> 0.
+
+    Parameters
+    ----------
+    X : (n, D) float32 or float64
+    centers : (K, D) float64 (the exact words, whatever X's dtype)
+    candidates : (n, m) int64, m >= k, distinct words per row
+    beta : float
+    neighbors : (n, k) int64, out: the k nearest words, nearest first
+    weights : (n, k) float64, out: their codes
+    """
+    n, dim = X.shape
+    m = candidates.shape[1]
+    k = neighbors.shape[1]
+    for i in prange(n):
+        # 1. the k nearest of the candidates, exactly ranked (ties: the lower index)
+        score = np.empty(m)
+        index = np.empty(m, dtype=np.int64)
+        for j in range(m):
+            word = candidates[i, j]
+            total = 0.0
+            for d in range(dim):
+                value = centers[word, d]
+                total += value * (value - 2.0 * X[i, d])
+            score[j] = total
+            index[j] = word
+        for j in range(k):
+            best = j
+            for l in range(j + 1, m):
+                if score[l] < score[best] or (score[l] == score[best] and index[l] < index[best]):
+                    best = l
+            score[j], score[best] = score[best], score[j]
+            index[j], index[best] = index[best], index[j]
+            neighbors[i, j] = index[j]
+        # 2. z = B - x, scaled by a power of two
+        z = np.empty((k, dim))
+        top = 0.0
+        for j in range(k):
+            for d in range(dim):
+                value = centers[index[j], d] - X[i, d]
+                z[j, d] = value
+                top = max(top, abs(value))
+        if top > 0:
+            scale = math.ldexp(1.0, -math.frexp(top)[1])
+            for j in range(k):
+                for d in range(dim):
+                    z[j, d] *= scale
+        # 3. C = z z^T + beta tr(C) I, and w = C^-1 1 normalised to sum 1
+        C = np.empty((k, k))
+        trace = 0.0
+        for a in range(k):
+            for b in range(a + 1):
+                total = 0.0
+                for d in range(dim):
+                    total += z[a, d] * z[b, d]
+                C[a, b] = total
+                C[b, a] = total
+            trace += C[a, a]
+        for a in range(k):
+            C[a, a] += beta * trace
+        w = weights[i]
+        if not (trace > 0 and _solve_ones_cholesky(C, w)):
+            for j in range(k):
+                w[j] = 1.0 / k
+            continue
+        total = 0.0
+        for j in range(k):
+            total += w[j]
+        for j in range(k):
+            w[j] /= total
+
+
+@njit(cache=True, nogil=True)
+def _solve_ones_cholesky(A, w):
+    """w = A^-1 1 for a symmetric positive-definite (k, k) A, by Cholesky (A is
+    overwritten by its factor L, lower triangle). False if A is not numerically positive
+    definite (a pivot <= 0 or NaN); k is a handful, no BLAS call pays at that size."""
+    k = A.shape[0]
+    for j in range(k):
+        pivot = A[j, j]
+        for l in range(j):
+            pivot -= A[j, l] * A[j, l]
+        if not pivot > 0:
+            return False
+        pivot = math.sqrt(pivot)
+        A[j, j] = pivot
+        for r in range(j + 1, k):
+            value = A[r, j]
+            for l in range(j):
+                value -= A[r, l] * A[j, l]
+            A[r, j] = value / pivot
+    for r in range(k):  # L y = 1
+        value = 1.0
+        for l in range(r):
+            value -= A[r, l] * w[l]
+        w[r] = value / A[r, r]
+    for r in range(k - 1, -1, -1):  # L^T w = y
+        value = w[r]
+        for l in range(r + 1, k):
+            value -= A[l, r] * w[l]
+        w[r] = value / A[r, r]
+    return True
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def max_pool_sparse(neighbors, weights, tasks, maxima, hits):
+    """maxima[t, k] = max(maxima[t, k], w) and hits[t, k] += 1 for each (row, word k,
+    weight w) of task t, any sign of w: a word's maximum over the rows that code it, and
+    how many do (the others code it 0, which the caller adds to the maximum)."""
+    for t in prange(tasks.shape[0]):
+        start, end = tasks[t, 1], tasks[t, 2]
+        for i in range(start, end):
+            for j in range(neighbors.shape[1]):
+                k = neighbors[i, j]
+                hits[t, k] += 1
+                if weights[i, j] > maxima[t, k]:
+                    maxima[t, k] = weights[i, j]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def sum_pool_sparse(neighbors, weights, tasks, sums):
+    """sums[t, k] += w for each (row, word k, weight w) of task t, any sign of w (unlike
+    :func:`histogram_sparse`, which keeps positive weights only)."""
+    for t in prange(tasks.shape[0]):
+        start, end = tasks[t, 1], tasks[t, 2]
+        for i in range(start, end):
+            for j in range(neighbors.shape[1]):
+                sums[t, neighbors[i, j]] += weights[i, j]
 
 
 # ------------------------------------------------------------------------------- NetVLAD

@@ -56,9 +56,11 @@ def descriptor_sets(X):
 class Accumulation:
     """Descriptor sets streamed into an encoder's per-image sums, chunk by chunk.
 
-    Every encoder's statistics are sums over an image's descriptors, so an image can be
-    given whole or in pieces, in any number of ``add`` calls and in any order
-    (consecutive pieces of one image join one segment of a chunk). Rows are packed into chunks of at most
+    Every encoder's statistics are sums over an image's descriptors (or, for
+    :class:`~vladkit.encoders.llc.LLCEncoder`'s max pooling, running maxima, which
+    combine as freely), so an image can be given whole or in pieces, in any number of
+    ``add`` calls and in any order (consecutive pieces of one image join one segment of a
+    chunk). Rows are packed into chunks of at most
     ``max_rows`` (which bound the (rows, K) assignment scratch) and handed to the
     encoder's ``_add``; ``finish`` normalises and returns the vectors.
 
@@ -144,6 +146,15 @@ def add_tasks(target, tasks, values):
     np.add.at(target, images[starts], np.add.reduceat(values, starts, axis=0).astype(target.dtype, copy=False))
 
 
+def max_tasks(target, tasks, values):
+    """target[image] = max(target[image], the values of that image's tasks), element-wise:
+    :func:`add_tasks` for a running maximum (max pooling is associative too, so pieces
+    and chunks of an image combine in any order)."""
+    images = tasks[:, 0]
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+    np.maximum.at(target, images[starts], np.maximum.reduceat(values, starts, axis=0).astype(target.dtype, copy=False))
+
+
 def encode_whole(encoder, items, dtype):
     """Encode whole images (descriptor sets or LocalFeatures, one per image) through the
     encoder's accumulation, under its thread limits: ``transform`` of every encoder."""
@@ -200,7 +211,8 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         if vocabulary is None:
             vocabulary = self._vocabulary_class(
                 getattr(self, self._size_param), max_descriptors=self.max_descriptors,
-                pca=self._vocabulary_pca(X), random_state=self.random_state,
+                pca=self._vocabulary_pca(X), passthrough_dims=getattr(self, "passthrough_dims", 0),
+                random_state=self.random_state,
             )
         elif isinstance(vocabulary, (str, os.PathLike)):
             vocabulary = load_vocabulary(vocabulary)

@@ -46,8 +46,9 @@ class SpatialPyramid(TransformerMixin, BaseEstimator):
 
     Parameters
     ----------
-    encoder : BoFEncoder, VLADEncoder or FisherEncoder
+    encoder : BoFEncoder, VLADEncoder, FisherEncoder, LLCEncoder or SuperVectorEncoder
         Fitted on all descriptors of the training images by ``fit`` (a clone of it).
+        LLCEncoder's max pooling is per cell (each cell is encoded as an image).
     levels : sequence of (n_x, n_y), default=((1, 1), (2, 2), (1, 3))
     l2 : bool, default=True
 
