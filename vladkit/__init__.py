@@ -20,10 +20,12 @@ from .datasets import labelled_images
 from .encoders import (
     BoFEncoder,
     FisherEncoder,
+    LLCEncoder,
     MultiVocabulary,
     NetVLADEncoder,
     NetVLADParams,
     SpatialPyramid,
+    SuperVectorEncoder,
     VLADEncoder,
     init_netvlad,
     load_netvlad,
@@ -46,6 +48,7 @@ from .images import ImageReadError, list_images, read_image, read_size
 from .index import IndexFileError, PCAWhitening, VectorIndex
 from .jobs import EncodeResult, encode_images
 from .sharded import ShardedEncodings
+from .spatial_augmentation import SpatialAugmentation, augment_positions
 from .spatial import Verification, match_descriptors, spatial_score, verify
 from .rerank import FeatureStore, RerankResult, rerank, write_feature_store
 from .vocabulary import (
@@ -60,9 +63,11 @@ __all__ = [
     "BoFEncoder",
     "FisherEncoder",
     "ImageEncoder",
+    "LLCEncoder",
     "MultiVocabulary",
     "NetVLADEncoder",
     "NetVLADParams",
+    "SuperVectorEncoder",
     "VLADEncoder",
     "fisher_encode",
     "vlad_encode",
@@ -104,7 +109,9 @@ __all__ = [
     "ImageSkippedWarning",
     "LocalFeatures",
     "SIFT",
+    "SpatialAugmentation",
     "SpatialPyramid",
+    "augment_positions",
     "__version__",
     "list_images",
     "read_image",

@@ -24,7 +24,8 @@ import numpy as np
 
 from . import __version__
 from ._io import write_npz_atomically
-from .encoders import BoFEncoder, FisherEncoder, NetVLADEncoder, SpatialPyramid, VLADEncoder
+from .encoders import (BoFEncoder, FisherEncoder, LLCEncoder, NetVLADEncoder, SpatialPyramid,
+                       SuperVectorEncoder, VLADEncoder)
 from .encoders.netvlad import NetVLADParams, is_netvlad_file, load_netvlad
 from .features import SIFT, DenseSIFT
 from .vocabulary import GMMVocabulary, _jsonable, _Vocabulary, load_vocabulary
@@ -35,7 +36,8 @@ __all__ = ["EncodedImages", "EncodingsFileError", "Recipe", "load_encodings", "l
 FILE_FORMAT = "vladkit-encodings"
 FILE_FORMAT_VERSION = 1
 
-ENCODERS = {"bof": BoFEncoder, "vlad": VLADEncoder, "fisher": FisherEncoder, "netvlad": NetVLADEncoder}
+ENCODERS = {"bof": BoFEncoder, "vlad": VLADEncoder, "fisher": FisherEncoder, "netvlad": NetVLADEncoder,
+            "llc": LLCEncoder, "sv": SuperVectorEncoder}
 EXTRACTORS = {"SIFT": SIFT, "DenseSIFT": DenseSIFT}
 
 
@@ -47,10 +49,18 @@ def describe_extractor(extractor):
     """``DenseSIFT(step=4, sizes=(4, 6, 8, 10), ...)``: the parameters that change the
     descriptors (not the thread count, the pixel limit or the error policy). Stored in vocabularies as
     their ``descriptor_type``; :func:`parse_extractor` reads it back."""
-    shown = {k: v for k, v in _jsonable_deep(extractor.get_params()).items()
-             if k not in ("n_jobs", "max_pixels", "on_error")}
+    shown = _jsonable_deep(_recipe_params(extractor))
     shown = {k: tuple(v) if isinstance(v, list) else v for k, v in shown.items()}
     return f"{type(extractor).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+def _recipe_params(extractor):
+    """The extractor's parameters that change the descriptors. ``spatial_augmentation``
+    only when set: an absent one means none, so descriptions and recipes of plain
+    features are those written before the option existed."""
+    return {k: v for k, v in extractor.get_params().items()
+            if k not in ("n_jobs", "max_pixels", "on_error")
+            and not (k == "spatial_augmentation" and v is None)}
 
 
 def parse_extractor(text):
@@ -85,7 +95,7 @@ class Recipe:
 
     extractor: str                 # "SIFT" or "DenseSIFT"
     extractor_params: dict
-    encoder: str                   # "bof", "vlad", "fisher" or "netvlad"
+    encoder: str                   # "bof", "vlad", "fisher", "netvlad", "llc" or "sv"
     encoder_params: dict = field(default_factory=dict)
     pyramid: list | None = None    # levels [[n_x, n_y], ...] or None
     vocabulary_path: str = ""      # a vocabulary file, or NetVLAD parameters for "netvlad"
@@ -95,13 +105,13 @@ class Recipe:
     def make(cls, extractor, vocabulary_path, encoder=None, pyramid=None, **encoder_params):
         """The recipe of ``extractor`` (a SIFT or DenseSIFT) with the vocabulary (or NetVLAD
         parameters) file at ``vocabulary_path``, encoded by ``encoder`` ("bof", "vlad",
-        "fisher", "netvlad"; default: Fisher for a GMM, VLAD for k-means, NetVLAD for its
+        "fisher", "netvlad", "llc", "sv"; default: Fisher for a GMM, VLAD for k-means, NetVLAD for its
         parameters) with ``encoder_params``, optionally in a spatial ``pyramid`` (levels
         such as ``[(1, 1), (2, 2), (1, 3)]``)."""
         kind = type(extractor).__name__
         if kind not in EXTRACTORS:
             raise TypeError(f"extractor must be one of {sorted(EXTRACTORS)}, got {kind}")
-        params = {k: v for k, v in extractor.get_params().items() if k not in ("n_jobs", "max_pixels", "on_error")}
+        params = _recipe_params(extractor)
         vocabulary = load_vocabulary_file(vocabulary_path)
         encoder = encoder or default_encoder(vocabulary)
         check_encoder(encoder, vocabulary)
@@ -117,7 +127,8 @@ class Recipe:
         how it was trained). NetVLAD's "params" are the file itself."""
         _, encoder = self.build(vocabulary, n_jobs=1)
         inner = encoder.encoder if self.pyramid is not None else encoder
-        unused = {"vocabulary", "params", "n_jobs", inner._size_param, "pca", "max_descriptors", "random_state"}
+        unused = {"vocabulary", "params", "n_jobs", inner._size_param, "pca", "passthrough_dims", "max_descriptors",
+                  "random_state"}
         params = {k: v for k, v in inner.get_params(deep=False).items() if k not in unused}
         return dataclasses.replace(self, encoder_params=params)
 
@@ -254,8 +265,8 @@ def check_encoder(kind, vocabulary):
         raise ValueError(f"unknown encoder {kind!r}: one of {sorted(ENCODERS)}")
     if kind == "netvlad" and not isinstance(vocabulary, NetVLADParams):
         raise ValueError(f"the netvlad encoder needs NetVLAD parameters (a file from 'vladkit netvlad train' "
-                         f"or save_netvlad), got a {type(vocabulary).__name__}: encode with bof, vlad or "
-                         "fisher, or give a NetVLAD file")
+                         f"or save_netvlad), got a {type(vocabulary).__name__}: encode with bof, vlad, "
+                         "fisher, llc or sv, or give a NetVLAD file")
     if kind != "netvlad" and isinstance(vocabulary, NetVLADParams):
         raise ValueError(f"the {kind} encoder needs a vocabulary (from 'vladkit vocab build'), got NetVLAD "
                          "parameters: they encode with the netvlad encoder only")

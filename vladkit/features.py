@@ -28,6 +28,7 @@ from .dsift import (
     dense_sift_pieces,
 )
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from .spatial_augmentation import N_POSITION_DIMS, augment_positions, check_scale
 
 __all__ = ["DenseSIFT", "ImageSkippedWarning", "LocalFeatures", "SIFT", "root_sift"]
 
@@ -154,7 +155,12 @@ class _Extractor(TransformerMixin, BaseEstimator):
         """Do nothing (the extractor has no fitted state); present for pipelines."""
         return self
 
-    _descriptor_dim = DESCRIPTOR_DIM
+    @property
+    def _descriptor_dim(self):
+        """D of the descriptors this extractor gives (128, + 2 with spatial augmentation)."""
+        augmented = getattr(self, "spatial_augmentation", None) is not None
+        return DESCRIPTOR_DIM + (N_POSITION_DIMS if augmented else 0)
+
     #: Whether :meth:`extract_pieces` can bound its pieces (dense SIFT) or gives the
     #: whole image at once (OpenCV's sparse SIFT).
     _splits = True
@@ -219,17 +225,18 @@ class _Extractor(TransformerMixin, BaseEstimator):
         grey = self._read(image)  # now: a bad file is reported by this call
         if grey is None:
             return iter(())
-        return self._rooted_pieces(grey, max_bytes, effective_n_jobs(self.n_jobs) or 1)
+        return self._finished_pieces(grey, max_bytes, effective_n_jobs(self.n_jobs) or 1)
 
-    def _rooted_pieces(self, grey, max_bytes, n_threads):
+    def _finished_pieces(self, grey, max_bytes, n_threads):
         for piece in self._pieces(grey, max_bytes, n_threads):
             if len(piece):
-                yield self._rooted(piece)
+                yield self._finished(piece)
 
     # -- what each extractor defines ------------------------------------------------------
 
     def _pieces(self, grey, max_bytes, n_threads):
-        """Yield the features of a read image in pieces (before RootSIFT)."""
+        """Yield the features of a read image in pieces (before RootSIFT and spatial
+        augmentation)."""
         yield self._extract_raw(grey, n_threads)
 
     def n_descriptors(self, height, width):
@@ -255,6 +262,8 @@ class _Extractor(TransformerMixin, BaseEstimator):
         self._validate_params()
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.spatial_augmentation is not None:
+            check_scale(self.spatial_augmentation, "spatial_augmentation")
 
     def _read(self, image):
         """The grey image, or None if it cannot be read and ``on_error="skip"``."""
@@ -270,13 +279,23 @@ class _Extractor(TransformerMixin, BaseEstimator):
         grey = self._read(image)
         if grey is None:
             return _empty_features(self._descriptor_dim, (0, 0))
-        return self._rooted(self._extract_raw(grey, n_threads))
+        return self._finished(self._extract_raw(grey, n_threads))
 
-    def _rooted(self, features):
-        if not self.root:
-            return features
-        return LocalFeatures(_root_sift_inplace(features.descriptors), features.positions,
-                             features.scales, features.image_shape)
+    def _finished(self, features):
+        """RootSIFT (``root``), then the positions appended (``spatial_augmentation``)."""
+        if self.root:
+            features = LocalFeatures(_root_sift_inplace(features.descriptors), features.positions,
+                                     features.scales, features.image_shape)
+        if self.spatial_augmentation is not None:
+            features = augment_positions(features, self.spatial_augmentation)
+        return features
+
+    def _augmented_estimate(self, output, scratch):
+        """``memory_estimate``'s (output, scratch) with spatial augmentation: each
+        descriptor is 2 values longer, and made by a copy while the original is held."""
+        if self.spatial_augmentation is None:
+            return output, scratch
+        return output + output * N_POSITION_DIMS // DESCRIPTOR_DIM, scratch + output
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -311,6 +330,12 @@ class SIFT(_Extractor):
         Gaussian blur of the first octave.
     root : bool, default=False
         Return RootSIFT descriptors (see :func:`root_sift`).
+    spatial_augmentation : float or None, default=None
+        Append each descriptor's normalised position, ``spatial_augmentation * (x / w -
+        0.5, y / h - 0.5)`` for an ``h x w`` image, after RootSIFT: (n, 130) descriptors,
+        the "spatially augmented" ones of Sanchez et al. 2012 (see
+        :func:`vladkit.spatial_augmentation.augment_positions`; keep them out of a
+        vocabulary's PCA with ``passthrough_dims=2``). None: plain descriptors.
     max_side : int or None, default=1024
         Downscale images whose long side is larger (see :func:`vladkit.images.read_image`;
         JPEGs are decoded directly at a reduced size). OpenCV's scale space costs ~240
@@ -329,18 +354,20 @@ class SIFT(_Extractor):
     Notes
     -----
     Descriptors are float32, OpenCV's convention: L2 norm about 512, integer values in
-    [0, 255]. An image without keypoints (e.g. a constant one) gives a ``(0, 128)`` array.
+    [0, 255]. An image without keypoints (e.g. a constant one) gives a ``(0, 128)`` array
+    (``(0, 130)`` with ``spatial_augmentation``).
     """
 
     def __init__(self, n_features=0, *, n_octave_layers=3, contrast_threshold=0.04,
-                 edge_threshold=10.0, sigma=1.6, root=False, max_side=SIFT_MAX_SIDE,
-                 max_pixels=DEFAULT_MAX_PIXELS, on_error="raise", n_jobs=1):
+                 edge_threshold=10.0, sigma=1.6, root=False, spatial_augmentation=None,
+                 max_side=SIFT_MAX_SIDE, max_pixels=DEFAULT_MAX_PIXELS, on_error="raise", n_jobs=1):
         self.n_features = n_features
         self.n_octave_layers = n_octave_layers
         self.contrast_threshold = contrast_threshold
         self.edge_threshold = edge_threshold
         self.sigma = sigma
         self.root = root
+        self.spatial_augmentation = spatial_augmentation
         self.max_side = max_side
         self.max_pixels = max_pixels
         self.on_error = on_error
@@ -368,7 +395,7 @@ class SIFT(_Extractor):
         # Keypoints: one per 80-130 pixels on phone photos, counted as one per 50; each
         # 128 float32 + position + scale, plus OpenCV's KeyPoint object (~100 bytes).
         output = (pixels // 50 + 1) * (4 * DESCRIPTOR_DIM + 12 + 100)
-        return output, scratch
+        return self._augmented_estimate(output, scratch)
 
     def _extract_raw(self, grey, n_threads):
         # A detector per call: OpenCV's Feature2D objects are not documented thread-safe.
@@ -418,6 +445,12 @@ class DenseSIFT(_Extractor):
         Apply the per-size Gaussian pre-smoothing.
     root : bool, default=False
         Return RootSIFT descriptors (see :func:`root_sift`).
+    spatial_augmentation : float or None, default=None
+        Append each descriptor's normalised position, ``spatial_augmentation * (x / w -
+        0.5, y / h - 0.5)`` for an ``h x w`` image, after RootSIFT: (n, 130) descriptors,
+        the "spatially augmented" ones of Sanchez et al. 2012 (see
+        :func:`vladkit.spatial_augmentation.augment_positions`; keep them out of a
+        vocabulary's PCA with ``passthrough_dims=2``). None: plain descriptors.
     max_side : int or None, default=640
         Downscale images whose long side is larger (see :func:`vladkit.images.read_image`;
         JPEGs are decoded directly at a reduced size). Dense SIFT's cost grows with the
@@ -441,14 +474,15 @@ class DenseSIFT(_Extractor):
     """
 
     def __init__(self, step=4, sizes=(4, 6, 8, 10), *, contrast_threshold=0.005,
-                 low_contrast="zero", smooth=True, root=False, max_side=DENSE_MAX_SIDE,
-                 max_pixels=DEFAULT_MAX_PIXELS, on_error="raise", n_jobs=1):
+                 low_contrast="zero", smooth=True, root=False, spatial_augmentation=None,
+                 max_side=DENSE_MAX_SIDE, max_pixels=DEFAULT_MAX_PIXELS, on_error="raise", n_jobs=1):
         self.step = step
         self.sizes = sizes
         self.contrast_threshold = contrast_threshold
         self.low_contrast = low_contrast
         self.smooth = smooth
         self.root = root
+        self.spatial_augmentation = spatial_augmentation
         self.max_side = max_side
         self.max_pixels = max_pixels
         self.on_error = on_error
@@ -483,7 +517,7 @@ class DenseSIFT(_Extractor):
             output *= 2  # the kept rows are copied out of the full grid
         scratch = (band_bytes(height, width, step, sizes, smooth, DEFAULT_BAND_BYTES)
                    + _read_bytes(height * width, decoded_pixels))
-        return output, scratch
+        return self._augmented_estimate(output, scratch)
 
     def _pieces(self, grey, max_bytes, n_threads):
         for descriptors, positions, bin_sizes, contrast in dense_sift_pieces(

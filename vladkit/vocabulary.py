@@ -342,8 +342,15 @@ class _Vocabulary(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
         if self.pca is None:
             self.pca_mean_ = self.pca_components_ = None
             return
-        if self.pca > sample.shape[1]:
-            raise ValueError(f"pca={self.pca} exceeds the descriptor dimension {sample.shape[1]}")
+        kept = int(self.passthrough_dims)
+        dim = sample.shape[1] - kept
+        if dim < 1:
+            raise ValueError(f"passthrough_dims={kept} leaves no dimension of the {sample.shape[1]}-dimensional "
+                             "descriptors to the PCA")
+        if self.pca > dim:
+            raise ValueError(f"pca={self.pca} exceeds the descriptor dimension {dim}"
+                             + (f" ({sample.shape[1]} minus passthrough_dims={kept})" if kept else ""))
+        sample = sample[:, :dim]  # the appearance part; the last `kept` columns pass through
         mean = sample.mean(axis=0, dtype=np.float64)
         centred = (sample - mean).astype(np.float64)
         # Eigen-decomposition of the D x D covariance: exact, and cheap for D ~ 128.
@@ -357,13 +364,22 @@ class _Vocabulary(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
         if self.whiten:
             scale = np.sqrt(np.maximum(eigenvalues[order], 0)) + 1e-12 * max(eigenvalues.max(), 1e-30)
             components /= scale[:, None]
+        if kept:
+            # The passed-through columns as identity rows, with a zero mean: one affine map,
+            # so project(), the files and from_parameters are those of any PCA, and the
+            # columns come out exactly as they went in (x * 1 plus exact zeros).
+            block = np.zeros((len(components) + kept, dim + kept))
+            block[:len(components), :dim] = components
+            block[len(components):, dim:] = np.eye(kept)
+            components, mean = block, np.concatenate([mean, np.zeros(kept)])
         self.pca_mean_ = mean.astype(sample.dtype)
         self.pca_components_ = components.astype(sample.dtype)
 
     def project(self, descriptors):
         """Descriptors in the vocabulary's space: ``(x - mean) @ components.T`` with PCA
         (rows of ``components`` divided by the component's standard deviation when
-        ``whiten``), unchanged without.
+        ``whiten``), unchanged without. With ``passthrough_dims`` = p, that is
+        ``[PCA(x[:, :D - p]), x[:, D - p:]]``: the last p columns are copied exactly.
 
         Parameters
         ----------
@@ -371,7 +387,8 @@ class _Vocabulary(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
 
         Returns
         -------
-        (n, pca or D) array, float32 or float64 as the input (float32 for integers)
+        (n, pca + passthrough_dims or D) array, float32 or float64 as the input (float32
+        for integers)
         """
         return self._project(self._check_descriptors(descriptors))
 
@@ -462,6 +479,13 @@ class KMeansVocabulary(_Vocabulary):
         Reduce descriptors to this many principal components first.
     whiten : bool, default=False
         Divide each principal component by its standard deviation.
+    passthrough_dims : int, default=0
+        With ``pca``: the last ``passthrough_dims`` descriptor dimensions are left out of
+        the PCA (and of whitening) and appended, unchanged, after the ``pca`` components:
+        the words have ``pca + passthrough_dims`` dimensions. For spatially augmented
+        descriptors (2: the positions, see :mod:`vladkit.spatial_augmentation`), whose
+        appearance alone is reduced (Sanchez, Perronnin & de Campos 2012). Without
+        ``pca`` it changes nothing.
     algorithm : {"auto", "lloyd", "elkan", "minibatch"}, default="auto"
         "auto" is Lloyd up to 500,000 samples and mini-batch above.
     n_init : int, default=1
@@ -485,6 +509,8 @@ class KMeansVocabulary(_Vocabulary):
         Sum of squared distances of the training sample to its nearest center.
     n_iter_ : int
     pca_mean_, pca_components_ : ndarrays or None
+        The PCA, ``(D,)`` and ``(pca + passthrough_dims, D)``: passed-through dimensions
+        have a zero mean and an identity row.
     descriptor_dim_ : int
         Dimension of the descriptors the vocabulary accepts.
     """
@@ -494,13 +520,14 @@ class KMeansVocabulary(_Vocabulary):
     _word_arrays = ("centers_",)
 
     def __init__(self, n_clusters=64, *, max_descriptors=200_000, max_per_image=None, pca=None,
-                 whiten=False, algorithm="auto", n_init=1, max_iter=100, tol=1e-4,
+                 whiten=False, passthrough_dims=0, algorithm="auto", n_init=1, max_iter=100, tol=1e-4,
                  random_state=None, n_jobs=None, descriptor_type=None):
         self.n_clusters = n_clusters
         self.max_descriptors = max_descriptors
         self.max_per_image = max_per_image
         self.pca = pca
         self.whiten = whiten
+        self.passthrough_dims = passthrough_dims
         self.algorithm = algorithm
         self.n_init = n_init
         self.max_iter = max_iter
@@ -616,6 +643,10 @@ class GMMVocabulary(_Vocabulary):
         Reduce descriptors to this many principal components first (VLFeat's Fisher
         preset: 80 for SIFT).
     whiten : bool, default=False
+    passthrough_dims : int, default=0
+        As for :class:`KMeansVocabulary`: 2 for spatially augmented descriptors, whose
+        positions are then modelled as they are, after the PCA of the appearance (the
+        spatial Fisher vector of Sanchez et al. 2012).
     covariance_floor : float, default=1e-4
         Variance regularisation relative to the data: ``covariance_floor`` times the
         largest per-dimension variance of the training sample is added to every variance
@@ -644,13 +675,14 @@ class GMMVocabulary(_Vocabulary):
     _word_arrays = ("means_", "covariances_", "weights_")
 
     def __init__(self, n_components=64, *, max_descriptors=200_000, max_per_image=None, pca=None,
-                 whiten=False, covariance_floor=1e-4, n_init=1, max_iter=100, tol=1e-3,
-                 random_state=None, n_jobs=None, descriptor_type=None):
+                 whiten=False, passthrough_dims=0, covariance_floor=1e-4, n_init=1, max_iter=100,
+                 tol=1e-3, random_state=None, n_jobs=None, descriptor_type=None):
         self.n_components = n_components
         self.max_descriptors = max_descriptors
         self.max_per_image = max_per_image
         self.pca = pca
         self.whiten = whiten
+        self.passthrough_dims = passthrough_dims
         self.covariance_floor = covariance_floor
         self.n_init = n_init
         self.max_iter = max_iter
@@ -717,7 +749,17 @@ class GMMVocabulary(_Vocabulary):
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(X)
+            try:
+                model.fit(X)
+            except ValueError as exc:
+                # EM in float32 can lose a variance to round-off (E[x^2] - E[x]^2 of a
+                # component on near-identical rows falls below the floor; measured on
+                # 15-Scene's spatially augmented RootSIFT, whose positions repeat from
+                # image to image): scikit-learn's advice is float64 data. Kept for this
+                # case only, so the vocabularies float32 EM trains stay as they were.
+                if X.dtype != np.float32 or "ill-defined empirical covariance" not in str(exc):
+                    raise
+                model.fit(X.astype(np.float64))
         self.means_ = np.ascontiguousarray(model.means_.astype(X.dtype))
         # reg_covar is added to variances computed as E[x^2] - E[x]^2, whose round-off can
         # be negative on a constant dimension: clamp so the floor holds exactly.
@@ -767,6 +809,13 @@ def _check_common(estimator):
         _check_positive_int(estimator, "max_per_image")
     if estimator.pca is not None:
         _check_positive_int(estimator, "pca")
+    _check_non_negative_int(estimator, "passthrough_dims")
+
+
+def _check_non_negative_int(estimator, name):
+    value = getattr(estimator, name)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 def _checked_arrays(named, pca_mean, pca_components):

@@ -58,6 +58,12 @@ class FisherEncoder(BaseEncoder):
         more than 64 dimensions (SIFT: 128) and none otherwise: a diagonal GMM fits
         decorrelated descriptors much better (15-Scene, dense RootSIFT, K=64: 83.3%
         balanced accuracy with PCA-64, 79.2% without; Chatfield et al. 2011 use 80).
+    passthrough_dims : int, default=0
+        For the vocabulary ``fit`` trains: the last ``passthrough_dims`` descriptor
+        dimensions stay out of its PCA and are modelled as they are, after the ``pca``
+        components (2 for spatially augmented descriptors: the spatial Fisher vector of
+        Sanchez, Perronnin & de Campos 2012, 2 K (pca + 2) values; see
+        :mod:`vladkit.spatial_augmentation`). ``pca="auto"`` counts the other dimensions only.
     max_descriptors, random_state, n_jobs
         As for :class:`VLADEncoder`.
 
@@ -74,8 +80,8 @@ class FisherEncoder(BaseEncoder):
     _float32_limit = 1e15
 
     def __init__(self, n_components=64, *, vocabulary=None, improved=True, power=0.5, l2=True,
-                 fast=False, include_weights=False, pca="auto", max_descriptors=200_000,
-                 random_state=None, n_jobs=None):
+                 fast=False, include_weights=False, pca="auto", passthrough_dims=0,
+                 max_descriptors=200_000, random_state=None, n_jobs=None):
         self.n_components = n_components
         self.vocabulary = vocabulary
         self.improved = improved
@@ -84,6 +90,7 @@ class FisherEncoder(BaseEncoder):
         self.fast = fast
         self.include_weights = include_weights
         self.pca = pca
+        self.passthrough_dims = passthrough_dims
         self.max_descriptors = max_descriptors
         self.random_state = random_state
         self.n_jobs = n_jobs
@@ -93,11 +100,14 @@ class FisherEncoder(BaseEncoder):
         if self.pca is not None and self.pca != "auto" and not (
                 isinstance(self.pca, (int, np.integer)) and not isinstance(self.pca, bool) and self.pca >= 1):
             raise ValueError(f"pca must be a positive integer, 'auto' or None, got {self.pca!r}")
+        value = self.passthrough_dims
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"passthrough_dims must be an integer >= 0, got {value!r}")
 
     def _vocabulary_pca(self, X):
         if not (isinstance(self.pca, str) and self.pca == "auto"):
             return self.pca
-        dims = {np.shape(getattr(item, "descriptors", item))[-1] for item in X}
+        dims = {np.shape(getattr(item, "descriptors", item))[-1] - self.passthrough_dims for item in X}
         return AUTO_PCA if dims and max(dims) > AUTO_PCA else None
 
     def _start(self, n_images, dtype):
