@@ -7,8 +7,17 @@ recall) on ``test/``. Every encoding uses dense RootSIFT (step 4, bin sizes 4/6/
 PHOW smoothing) and is run with and without a spatial pyramid (1x1 + 2x2 + 1x3):
 
 * BoF, K = 1000, Hellinger (signed square root, L2)
+* LLC (Wang et al. 2010), K = 1000 (BoF's words) and 4000, 5 neighbours, max pooling, L2
 * VLAD, K = 64 and 256, signed square root + intra + L2
-* Fisher vector, K = 64 on PCA-64 and K = 256 on PCA-80 descriptors, improved
+* super-vector coding (Zhou et al. 2010), K = 64 and 256 (VLAD's words), s = 0.1, L2
+* Fisher vector, K = 64 on PCA-64 and K = 256 on PCA-80 descriptors, improved; and the
+  same on spatially augmented descriptors ("+ xy": each descriptor's position
+  (x/w - 0.5, y/h - 0.5) appended, kept out of the PCA; Sanchez et al. 2012)
+
+These are the five encodings of Chatfield et al.'s comparison ("The devil is in the
+details", BMVC 2011: hard BoF, kernel codebook, LLC, super vector, Fisher) but for the
+kernel codebook (``BoFEncoder(assignment="soft")``), plus VLAD. ``--only PATTERN ...``
+runs some of them (e.g. ``--only 'LLC*' 'BoF*'``).
 
 "FV K=64 no PCA" fits the GMM on the 128-D descriptors themselves: the reason
 ``FisherEncoder``'s default ``pca="auto"`` reduces them to 64 first (the "FV K=64 PCA-64"
@@ -34,6 +43,7 @@ from __future__ import annotations
 import vladkit  # noqa: F401  (first: thread-wait settings before numpy loads)
 
 import argparse
+import fnmatch
 import resource
 import sys
 import tempfile
@@ -52,13 +62,20 @@ from vladkit import (
     FisherEncoder,
     GMMVocabulary,
     KMeansVocabulary,
+    LLCEncoder,
     SpatialPyramid,
+    SuperVectorEncoder,
     VLADEncoder,
     labelled_images,
 )
+from vladkit.spatial_augmentation import N_POSITION_DIMS, augment_positions
 from vladkit.normalize import l2_normalize
 
 LEVELS = ((1, 1), (2, 2), (1, 3))
+#: Super-vector coding's constant s (Zhou et al. leave it free): 0.1, so that on unit-norm
+#: RootSIFT the constant terms and the mean offsets (~0.1 long at K=64) weigh alike; with
+#: s=1 the constant terms (a square-rooted BoF) would hold 97-99% of the norm.
+SV_S = 0.1
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 
 
@@ -67,22 +84,44 @@ def peak_memory_mb():
 
 
 def variants(quick):
-    """(name, vocabulary factory, encoder factory) for each encoding."""
-    k_bof, k_small, k_large = (100, 8, 16) if quick else (1000, 64, 256)
+    """(name, vocabulary key, vocabulary factory, encoder factory, spatial) per encoding.
+
+    Rows with the same vocabulary key share one vocabulary (trained once, its time shown on
+    the first): LLC and BoF use the same k-means words, SV and VLAD too, so those rows
+    compare the codings and nothing else. ``spatial``: the descriptors get their normalised
+    position appended (``augment_positions``) and the vocabulary's PCA leaves it out
+    (``passthrough_dims=2``), as Sanchez et al. (2012) do.
+    """
+    k_bof, k_llc, k_small, k_large = (100, 200, 8, 16) if quick else (1000, 4000, 64, 256)
     pca_small, pca_large = (32, 32) if quick else (64, 80)
+    xy = N_POSITION_DIMS
     return [
-        (f"BoF K={k_bof} Hellinger", lambda s: KMeansVocabulary(k_bof, random_state=s),
-         lambda v: BoFEncoder(vocabulary=v, power=0.5, norm="l2")),
-        (f"VLAD K={k_small}", lambda s: KMeansVocabulary(k_small, random_state=s),
-         lambda v: VLADEncoder(vocabulary=v)),
-        (f"VLAD K={k_large}", lambda s: KMeansVocabulary(k_large, random_state=s),
-         lambda v: VLADEncoder(vocabulary=v)),
-        (f"FV K={k_small} PCA-{pca_small}", lambda s: GMMVocabulary(k_small, pca=pca_small, random_state=s),
-         lambda v: FisherEncoder(vocabulary=v)),
-        (f"FV K={k_large} PCA-{pca_large}", lambda s: GMMVocabulary(k_large, pca=pca_large, random_state=s),
-         lambda v: FisherEncoder(vocabulary=v)),
-        (f"FV K={k_small} no PCA", lambda s: GMMVocabulary(k_small, random_state=s),
-         lambda v: FisherEncoder(vocabulary=v)),
+        (f"BoF K={k_bof} Hellinger", f"kmeans-{k_bof}", lambda s: KMeansVocabulary(k_bof, random_state=s),
+         lambda v: BoFEncoder(vocabulary=v, power=0.5, norm="l2"), False),
+        (f"LLC K={k_bof}", f"kmeans-{k_bof}", lambda s: KMeansVocabulary(k_bof, random_state=s),
+         lambda v: LLCEncoder(vocabulary=v), False),
+        (f"LLC K={k_llc}", f"kmeans-{k_llc}", lambda s: KMeansVocabulary(k_llc, random_state=s),
+         lambda v: LLCEncoder(vocabulary=v), False),
+        (f"VLAD K={k_small}", f"kmeans-{k_small}", lambda s: KMeansVocabulary(k_small, random_state=s),
+         lambda v: VLADEncoder(vocabulary=v), False),
+        (f"SV K={k_small}", f"kmeans-{k_small}", lambda s: KMeansVocabulary(k_small, random_state=s),
+         lambda v: SuperVectorEncoder(vocabulary=v, s=SV_S), False),
+        (f"VLAD K={k_large}", f"kmeans-{k_large}", lambda s: KMeansVocabulary(k_large, random_state=s),
+         lambda v: VLADEncoder(vocabulary=v), False),
+        (f"SV K={k_large}", f"kmeans-{k_large}", lambda s: KMeansVocabulary(k_large, random_state=s),
+         lambda v: SuperVectorEncoder(vocabulary=v, s=SV_S), False),
+        (f"FV K={k_small} PCA-{pca_small}", f"gmm-{k_small}-{pca_small}",
+         lambda s: GMMVocabulary(k_small, pca=pca_small, random_state=s), lambda v: FisherEncoder(vocabulary=v), False),
+        (f"FV K={k_small} PCA-{pca_small} + xy", f"gmm-{k_small}-{pca_small}-xy",
+         lambda s: GMMVocabulary(k_small, pca=pca_small, passthrough_dims=xy, random_state=s),
+         lambda v: FisherEncoder(vocabulary=v), True),
+        (f"FV K={k_large} PCA-{pca_large}", f"gmm-{k_large}-{pca_large}",
+         lambda s: GMMVocabulary(k_large, pca=pca_large, random_state=s), lambda v: FisherEncoder(vocabulary=v), False),
+        (f"FV K={k_large} PCA-{pca_large} + xy", f"gmm-{k_large}-{pca_large}-xy",
+         lambda s: GMMVocabulary(k_large, pca=pca_large, passthrough_dims=xy, random_state=s),
+         lambda v: FisherEncoder(vocabulary=v), True),
+        (f"FV K={k_small} no PCA", f"gmm-{k_small}", lambda s: GMMVocabulary(k_small, random_state=s),
+         lambda v: FisherEncoder(vocabulary=v), False),
     ]
 
 
@@ -155,6 +194,8 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results", help="folder for scene15.md / .png")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", metavar="PATTERN",
+                        help="run only the encodings whose names match (shell-style, e.g. 'FV*' 'LLC*')")
     parser.add_argument("--scratch", help="folder for the vectors on disk (default: a temporary folder)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="scene15-", dir=args.scratch) as scratch:
@@ -168,6 +209,11 @@ def run(args, parser, scratch):
     if not train_paths or not test_paths:
         parser.error(f"no images under {args.data}/train and {args.data}/test")
     print(f"15-Scene: {len(train_paths)} train / {len(test_paths)} test images, {len(classes)} classes")
+    chosen = [v for v in variants(args.quick)
+              if not args.only or any(fnmatch.fnmatchcase(v[0], pattern) for pattern in args.only)]
+    if not chosen:
+        parser.error(f"--only {' '.join(args.only)} matches no encoding: "
+                     + ", ".join(v[0] for v in variants(args.quick)))
     extractor = DenseSIFT(root=True, n_jobs=-1)
     timing = {"extraction": 0.0}
 
@@ -176,20 +222,25 @@ def run(args, parser, scratch):
     sampler = DescriptorSampler(len(train_paths), 20_000 if args.quick else 300_000, seed=args.seed)
     for first in range(0, len(train_paths), args.batch_size):
         for offset, features in enumerate(extractor.transform(train_paths[first:first + args.batch_size])):
-            sampler.add(first + offset, features.descriptors)
+            sampler.add(first + offset, augment_positions(features).descriptors)
     sample = sampler.sample()
     timing["extraction"] += time.perf_counter() - start
     print(f"pass 1: {len(sample):,} descriptors sampled in {timing['extraction']:.0f} s")
 
-    encoders, rows = [], {}
-    for name, make_vocabulary, make_encoder in variants(args.quick):
+    encoders, rows, vocabularies = [], {}, {}
+    for name, vocabulary_key, make_vocabulary, make_encoder, spatial in chosen:
         start = time.perf_counter()
-        vocabulary = make_vocabulary(args.seed).fit_sample(sample)
-        pyramid = SpatialPyramid(make_encoder(vocabulary), levels=LEVELS).fit([sample[:10]])
-        rows[name] = {"vocabulary s": time.perf_counter() - start, "encoding s": 0.0}
-        encoders.append((name, pyramid))
-        print(f"  {name}: vocabulary in {rows[name]['vocabulary s']:.0f} s")
-    del sample, sampler
+        # The sample holds the positions too: the appearance part for the plain rows.
+        descriptors = sample if spatial else sample[:, :-N_POSITION_DIMS]
+        shared = vocabulary_key in vocabularies
+        if not shared:
+            vocabularies[vocabulary_key] = make_vocabulary(args.seed).fit_sample(descriptors)
+        vocabulary = vocabularies[vocabulary_key]
+        pyramid = SpatialPyramid(make_encoder(vocabulary), levels=LEVELS).fit([descriptors[:10]])
+        rows[name] = {"vocabulary s": None if shared else time.perf_counter() - start, "encoding s": 0.0}
+        encoders.append((name, pyramid, spatial))
+        print(f"  {name}: " + ("vocabulary shared" if shared else f"vocabulary in {rows[name]['vocabulary s']:.0f} s"))
+    del sample, sampler, vocabularies
 
     # Pass 2: extract each image once, encode with every variant's pyramid, append to disk.
     stored = {}
@@ -198,9 +249,10 @@ def run(args, parser, scratch):
             start = time.perf_counter()
             features = extractor.transform(paths[first:first + args.batch_size])
             timing["extraction"] += time.perf_counter() - start
-            for name, pyramid in encoders:
+            augmented = [augment_positions(f) for f in features] if any(e[2] for e in encoders) else None
+            for name, pyramid, spatial in encoders:
                 start = time.perf_counter()
-                spm = pyramid.transform(features)
+                spm = pyramid.transform(augmented if spatial else features)
                 rows[name]["encoding s"] += time.perf_counter() - start
                 key = (name, split)
                 if key not in stored:
@@ -212,7 +264,7 @@ def run(args, parser, scratch):
         print()
 
     results = []
-    for name, pyramid in encoders:
+    for name, pyramid, _ in encoders:
         train, test = stored.pop((name, "train")), stored.pop((name, "test"))
         block = pyramid.encoder_.n_features_out_
         for variant, columns in ((name, block), (name + " + SPM", None)):
@@ -240,7 +292,8 @@ def run(args, parser, scratch):
     for variant, dim, accuracy, C, timings, training in results:
         share = "(shared with the pyramid)" if "SPM" not in variant else f"{timings['encoding s']:.0f}"
         lines.append(f"| {variant} | {dim:,} | {100 * accuracy:.1f}% | {C:g} | "
-                     f"{timings['vocabulary s']:.0f} | {share} | {training:.0f} |")
+                     f"{'shared' if timings['vocabulary s'] is None else format(timings['vocabulary s'], '.0f')} | "
+                     f"{share} | {training:.0f} |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

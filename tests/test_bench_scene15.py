@@ -20,5 +20,7 @@ def test_quick_benchmark_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "scene15.md").read_text()
-    assert table.count("| BoF") == 2 and table.count("| VLAD") == 4 and table.count("| FV") == 6
+    counts = {name: table.count(f"| {name} ") for name in ("BoF", "LLC", "VLAD", "SV", "FV")}
+    assert counts == {"BoF": 2, "LLC": 4, "VLAD": 4, "SV": 4, "FV": 10}, counts
+    assert table.count("+ xy") == 4
     assert "balanced accuracy" in table and "%" in table

@@ -40,6 +40,7 @@ from .budget import DEFAULT_MAX_MEMORY, iter_batches, parse_memory
 from .evaluation import folder_roots, mean_average_precision, recall_at_k, retrieval_ground_truth
 from .encoders.fisher import AUTO_PCA
 from .features import SIFT, DenseSIFT, LocalFeatures
+from .spatial_augmentation import N_POSITION_DIMS
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, list_images
 from .image_encoder import encode_batches, sample_features
 from .index import IndexFileError, PCAWhitening, VectorIndex
@@ -110,9 +111,17 @@ def _check_dense_options(args, kind):
                          f"{'them' if len(given) > 1 else 'it'} out or use dense features")
 
 
+def _spatial_scale(args):
+    """The extractors' ``spatial_augmentation`` that --spatial / --spatial-scale S ask for
+    (S implies --spatial), or None when neither is given."""
+    if args.spatial_scale is not None:
+        return args.spatial_scale
+    return 1.0 if args.spatial else None
+
+
 def _extractor_from_args(args):
     _check_dense_options(args, args.features)
-    common = dict(root=args.root, n_jobs=args.jobs,
+    common = dict(root=args.root, spatial_augmentation=_spatial_scale(args), n_jobs=args.jobs,
                   max_pixels=None if args.max_pixels == 0 else args.max_pixels)
     if args.max_side is not None:  # else the extractor's default for photos
         common["max_side"] = args.max_side or None
@@ -180,7 +189,10 @@ def _report_skipped(skipped, n_images, error_log):
 
 def _vocabulary_pca(args, dim):
     """--pca as given (0: none); by default Fisher's rule (:class:`FisherEncoder`'s
-    pca="auto": PCA-64 for descriptors of more dimensions) for a GMM, none for k-means."""
+    pca="auto": PCA-64 for descriptors of more dimensions, the positions of --spatial not
+    counted) for a GMM, none for k-means."""
+    if _spatial_scale(args) is not None:
+        dim -= N_POSITION_DIMS  # kept out of the PCA (passthrough_dims)
     if args.pca is not None:
         return args.pca or None
     return AUTO_PCA if args.kind == "gmm" and dim > AUTO_PCA else None
@@ -213,6 +225,7 @@ def cmd_vocab_build(args):
     size = {"n_clusters": args.k} if args.kind == "kmeans" else {"n_components": args.k}
     vocab = cls(**size, max_descriptors=args.max_descriptors, max_per_image=args.max_per_image,
                 pca=_vocabulary_pca(args, sample.shape[1]), whiten=args.whiten, random_state=args.seed,
+                passthrough_dims=N_POSITION_DIMS if _spatial_scale(args) is not None else 0,
                 descriptor_type=describe_extractor(extractor))
     with _elapsed(f"training {args.kind} (K={args.k}) on {len(sample):,} x {sample.shape[1]} descriptors", show):
         vocab.fit_sample(sample)
@@ -232,7 +245,9 @@ def cmd_vocab_info(args):
     print(f"descriptor dim:   {meta['descriptor_dim']}")
     pca = meta["params"].get("pca")
     print(f"PCA:              {'none' if pca is None else f'{pca} components'}"
-          + (" (whitened)" if pca is not None and meta["params"].get("whiten") else ""))
+          + (" (whitened)" if pca is not None and meta["params"].get("whiten") else "")
+          + (f", the last {meta['params']['passthrough_dims']} dimensions kept as they are"
+             if pca is not None and meta["params"].get("passthrough_dims") else ""))
     print(f"word dim:         {meta['dim']} ({meta['dtype']})")
     print(f"descriptors:      {meta['params'].get('descriptor_type') or 'unknown'}")
     print(f"trained on:       {meta['n_training_descriptors']:,} descriptors, seed {meta['params'].get('random_state')}")
@@ -245,6 +260,21 @@ def cmd_vocab_info(args):
 
 
 # --------------------------------------------------------------------------- encode
+
+
+def _check_descriptor_dim(args, dim, vocab):
+    """Features of another dimension than the vocabulary's (--spatial adds 2) would fail
+    on the first image: refuse them before any work."""
+    expected = getattr(vocab, "descriptor_dim_", None) or vocab.dim  # a vocabulary, or NetVLAD parameters
+    if dim == expected:
+        return
+    hint = ""
+    if dim == expected + N_POSITION_DIMS:
+        hint = ": the vocabulary was built without --spatial, leave it out"
+    elif dim + N_POSITION_DIMS == expected:
+        hint = ": the vocabulary was built on spatially augmented descriptors, add --spatial"
+    raise UsageError(f"the local features give {dim}-dimensional descriptors, the vocabulary {args.vocab!r} "
+                     f"takes {expected}-dimensional ones{hint}")
 
 
 def _recipe_from_args(args, vocab):
@@ -264,6 +294,10 @@ def _recipe_from_args(args, vocab):
     params = dict(recorded[1]) if recorded and recorded[0] == kind else {}
     valid = EXTRACTORS[kind]().get_params()
     params.update({k: (tuple(v) if k == "sizes" else v) for k, v in given.items() if k in valid})
+    scale = _spatial_scale(args)
+    if scale is not None:
+        params["spatial_augmentation"] = scale
+    _check_descriptor_dim(args, EXTRACTORS[kind](**params)._descriptor_dim, vocab)
     encoder_kind = args.encoder or default_encoder(vocab)
     try:
         check_encoder(encoder_kind, vocab)
@@ -480,6 +514,47 @@ def cmd_search(args):
                 verified = f"  {result['inliers']:4d} inliers" if "inliers" in result else ""
                 print(f"  {rank:3d}  {result['score']:.4f}{verified}  {result['id']}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+#: The distributions of the serve extra, by the name they are imported under.
+SERVE_MODULES = ("starlette", "uvicorn", "python_multipart", "multipart", "anyio")
+
+
+def cmd_serve(args):
+    # The web stack is an optional extra, imported here only: the other commands never
+    # need it, and without it this command says what to install.
+    try:
+        from .serve import create_app, run
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in SERVE_MODULES:
+            raise
+        print(f"vladkit: error: 'vladkit serve' needs the serve extra ({exc.name} is not installed): "
+              "python -m pip install 'vladkit[serve]'", file=sys.stderr)
+        return EXIT_USAGE
+    if args.port > 65535:
+        raise UsageError(f"--port must be at most 65535, got {args.port}")
+    app = create_app(args.index, max_upload_bytes=max(1, round(args.max_upload_mb * 1e6)),
+                     max_pixels=args.max_pixels, timeout=args.timeout, max_concurrency=args.max_concurrency,
+                     n_jobs=args.jobs)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"vladkit: note: listening on {args.host}: whoever reaches this machine can search the index and "
+              "see its images and their paths (the ids); put an authenticating proxy in front to restrict that",
+              file=sys.stderr)
+    if not args.quiet:
+        service = app.state.service
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"vladkit: serving {args.index} ({len(service.ids):,} images"
+              f"{', re-ranking available' if service.store is not None else ''}) at http://{host}:{args.port}/ "
+              "(Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        run(app, host=args.host, port=args.port, quiet=args.quiet)
+    except KeyboardInterrupt:  # uvicorn stops cleanly, then passes Ctrl-C on
+        pass
+    except SystemExit as exc:  # uvicorn's way of failing to start (its log line says why)
+        if exc.code:
+            raise CommandError(f"could not serve on {args.host}:{args.port} (the port is taken, or the address "
+                               "is not this machine's)") from None
+    return EXIT_OK
 
 
 def _rerank_lists(args, index, query_images, ranked):
@@ -792,6 +867,13 @@ def _add_feature_options(parser, from_vocabulary=False):
                        help="dense multi-scale SIFT on a grid (PHOW) or sparse SIFT keypoints"
                             + ("" if from_vocabulary else " (default: dense)"))
     group.add_argument("--root", action="store_true", default=default(False), help="RootSIFT descriptors")
+    group.add_argument("--spatial", action="store_true", default=default(False),
+                       help="spatially augmented descriptors (Sanchez et al. 2012): append each one's "
+                            "position in the image, (x/w - 0.5, y/h - 0.5), as 2 more dimensions, which "
+                            "the vocabulary's PCA leaves as they are: a Fisher vector then also records "
+                            "where each kind of patch lies (4 more values per Gaussian)")
+    group.add_argument("--spatial-scale", type=_positive_float, default=None, metavar="S",
+                       help="multiply the appended positions by S (implies --spatial; default 1)")
     # Left None when not given (defaults applied later), so that giving them with sparse
     # keypoints, which have no grid, is an error rather than silently ignored.
     group.add_argument("--step", type=_positive_int, default=None, metavar="PX",
@@ -847,6 +929,7 @@ def _add_retrieval_options(parser):
     parser.add_argument("--qe-alpha", type=_non_negative_float, default=0.0, metavar="A",
                         help="alpha-QE: weight each of the M results by max(score, 0)^A "
                              "(default 0: average QE; 3 in Radenovic et al. 2018)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (--rerank shows one)")
 
 
 def _non_negative_float(text):
@@ -925,7 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("folder", help="folder of images")
     build.add_argument("-k", type=_positive_int, default=64, metavar="K", help="number of visual words (default 64)")
     build.add_argument("--kind", choices=("kmeans", "gmm"), default="kmeans",
-                       help="k-means for BoF/VLAD, gmm for Fisher vectors (default kmeans)")
+                       help="k-means for BoF/VLAD/LLC/SV, gmm for Fisher vectors (default kmeans)")
     build.add_argument("--pca", type=_non_negative_int, default=None, metavar="N",
                        help=f"reduce descriptors to N principal components first; 0: no PCA "
                             f"(default: {AUTO_PCA} for --kind gmm, as FisherEncoder: a diagonal GMM fits "
@@ -949,7 +1032,7 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.set_defaults(run=lambda args: (vocab.print_help(), EXIT_USAGE)[1])
 
     encode = commands.add_parser(
-        "encode", help="encode the images of a folder into vectors (BoF, VLAD, Fisher, NetVLAD)",
+        "encode", help="encode the images of a folder into vectors (BoF, VLAD, Fisher, NetVLAD, LLC, SV)",
         description="Extract local features from the images of FOLDER (recursively) and encode "
                     "each image into one vector with the vocabulary (or NetVLAD parameters), batch "
                     "by batch, in resumable shards (rerun the same command after a crash or a "
@@ -964,9 +1047,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--vocab", required=True, metavar="FILE",
                         help="vocabulary from 'vladkit vocab build', or NetVLAD parameters from "
                              "'vladkit netvlad train' (told apart by their format)")
-    encode.add_argument("--encoder", choices=("bof", "vlad", "fisher", "netvlad"), default=None,
-                        help="default: fisher for a GMM vocabulary, vlad for k-means words, netvlad "
-                             "for a NetVLAD file (which only netvlad can use)")
+    encode.add_argument("--encoder", choices=("bof", "vlad", "fisher", "netvlad", "llc", "sv"), default=None,
+                        help="llc: locality-constrained linear coding, sv: super-vector coding (both "
+                             "with k-means words, as bof and vlad); default: fisher for a GMM "
+                             "vocabulary, vlad for k-means words, netvlad for a NetVLAD file (which "
+                             "only netvlad can use)")
     encode.add_argument("--pyramid", action="store_true",
                         help="spatial pyramid: encode 1x1 + 2x2 + 1x3 cells and concatenate (8x longer)")
     encode.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -1046,6 +1131,36 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-memory", type=_memory, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
                         help="working-memory budget for the queries' features, e.g. 512MB (default 1GB)")
     search.set_defaults(run=cmd_search)
+
+    serve = commands.add_parser(
+        "serve", help="a search service over an index, with a web page (needs the serve extra)",
+        description="Serve INDEX over HTTP until Ctrl-C: a web page at / to upload or drop a photo "
+                    "and look at its nearest indexed images, and a JSON API (POST /api/search with "
+                    "an image, GET /api/search?id=ID, /api/thumbnail?id=ID, /api/info, "
+                    "/api/health). The index, its recipe and vocabulary are loaded once; queries "
+                    "run on worker threads within a time limit; uploads are bounded in bytes and "
+                    "in pixels (read from the header before decoding). Listens on this machine "
+                    "only unless --host says otherwise. Needs the serve extra: python -m pip "
+                    "install 'vladkit[serve]'.",
+        epilog="example: vladkit serve photos.index, then open http://127.0.0.1:8000/",
+    )
+    serve.add_argument("index", help="index folder from 'vladkit index build' (--rerank-features for re-ranking)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    serve.add_argument("--port", type=_positive_int, default=8000, metavar="N", help="port (default 8000)")
+    serve.add_argument("--max-upload-mb", type=_positive_float, default=20.0, metavar="MB",
+                       help="largest upload in megabytes (10^6 bytes; default 20): 413 beyond")
+    serve.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                       help=f"largest image in pixels, read from its header before decoding (default "
+                            f"{DEFAULT_MAX_PIXELS:,}): 413 beyond")
+    serve.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+                       help="seconds a request may take, waiting included (default 30): 503 beyond")
+    serve.add_argument("--max-concurrency", type=_positive_int, default=None, metavar="N",
+                       help="queries computed at once (default: one per core)")
+    serve.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
+                       help="threads within one query (default 1: the parallelism is across queries)")
+    serve.add_argument("-q", "--quiet", action="store_true", help="no access log, only warnings and errors")
+    serve.set_defaults(run=cmd_serve)
 
     evaluate = commands.add_parser(
         "evaluate", help="mean average precision and recall@k of an index",
