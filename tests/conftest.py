@@ -47,3 +47,40 @@ def cli(*args):
         except SystemExit as exc:
             code = exc.code
     return code, out.getvalue(), err.getvalue()
+
+
+SCENE15 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scene15")
+
+
+def word_sets(n_words=8, dim=16, sizes=(40, 0, 1, 300, 7), seed=0):
+    """(descriptor sets, KMeansVocabulary): sets of ``sizes`` rows around all words but the
+    last, which lies far away (an empty word), and an empty set among them."""
+    from vladkit import KMeansVocabulary
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 1, (n_words, dim))
+    centers[-1] += 50
+    sets = []
+    for n in sizes:
+        labels = rng.integers(0, n_words - 1, n)
+        sets.append((centers[labels] + 0.6 * rng.standard_normal((n, dim))).astype(np.float32))
+    return sets, KMeansVocabulary.from_centers(centers.astype(np.float32))
+
+
+def scene15_rootsift(n_words, max_descriptors):
+    """Dense RootSIFT (step 8) of 4 15-Scene images (2 classes x 2) and k-means words on
+    them; skips the test where 15-Scene is missing."""
+    import glob
+
+    from vladkit import DenseSIFT, KMeansVocabulary
+
+    paths = sorted(glob.glob(os.path.join(SCENE15, "train", "*", "*.jpg")))
+    if not paths:
+        pytest.skip(f"15-Scene is not at {os.path.abspath(SCENE15)} (real dense RootSIFT tests)")
+    by_class = {}
+    for path in paths:
+        by_class.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
+    chosen = [p for name in sorted(by_class)[:2] for p in by_class[name][:2]]
+    features = DenseSIFT(root=True, step=8, n_jobs=2).transform(chosen)
+    vocabulary = KMeansVocabulary(n_words, max_descriptors=max_descriptors, random_state=0).fit(features)
+    return features, vocabulary

@@ -3,7 +3,6 @@ reference (tests/reference.py: explicit k-NN by sorting, np.linalg.solve per des
 on random descriptors and on real dense RootSIFT, and its streaming, pyramid and
 scikit-learn behaviour."""
 
-import glob
 import os
 
 import cv2
@@ -15,12 +14,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
 import reference as ref
-from conftest import cli, textured_image
-from vladkit import DenseSIFT, KMeansVocabulary, LLCEncoder, LocalFeatures, SpatialPyramid, load_vocabulary
+from conftest import cli, scene15_rootsift, textured_image, word_sets
+from vladkit import KMeansVocabulary, LLCEncoder, LocalFeatures, SpatialPyramid, load_vocabulary
 from vladkit.encoders.pyramid import cell_masks
 from vladkit.encodings import load_encodings
 
-SCENE15 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scene15")
 D, K = 16, 8
 ATOL = 1e-5
 
@@ -28,29 +26,14 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def data():
     """Descriptor sets of 40, 0, 1, 300, 7 rows around 7 of 8 words (the 8th is far)."""
-    rng = np.random.default_rng(0)
-    centers = rng.normal(0, 1, (K, D))
-    centers[-1] += 50
-    sets = []
-    for n in [40, 0, 1, 300, 7]:
-        labels = rng.integers(0, K - 1, n)
-        sets.append((centers[labels] + 0.6 * rng.standard_normal((n, D))).astype(np.float32))
-    return {"sets": sets, "kmeans": KMeansVocabulary.from_centers(centers.astype(np.float32))}
+    sets, kmeans = word_sets(K, D)
+    return {"sets": sets, "kmeans": kmeans}
 
 
 @pytest.fixture(scope="module")
 def rootsift():
     """Dense RootSIFT of 4 15-Scene images (2 classes x 2) and 64 k-means words on them."""
-    paths = sorted(glob.glob(os.path.join(SCENE15, "train", "*", "*.jpg")))
-    if not paths:
-        pytest.skip(f"15-Scene is not at {os.path.abspath(SCENE15)} (real dense RootSIFT tests)")
-    by_class = {}
-    for path in paths:
-        by_class.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
-    chosen = [p for name in sorted(by_class)[:2] for p in by_class[name][:2]]
-    features = DenseSIFT(root=True, step=8, n_jobs=2).transform(chosen)
-    vocabulary = KMeansVocabulary(64, max_descriptors=10_000, random_state=0).fit(features)
-    return features, vocabulary
+    return scene15_rootsift(64, 10_000)
 
 
 def _reference(encoder, sets):
