@@ -144,7 +144,7 @@ def test_faiss_gets_the_kernel_the_cpu_supports():
     plain = _run(_KERNELS.format(first="import numpy, faiss"))
     if "faiss" not in plain["arch"]:
         pytest.skip("this faiss does not load an OpenBLAS that threadpoolctl reports")
-    result = _run(_KERNELS.format(first="import vladkit"))
+    result = _run(_KERNELS.format(first="import vladkit.index"))
     assert result["arch"]["faiss"].lower() == _EXPECTED.lower()
     assert result["arch"]["faiss"] != "Prescott"
     assert result["variable"] is None  # removed again: children and later libraries unaffected
@@ -154,7 +154,7 @@ def test_faiss_gets_the_kernel_the_cpu_supports():
 
 def test_faiss_keeps_the_users_kernel():
     _needs_a_better_kernel()
-    result = _run(_KERNELS.format(first="import vladkit"), OPENBLAS_CORETYPE="Prescott")
+    result = _run(_KERNELS.format(first="import vladkit.index"), OPENBLAS_CORETYPE="Prescott")
     if "faiss" not in result["arch"]:
         pytest.skip("this faiss does not load an OpenBLAS that threadpoolctl reports")
     assert result["arch"]["faiss"] == "Prescott"
@@ -180,7 +180,7 @@ def test_search_results_do_not_depend_on_the_kernel():
     float32 round-off (BLAS search: 300 queries >= faiss's threshold of 20)."""
     _needs_a_better_kernel()
     generic = _run(_SEARCH.format(first=""), OPENBLAS_CORETYPE="Prescott")
-    chosen = _run(_SEARCH.format(first="import vladkit"))
+    chosen = _run(_SEARCH.format(first="import vladkit.index"))
     assert generic["I"] == chosen["I"]
     D0, D1 = np.array(generic["D"]), np.array(chosen["D"])
     np.testing.assert_allclose(D1, D0, rtol=1e-5, atol=1e-5 * np.abs(D0).max())

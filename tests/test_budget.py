@@ -47,7 +47,7 @@ def big():
 @pytest.fixture
 def low_floor(monkeypatch):
     """Budgets below the 256 MB floor, so that pieces are tested on small images (fast)."""
-    monkeypatch.setattr("vladkit.budget.MIN_MAX_MEMORY", 1)
+    monkeypatch.setattr("vladkit._defaults.MIN_MAX_MEMORY", 1)
 
 
 # --------------------------------------------------------------------------- parsing

@@ -412,7 +412,7 @@ def photo(seed, height, width):
 
 @pytest.mark.parametrize("pyramid", [False, True], ids=["plain", "pyramid"])
 def test_image_encoder_in_pieces_under_a_small_budget_equals_whole(pyramid, monkeypatch):
-    monkeypatch.setattr("vladkit.budget.MIN_MAX_MEMORY", 1)
+    monkeypatch.setattr("vladkit._defaults.MIN_MAX_MEMORY", 1)
     images = [photo(1, 900, 1100), textured_image(2, (120, 160)), textured_image(3, (150, 100))]
     extractor = DenseSIFT(step=4, sizes=(4, 8), root=True, max_side=None, n_jobs=2)
     sample = extractor.transform(images[1:])

@@ -12,52 +12,86 @@ import os as _os
 # loaded, so it takes effect when vladkit is imported before numpy.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-# faiss's bundled OpenBLAS runs its generic kernel on CPUs newer than itself: load faiss
-# with the kernel this CPU supports, unless OPENBLAS_CORETYPE is set (vladkit/_blas.py).
-from ._blas import load_faiss as _load_faiss; _load_faiss()  # noqa: E402,E702
+# faiss's bundled OpenBLAS runs its generic kernel on CPUs newer than itself: vladkit.index
+# loads faiss with the kernel this CPU supports, unless OPENBLAS_CORETYPE is set
+# (vladkit/_blas.py).
+import importlib as _importlib  # noqa: E402
 
-from .datasets import labelled_images
-from .encoders import (
-    BoFEncoder,
-    FisherEncoder,
-    LLCEncoder,
-    MultiVocabulary,
-    NetVLADEncoder,
-    NetVLADParams,
-    SpatialPyramid,
-    SuperVectorEncoder,
-    VLADEncoder,
-    init_netvlad,
-    load_netvlad,
-    save_netvlad,
-)
-from .features import SIFT, DenseSIFT, ImageSkippedWarning, LocalFeatures, root_sift
-from .image_encoder import ImageEncoder
-from .evaluation import (
-    GroundTruth,
-    average_precision,
-    folder_ground_truth,
-    holidays_ground_truth,
-    mean_average_precision,
-    recall_at_k,
-    retrieval_ground_truth,
-)
-from .encodings import EncodedImages, Recipe, load_encodings
-from .functional import fisher_encode, vlad_encode
-from .images import ImageReadError, list_images, read_image, read_size
-from .index import IndexFileError, PCAWhitening, VectorIndex
-from .jobs import EncodeResult, encode_images
-from .sharded import ShardedEncodings
-from .spatial_augmentation import SpatialAugmentation, augment_positions
-from .spatial import Verification, match_descriptors, spatial_score, verify
-from .rerank import FeatureStore, RerankResult, rerank, write_feature_store
-from .vocabulary import (
-    DescriptorSampler,
-    GMMVocabulary,
-    KMeansVocabulary,
-    VocabularyFileError,
-    load_vocabulary,
-)
+#: Where each public name lives: ``import vladkit`` loads none of them (numpy,
+#: scikit-learn, numba and faiss load with the first name used), so the ``vladkit``
+#: command answers ``--help`` at once (PEP 562).
+_LOCATIONS = {
+    "labelled_images": "datasets",
+    "BoFEncoder": "encoders",
+    "FisherEncoder": "encoders",
+    "LLCEncoder": "encoders",
+    "MultiVocabulary": "encoders",
+    "NetVLADEncoder": "encoders",
+    "NetVLADParams": "encoders",
+    "SpatialPyramid": "encoders",
+    "SuperVectorEncoder": "encoders",
+    "VLADEncoder": "encoders",
+    "init_netvlad": "encoders",
+    "load_netvlad": "encoders",
+    "save_netvlad": "encoders",
+    "EncodedImages": "encodings",
+    "Recipe": "encodings",
+    "load_encodings": "encodings",
+    "GroundTruth": "evaluation",
+    "average_precision": "evaluation",
+    "folder_ground_truth": "evaluation",
+    "holidays_ground_truth": "evaluation",
+    "mean_average_precision": "evaluation",
+    "recall_at_k": "evaluation",
+    "retrieval_ground_truth": "evaluation",
+    "DenseSIFT": "features",
+    "ImageSkippedWarning": "features",
+    "LocalFeatures": "features",
+    "SIFT": "features",
+    "root_sift": "features",
+    "fisher_encode": "functional",
+    "vlad_encode": "functional",
+    "ImageEncoder": "image_encoder",
+    "ImageReadError": "images",
+    "list_images": "images",
+    "read_image": "images",
+    "read_size": "images",
+    "IndexFileError": "index",
+    "PCAWhitening": "index",
+    "VectorIndex": "index",
+    "EncodeResult": "jobs",
+    "encode_images": "jobs",
+    "FeatureStore": "rerank",
+    "RerankResult": "rerank",
+    "rerank": "rerank",
+    "write_feature_store": "rerank",
+    "ShardedEncodings": "sharded",
+    "Verification": "spatial",
+    "match_descriptors": "spatial",
+    "spatial_score": "spatial",
+    "verify": "spatial",
+    "SpatialAugmentation": "spatial_augmentation",
+    "augment_positions": "spatial_augmentation",
+    "DescriptorSampler": "vocabulary",
+    "GMMVocabulary": "vocabulary",
+    "KMeansVocabulary": "vocabulary",
+    "VocabularyFileError": "vocabulary",
+    "load_vocabulary": "vocabulary",
+}
+
+
+def __getattr__(name):
+    module = _LOCATIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vladkit' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LOCATIONS))
+
 
 __all__ = [
     "BoFEncoder",

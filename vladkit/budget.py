@@ -23,55 +23,20 @@ resident for numpy, OpenCV, scikit-learn, numba and faiss), and what the caller 
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
+from ._defaults import DEFAULT_MAX_MEMORY, MIN_MAX_MEMORY, parse_memory  # noqa: F401 (defined there for the CLI)
 from ._threads import effective_n_jobs
 from .images import ImageReadError, read_size
 
 __all__ = ["DEFAULT_MAX_MEMORY", "ImageBatch", "encoder_memory", "iter_batches", "parse_memory"]
 
-#: Default working-memory budget of the streaming paths: with the libraries, a job stays
-#: under ~1.6 GB resident whatever the image sizes (measured in benchmarks/bench_photos.py).
-DEFAULT_MAX_MEMORY = 1_000_000_000
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-#: The smallest budget accepted: the encoder's scratch (~100 MB for K = 256) and a few
-#: bands of a large photo.
-MIN_MAX_MEMORY = 256 * 10**6
-
 
 #: Pieces are not made smaller than this (a band's scratch is recomputed at its edges).
 MIN_PIECE_BYTES = 16 * 10**6
-
-
-def parse_memory(value, name="max_memory"):
-    """Bytes from an int or a string such as ``"512MB"``, ``"1.5GB"``, ``"2GiB"``.
-
-    Units as Dask's: kB, MB, GB, TB are powers of 1000 (``"1G"`` = ``"1GB"``), KiB, MiB,
-    GiB, TiB powers of 1024; case does not matter; a bare number is bytes. Budgets below
-    256 MB are refused (the encoder's own scratch is up to ~100 MB).
-    """
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number of bytes or a string like '1GB', got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", value.lower())
-        if not match or match.group(2) not in _UNITS:
-            raise ValueError(f"{name} must be a size such as '512MB', '1.5GB' or '2GiB', got {value!r}")
-        number = float(match.group(1)) * _UNITS[match.group(2)]
-    else:
-        raise TypeError(f"{name} must be a number of bytes or a string like '1GB', got {type(value).__name__}")
-    if not math.isfinite(number) or number < MIN_MAX_MEMORY:
-        raise ValueError(f"{name} must be at least 256MB, got {value!r}")
-    return int(number)
 
 
 def encoder_memory(encoder):

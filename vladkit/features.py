@@ -27,6 +27,7 @@ from .dsift import (
     dense_sift,
     dense_sift_pieces,
 )
+from ._defaults import DENSE_MAX_SIDE, DENSE_SIZES, DENSE_STEP, SIFT_MAX_SIDE  # noqa: F401 (re-exported)
 from .images import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from .spatial_augmentation import N_POSITION_DIMS, augment_positions, check_scale
 
@@ -75,14 +76,6 @@ class LocalFeatures:
         return f"LocalFeatures(n={n}, dim={dim}, image_shape={tuple(self.image_shape)})"
 
 
-#: Default ``max_side`` of :class:`DenseSIFT`: photos are described at 640 x 480 (VLFeat's
-#: PHOW applications cap images at 480 rows), which keeps a 12-megapixel photo to ~70k
-#: descriptors instead of 3 million; see README, "Photos", for the measurements.
-DENSE_MAX_SIDE = 640
-#: Default ``max_side`` of :class:`SIFT`: 1024 x 768, the resolution of the INRIA Holidays
-#: retrieval experiments (Jegou et al. 2008); OpenCV's scale space of a full 12-megapixel
-#: photo takes ~3 GB.
-SIFT_MAX_SIDE = 1024
 
 
 def root_sift(descriptors):
@@ -473,7 +466,7 @@ class DenseSIFT(_Extractor):
     rounded to integers. Positions are descriptor centres; ``scales`` is ``s / 3``.
     """
 
-    def __init__(self, step=4, sizes=(4, 6, 8, 10), *, contrast_threshold=0.005,
+    def __init__(self, step=DENSE_STEP, sizes=DENSE_SIZES, *, contrast_threshold=0.005,
                  low_contrast="zero", smooth=True, root=False, spatial_augmentation=None,
                  max_side=DENSE_MAX_SIDE, max_pixels=DEFAULT_MAX_PIXELS, on_error="raise", n_jobs=1):
         self.step = step

@@ -33,8 +33,9 @@ __all__ = [
     "read_size",
 ]
 
-#: Default refusal threshold, in pixels (width x height), checked before decoding.
-DEFAULT_MAX_PIXELS = 100_000_000
+#: Default refusal threshold, in pixels (width x height), checked before decoding
+#: (defined in ``_defaults``, which the command line's parser reads).
+from ._defaults import DEFAULT_MAX_PIXELS  # noqa: E402
 
 #: File name endings :func:`list_images` treats as images (compared case-insensitively).
 IMAGE_EXTENSIONS = (

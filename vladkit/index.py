@@ -29,8 +29,15 @@ import shutil
 import tempfile
 import warnings
 
-import faiss
 import numpy as np
+
+from ._blas import load_faiss
+
+# faiss's bundled OpenBLAS runs its generic kernel on CPUs newer than itself: import it
+# with the kernel this CPU supports (unless OPENBLAS_CORETYPE is set or faiss is already
+# loaded), numpy's OpenBLAS having detected its own first.
+load_faiss()
+import faiss  # noqa: E402
 from sklearn.base import (
     BaseEstimator,
     ClassNamePrefixFeaturesOutMixin,

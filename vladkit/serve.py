@@ -201,7 +201,7 @@ class SearchService:
     def __init__(self, index_folder, *, max_pixels=DEFAULT_MAX_PIXELS, n_jobs=1, max_memory=DEFAULT_MAX_MEMORY,
                  thumbnail_side=THUMBNAIL_SIDE, thumbnail_cache_bytes=THUMBNAIL_CACHE_BYTES):
         # The command line's loader: the same checks and messages as `vladkit search`.
-        from .cli import VOCABULARY_FILE, CommandError, _load_search_index
+        from ._commands import VOCABULARY_FILE, CommandError, _load_search_index
 
         for name, value in (("max_pixels", max_pixels), ("thumbnail_side", thumbnail_side),
                             ("max_memory", max_memory)):

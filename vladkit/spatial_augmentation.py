@@ -120,10 +120,12 @@ class SpatialAugmentation(TransformerMixin, BaseEstimator):
 
     Examples
     --------
-    >>> from vladkit import DenseSIFT, SpatialAugmentation
-    >>> features = DenseSIFT(step=8).transform([image])           # doctest: +SKIP
-    >>> SpatialAugmentation().transform(features)[0].descriptors.shape  # doctest: +SKIP
-    (n, 130)
+    >>> import numpy as np
+    >>> from vladkit import LocalFeatures, SpatialAugmentation
+    >>> features = LocalFeatures(np.ones((1, 3), np.float32), np.float32([[50, 10]]),
+    ...                          np.ones(1, np.float32), (40, 100))
+    >>> SpatialAugmentation().transform([features])[0].descriptors
+    array([[ 1.  ,  1.  ,  1.  ,  0.  , -0.25]], dtype=float32)
     """
 
     def __init__(self, scale=1.0):

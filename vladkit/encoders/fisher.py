@@ -9,8 +9,9 @@ from ..normalize import l2_normalize, power_normalize
 from ..vocabulary import GMMVocabulary
 from ._base import BaseEncoder, check_params
 
-#: pca="auto": descriptors of more dimensions than this are reduced to it.
-AUTO_PCA = 64
+#: pca="auto": descriptors of more dimensions than this are reduced to it (defined in
+#: ``_defaults``, which the command line's parser reads).
+from .._defaults import AUTO_PCA  # noqa: E402
 
 #: VLFeat drops posteriors below this, and skips components whose prior is below it.
 POSTERIOR_THRESHOLD = 1e-6
