@@ -5,8 +5,11 @@ beyond spatial pyramids", Pattern Recognition Letters 33(16)).
 Encoded with a Fisher vector, the augmented descriptors give the "spatial Fisher vector":
 the GMM learns where in the image each kind of patch lies, and the gradients w.r.t. the
 position dimensions of its means and variances record where the image's patches of that
-kind are. For 2 extra dimensions per Gaussian it does about what a spatial pyramid does at
-several times the dimension (and adds to one).
+kind are. Measured on 15-Scene (dense RootSIFT, FV K=64 on PCA-64, linear SVM, balanced
+accuracy): 83.2% plain (8,192 values; 83.7% with the GMM fitted in float64, as the
+augmented one was), 85.8% augmented (8,448), 86.5% with the 1x1 + 2x2 + 1x3 pyramid
+(65,536) and 86.1% with both: most of the pyramid's gain for 3% more values, but, unlike
+in the paper, nothing on top of the pyramid here.
 
 Two ways in, the same formula (:func:`augment_positions`):
 
