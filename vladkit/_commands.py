@@ -53,7 +53,8 @@ from .vocabulary import (
     load_vocabulary,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from .cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: E402 (the parser's, defined once)
+
 PYRAMID = ((1, 1), (2, 2), (1, 3))
 
 

@@ -30,7 +30,6 @@ from ._defaults import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-PYRAMID = ((1, 1), (2, 2), (1, 3))
 
 
 def _positive_float(text):
