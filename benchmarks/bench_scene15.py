@@ -13,15 +13,19 @@ PHOW smoothing) and is run with and without a spatial pyramid (1x1 + 2x2 + 1x3):
 * Fisher vector, K = 64 on PCA-64 and K = 256 on PCA-80 descriptors, improved; and the
   same on spatially augmented descriptors ("+ xy": each descriptor's position
   (x/w - 0.5, y/h - 0.5) appended, kept out of the PCA; Sanchez et al. 2012)
+* "+ mirror" (the K = 64 Fisher vectors): every image, train and test, is encoded as the
+  mean of its encoding and its left-right mirror's, the flip augmentation of Chatfield et
+  al. ("Return of the devil in the details", BMVC 2014). With a linear classifier this is
+  averaging the scores of the two views, so the SVM's training set keeps its size.
 
 These are the five encodings of Chatfield et al.'s comparison ("The devil is in the
 details", BMVC 2011: hard BoF, kernel codebook, LLC, super vector, Fisher) but for the
 kernel codebook (``BoFEncoder(assignment="soft")``), plus VLAD. ``--only PATTERN ...``
 runs some of them (e.g. ``--only 'LLC*' 'BoF*'``).
 
-"FV K=64 no PCA" fits the GMM on the 128-D descriptors themselves: the reason
-``FisherEncoder``'s default ``pca="auto"`` reduces them to 64 first (the "FV K=64 PCA-64"
-row is what ``FisherEncoder(64)`` does untuned).
+The "FV K=64 PCA-64" row is what ``FisherEncoder(64)`` does untuned. ``--no-pca`` adds
+"FV K=64 no PCA", the GMM on the 128-D descriptors themselves: the reason
+``FisherEncoder``'s default ``pca="auto"`` reduces them to 64 first (4 points lower).
 
 Memory stays bounded whatever the number of images (see ARCHITECTURE.md, "Memory model"): one
 pass over the training images samples descriptors for the vocabularies; a second pass
@@ -50,6 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
@@ -68,6 +73,7 @@ from vladkit import (
     VLADEncoder,
     labelled_images,
 )
+from vladkit.images import read_image
 from vladkit.spatial_augmentation import N_POSITION_DIMS, augment_positions
 from vladkit.normalize import l2_normalize
 
@@ -83,7 +89,11 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def variants(quick):
+#: Rows also run on mirror-averaged encodings ("<row> + mirror").
+MIRRORED = ("FV K={k_small} PCA-{pca_small}", "FV K={k_small} PCA-{pca_small} + xy")
+
+
+def variants(quick, no_pca=False):
     """(name, vocabulary key, vocabulary factory, encoder factory, spatial) per encoding.
 
     Rows with the same vocabulary key share one vocabulary (trained once, its time shown on
@@ -120,9 +130,21 @@ def variants(quick):
         (f"FV K={k_large} PCA-{pca_large} + xy", f"gmm-{k_large}-{pca_large}-xy",
          lambda s: GMMVocabulary(k_large, pca=pca_large, passthrough_dims=xy, random_state=s),
          lambda v: FisherEncoder(vocabulary=v), True),
+    ] + ([
         (f"FV K={k_small} no PCA", f"gmm-{k_small}", lambda s: GMMVocabulary(k_small, random_state=s),
          lambda v: FisherEncoder(vocabulary=v), False),
-    ]
+    ] if no_pca else [])
+
+
+def mirrored_names(quick):
+    """Names of the rows that also get a "+ mirror" row."""
+    k_small, pca_small = (8, 32) if quick else (64, 64)
+    return {name.format(k_small=k_small, pca_small=pca_small) for name in MIRRORED}
+
+
+def mirrored(paths):
+    """The images flipped left-right (decoded arrays)."""
+    return [cv2.flip(read_image(path), 1) for path in paths]
 
 
 class RowFile:
@@ -197,6 +219,8 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", metavar="PATTERN",
                         help="run only the encodings whose names match (shell-style, e.g. 'FV*' 'LLC*')")
     parser.add_argument("--scratch", help="folder for the vectors on disk (default: a temporary folder)")
+    parser.add_argument("--no-pca", action="store_true",
+                        help="add the 'FV K=64 no PCA' row (its GMM on 128-D descriptors takes ~10 min)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="scene15-", dir=args.scratch) as scratch:
         return run(args, parser, Path(scratch))
@@ -209,11 +233,17 @@ def run(args, parser, scratch):
     if not train_paths or not test_paths:
         parser.error(f"no images under {args.data}/train and {args.data}/test")
     print(f"15-Scene: {len(train_paths)} train / {len(test_paths)} test images, {len(classes)} classes")
-    chosen = [v for v in variants(args.quick)
-              if not args.only or any(fnmatch.fnmatchcase(v[0], pattern) for pattern in args.only)]
+    def wanted(name):
+        return not args.only or any(fnmatch.fnmatchcase(name, pattern) for pattern in args.only)
+
+    all_variants = variants(args.quick, args.no_pca)
+    # A "+ mirror" row needs its row's encoder: asking for it brings the row along.
+    mirror = {v[0] for v in all_variants if v[0] in mirrored_names(args.quick) and wanted(v[0] + " + mirror")}
+    chosen = [v for v in all_variants if wanted(v[0]) or v[0] in mirror]
     if not chosen:
         parser.error(f"--only {' '.join(args.only)} matches no encoding: "
-                     + ", ".join(v[0] for v in variants(args.quick)))
+                     + ", ".join(v[0] for v in all_variants)
+                     + " (and the mirror rows " + ", ".join(sorted(n + " + mirror" for n in mirrored_names(args.quick))) + ")")
     extractor = DenseSIFT(root=True, n_jobs=-1)
     timing = {"extraction": 0.0}
 
@@ -238,8 +268,12 @@ def run(args, parser, scratch):
         vocabulary = vocabularies[vocabulary_key]
         pyramid = SpatialPyramid(make_encoder(vocabulary), levels=LEVELS).fit([descriptors[:10]])
         rows[name] = {"vocabulary s": None if shared else time.perf_counter() - start, "encoding s": 0.0}
+        if name in mirror:
+            # Its encoding time: the row's own plus the mirrored views' (added up at the end).
+            rows[name + " + mirror"] = {"vocabulary s": None, "mirror s": 0.0, "of": name}
         encoders.append((name, pyramid, spatial))
-        print(f"  {name}: " + ("vocabulary shared" if shared else f"vocabulary in {rows[name]['vocabulary s']:.0f} s"))
+        print(f"  {name}: " + ("vocabulary shared" if shared else f"vocabulary in {rows[name]['vocabulary s']:.0f} s")
+              + f", peak memory {peak_memory_mb():,.0f} MB", flush=True)
     del sample, sampler, vocabularies
 
     # Pass 2: extract each image once, encode with every variant's pyramid, append to disk.
@@ -247,24 +281,42 @@ def run(args, parser, scratch):
     for split, paths in (("train", train_paths), ("test", test_paths)):
         for first in range(0, len(paths), args.batch_size):
             start = time.perf_counter()
-            features = extractor.transform(paths[first:first + args.batch_size])
+            batch = paths[first:first + args.batch_size]
+            features = extractor.transform(batch)
+            flipped = extractor.transform(mirrored(batch)) if mirror else None
             timing["extraction"] += time.perf_counter() - start
             augmented = [augment_positions(f) for f in features] if any(e[2] for e in encoders) else None
             for name, pyramid, spatial in encoders:
                 start = time.perf_counter()
                 spm = pyramid.transform(augmented if spatial else features)
                 rows[name]["encoding s"] += time.perf_counter() - start
-                key = (name, split)
-                if key not in stored:
-                    stored[key] = RowFile(scratch / f"{len(stored)}.f16", spm.shape[1])
-                stored[key].append(spm)
+                outputs = [(name, spm)]
+                if name in mirror:
+                    start = time.perf_counter()
+                    views = [augment_positions(f) for f in flipped] if spatial else flipped
+                    # The mean of the two views' vectors: a linear classifier's score is the
+                    # mean of its scores on each.
+                    outputs.append((name + " + mirror", (spm + pyramid.transform(views)) / 2))
+                    rows[name + " + mirror"]["mirror s"] += time.perf_counter() - start
+                for row, vectors in outputs:
+                    key = (row, split)
+                    if key not in stored:
+                        stored[key] = RowFile(scratch / f"{len(stored)}.f16", vectors.shape[1])
+                    stored[key].append(vectors)
             done = first + len(features)
             print(f"  pass 2, {split}: {done}/{len(paths)} images, peak memory {peak_memory_mb():,.0f} MB",
                   end="\r", flush=True)
         print()
 
-    results = []
+    for timings in rows.values():
+        if "of" in timings:
+            timings["encoding s"] = rows[timings["of"]]["encoding s"] + timings["mirror s"]
+    results, table = [], ""
+    reported = []
     for name, pyramid, _ in encoders:
+        reported += [(name, pyramid)] if wanted(name) else []
+        reported += [(name + " + mirror", pyramid)] if name in mirror else []
+    for name, pyramid in reported:
         train, test = stored.pop((name, "train")), stored.pop((name, "test"))
         block = pyramid.encoder_.n_features_out_
         for variant, columns in ((name, block), (name + " + SPM", None)):
@@ -275,11 +327,18 @@ def run(args, parser, scratch):
             training = time.perf_counter() - start
             dim = columns or train.dim
             results.append((variant, dim, accuracy, C, rows[name], training))
-            print(f"  {variant}: dim {dim:,}, balanced accuracy {100 * accuracy:.1f}% (C={C})")
+            print(f"  {variant}: dim {dim:,}, balanced accuracy {100 * accuracy:.1f}% (C={C})", flush=True)
             del K_train, K_test
+            # Written after every row, so an interrupted run keeps what it measured.
+            table = write_table(args.out, results, train_paths, test_paths, timing)
         train.close()
         test.close()
+    print(table)
+    plot(args.out, results)
+    return 0
 
+
+def write_table(out, results, train_paths, test_paths, timing):
     peak = peak_memory_mb()
     lines = [
         (f"15-Scene, {len(train_paths)} train / {len(test_paths)} test images, dense RootSIFT "
@@ -295,10 +354,16 @@ def run(args, parser, scratch):
                      f"{'shared' if timings['vocabulary s'] is None else format(timings['vocabulary s'], '.0f')} | "
                      f"{share} | {training:.0f} |")
     table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scene15.md").write_text(table + "\n")
+    partial = out / "scene15.md.partial"
+    partial.write_text(table + "\n")
+    partial.replace(out / "scene15.md")
+    return table
+
+
+def plot(out, results):
+    out = Path(out)
     try:
         import matplotlib
 
@@ -307,7 +372,7 @@ def run(args, parser, scratch):
     except ImportError:
         print("matplotlib not installed (pip install '.[bench]'): no plot")
     else:
-        figure, axis = plt.subplots(figsize=(8, 4))
+        figure, axis = plt.subplots(figsize=(8, 1 + 0.22 * len(results)))
         names = [r[0] for r in results]
         axis.barh(names, [100 * r[2] for r in results], color=["#4c72b0" if "SPM" not in n else "#dd8452" for n in names])
         axis.set_xlabel("balanced accuracy on 15-Scene test (%)")
@@ -317,7 +382,6 @@ def run(args, parser, scratch):
             axis.text(100 * r[2] + 0.3, y, f"{100 * r[2]:.1f}", va="center", fontsize=8)
         figure.tight_layout()
         figure.savefig(out / "scene15.png", dpi=120)
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ def test_quick_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "scene15.md").read_text()
     counts = {name: table.count(f"| {name} ") for name in ("BoF", "LLC", "VLAD", "SV", "FV")}
-    assert counts == {"BoF": 2, "LLC": 4, "VLAD": 4, "SV": 4, "FV": 10}, counts
-    assert table.count("+ xy") == 4
+    assert counts == {"BoF": 2, "LLC": 4, "VLAD": 4, "SV": 4, "FV": 12}, counts
+    assert table.count("+ xy") == 6
+    # the mirror-averaged rows: the K=8 Fisher vectors, with and without positions and pyramid
+    assert table.count(" + mirror") == 4
     assert "balanced accuracy" in table and "%" in table

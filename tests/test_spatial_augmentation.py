@@ -229,7 +229,7 @@ def test_gmm_falls_back_to_float64_when_float32_em_loses_a_variance(monkeypatch)
 
     class Float32Fails(module.GaussianMixture):
         def fit(self, X, y=None):
-            calls.append(X.dtype)
+            calls.append((X.dtype, len(X)))
             if X.dtype == np.float32:
                 raise ValueError("Fitting the mixture model failed because some components have "
                                  "ill-defined empirical covariance (for instance ...)")
@@ -238,7 +238,16 @@ def test_gmm_falls_back_to_float64_when_float32_em_loses_a_variance(monkeypatch)
     monkeypatch.setattr(module, "GaussianMixture", Float32Fails)
     X = np.random.default_rng(0).standard_normal((500, 6)).astype(np.float32)
     vocab = GMMVocabulary(3, random_state=0).fit(X)
-    assert calls == [np.float32, np.float64] and vocab.means_.dtype == np.float32
+    # the float64 retry runs on half the rows (seeded), so its memory is the float32 fit's
+    assert calls == [(np.float32, 500), (np.float64, 250)] and vocab.means_.dtype == np.float32
+    assert np.isfinite(vocab.means_).all() and vocab.n_components == 3
+    calls.clear()
+    again = GMMVocabulary(3, random_state=0).fit(X)
+    np.testing.assert_array_equal(again.means_, vocab.means_)
+    # few rows: never fewer than 2 per component (of 8 rows and 3 components, 6)
+    calls.clear()
+    GMMVocabulary(3, random_state=0).fit(X[:8])
+    assert calls == [(np.float32, 8), (np.float64, 6)]
     monkeypatch.setattr(module, "GaussianMixture", type("Other", (module.GaussianMixture,), {
         "fit": lambda self, X, y=None: (_ for _ in ()).throw(ValueError("something else"))}))
     with pytest.raises(ValueError, match="something else"):
