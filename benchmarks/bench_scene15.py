@@ -8,7 +8,8 @@ PHOW smoothing) and is run with and without a spatial pyramid (1x1 + 2x2 + 1x3):
 
 * BoF, K = 1000, Hellinger (signed square root, L2)
 * LLC (Wang et al. 2010), K = 1000 (BoF's words) and 4000, 5 neighbours, max pooling, L2
-* VLAD, K = 64 and 256, signed square root + intra + L2
+* VLAD, K = 64 and 256, signed square root + intra + L2; and on spatially augmented
+  descriptors ("+ xy", below: the k-means words then cover appearance and position)
 * super-vector coding (Zhou et al. 2010), K = 64 and 256 (VLAD's words), s = 0.1, L2
 * Fisher vector, K = 64 on PCA-64 and K = 256 on PCA-80 descriptors, improved; and the
   same on spatially augmented descriptors ("+ xy": each descriptor's position
@@ -125,10 +126,14 @@ def variants(quick, no_pca=False):
          lambda v: VLADEncoder(vocabulary=v), False),
         (f"SV K={k_small}", f"kmeans-{k_small}", lambda s: KMeansVocabulary(k_small, random_state=s),
          lambda v: SuperVectorEncoder(vocabulary=v, s=SV_S), False),
+        (f"VLAD K={k_small} + xy", f"kmeans-{k_small}-xy", lambda s: KMeansVocabulary(k_small, random_state=s),
+         lambda v: VLADEncoder(vocabulary=v), True),
         (f"VLAD K={k_large}", f"kmeans-{k_large}", lambda s: KMeansVocabulary(k_large, random_state=s),
          lambda v: VLADEncoder(vocabulary=v), False),
         (f"SV K={k_large}", f"kmeans-{k_large}", lambda s: KMeansVocabulary(k_large, random_state=s),
          lambda v: SuperVectorEncoder(vocabulary=v, s=SV_S), False),
+        (f"VLAD K={k_large} + xy", f"kmeans-{k_large}-xy", lambda s: KMeansVocabulary(k_large, random_state=s),
+         lambda v: VLADEncoder(vocabulary=v), True),
         (f"FV K={k_small} PCA-{pca_small}", f"gmm-{k_small}-{pca_small}",
          lambda s: GMMVocabulary(k_small, pca=pca_small, random_state=s), lambda v: FisherEncoder(vocabulary=v), False),
         (f"FV K={k_small} PCA-{pca_small} + xy", f"gmm-{k_small}-{pca_small}-xy",
@@ -266,7 +271,7 @@ def main(argv=None):
                         help="run only the encodings whose names match (shell-style, e.g. 'FV*' 'LLC*')")
     parser.add_argument("--scratch", help="parent of the temporary folder for the vectors (default: the system's)")
     parser.add_argument("--cache", metavar="DIR",
-                        help="keep the vocabularies, vectors (~7 GB) and results in DIR, and resume from them: "
+                        help="keep the vocabularies, vectors (~9 GB) and results in DIR, and resume from them: "
                              "a stopped run continues where it was, a rerun with more rows encodes only those")
     parser.add_argument("--no-pca", action="store_true",
                         help="add the 'FV K=64 no PCA' row (its GMM on 128-D descriptors takes ~10 min)")
@@ -371,7 +376,7 @@ def run(args, parser, cache):
 
     # Pass 2: extract each image once, encode it with every variant's pyramid (and its
     # mirror image with the mirrored rows'), append to disk. Rows already complete in the
-    # cache are skipped; the others resume at the first image any of them lacks.
+    # cache are skipped; each of the others resumes at the first image it lacks.
     stored = {}
     for split, paths in (("train", train_paths), ("test", test_paths)):
         outputs = []
@@ -384,16 +389,16 @@ def run(args, parser, cache):
             print(f"  pass 2, {split}: all {len(paths)} images in the cache")
             continue
         resume = min(stored[row, split].n_rows for row, *_ in outputs)
-        for row, *_ in outputs:
-            stored[row, split].truncate_to(resume)
         if resume:
             print(f"  pass 2, {split}: resuming at image {resume}")
-        need_mirror = any(flip for *_, flip in outputs)
         for first in range(resume, len(paths), args.batch_size):
-            start = time.perf_counter()
             batch = paths[first:first + args.batch_size]
+            end = first + len(batch)
+            # The rows still lacking some of these images (each skips what it has).
+            needing = [o for o in outputs if stored[o[0], split].n_rows < end]
+            start = time.perf_counter()
             features = extractor.transform(batch)
-            flipped = extractor.transform(mirrored(batch)) if need_mirror else None
+            flipped = extractor.transform(mirrored(batch)) if any(o[3] for o in needing) else None
             timing["extraction"] += time.perf_counter() - start
             views, plain = {}, {}
 
@@ -403,19 +408,20 @@ def run(args, parser, cache):
                     views[flip, spatial] = [augment_positions(f) for f in base] if spatial else base
                 return views[flip, spatial]
 
-            for row, pyramid, spatial, flip in outputs:
+            for row, pyramid, spatial, flip in needing:
                 start = time.perf_counter()
                 if not flip:
                     vectors = plain[row] = pyramid.transform(view(False, spatial))
                 else:
                     # The mean of the two views' vectors: a linear classifier's score is the
                     # mean of its scores on each. (The row's own vectors are recomputed
-                    # when that row is already complete in the cache.)
+                    # when that row already has these images.)
                     own = row[:-len(" + mirror")]
                     if own not in plain:
                         plain[own] = pyramid.transform(view(False, spatial))
                     vectors = (plain[own] + pyramid.transform(view(True, spatial))) / 2
-                stored[row, split].append(vectors, time.perf_counter() - start)
+                have = stored[row, split].n_rows - first
+                stored[row, split].append(vectors[max(have, 0):], time.perf_counter() - start)
             done = first + len(batch)
             totals()
             print(f"  pass 2, {split}: {done}/{len(paths)} images, peak memory {peak_memory_mb():,.0f} MB",

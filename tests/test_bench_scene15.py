@@ -25,8 +25,8 @@ def test_quick_benchmark_runs_and_resumes(tmp_path):
 
     _, table = bench(tmp_path / "first")
     counts = {name: table.count(f"| {name} ") for name in ("BoF", "LLC", "VLAD", "SV", "FV")}
-    assert counts == {"BoF": 2, "LLC": 4, "VLAD": 4, "SV": 4, "FV": 12}, counts
-    assert table.count("+ xy") == 6
+    assert counts == {"BoF": 2, "LLC": 4, "VLAD": 8, "SV": 4, "FV": 12}, counts
+    assert table.count("+ xy") == 10
     # the mirror-averaged rows: the K=8 Fisher vectors, with and without positions and pyramid
     assert table.count(" + mirror") == 4
     assert "balanced accuracy" in table and "%" in table
