@@ -283,6 +283,8 @@ def main(argv=None):
 
 
 def run(args, parser, cache):
+    if args.quick and args.per_class < 2:
+        parser.error(f"--per-class must be at least 2 (C is chosen by cross-validation), got {args.per_class}")
     per_class = args.per_class if args.quick else None
     train_paths, y_train, classes = labelled_images(Path(args.data) / "train", per_class)
     test_paths, y_test, _ = labelled_images(Path(args.data) / "test", per_class)
@@ -334,8 +336,11 @@ def run(args, parser, cache):
     def vocabulary_path(key):
         return cache / f"vocabulary-{key}.npz"
 
+    def cached(path):  # the vocabulary, and its fitting time written after it
+        return path.exists() and path.with_suffix(".json").exists()
+
     sample = None
-    if not all(vocabulary_path(v[1]).exists() for v in chosen):
+    if not all(cached(vocabulary_path(v[1])) for v in chosen):
         start = time.perf_counter()
         sampler = DescriptorSampler(len(train_paths), 20_000 if args.quick else 300_000, seed=args.seed)
         for first in range(0, len(train_paths), args.batch_size):
@@ -352,7 +357,7 @@ def run(args, parser, cache):
         shared = vocabulary_key in vocabularies
         source = "vocabulary shared"
         if not shared:
-            if path.exists():
+            if cached(path):
                 vocabularies[vocabulary_key] = load_vocabulary(path)
                 seconds = json.loads(path.with_suffix(".json").read_text())["seconds"]
                 source = f"vocabulary in {seconds:.0f} s (from the cache)"
@@ -365,6 +370,7 @@ def run(args, parser, cache):
                 vocabularies[vocabulary_key].save(path)
                 write_json(path.with_suffix(".json"), {"seconds": seconds})
                 source = f"vocabulary in {seconds:.0f} s"
+                totals()  # its fit's memory peak is on record even if the run stops now
             vocabulary_seconds[vocabulary_key] = seconds
         vocabulary = vocabularies[vocabulary_key]
         empty = np.zeros((0, vocabulary.descriptor_dim_), np.float32)
