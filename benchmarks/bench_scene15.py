@@ -189,15 +189,7 @@ class RowFile:
         self._file.flush()
         self.n_rows += len(vectors)
         self.seconds += seconds
-        self.truncate_to(self.n_rows)
-
-    def truncate_to(self, n_rows):
-        """Keep the first ``n_rows`` rows (and record them)."""
-        if n_rows < self.n_rows:
-            self.seconds *= n_rows / self.n_rows
-            self.n_rows = n_rows
-            self._file.truncate(n_rows * self.dim * 2)
-            self._file.seek(0, os.SEEK_END)
+        # Recorded once the rows are written: a stop between the two loses the batch only.
         write_json(self._meta, {"dim": self.dim, "n_rows": self.n_rows, "seconds": self.seconds})
 
     def blocks(self, rows, columns=None):
