@@ -6,8 +6,8 @@ Train on ``train/`` (100 images per class), report balanced accuracy (mean per-c
 recall) on ``test/``. Every encoding uses dense RootSIFT (step 4, bin sizes 4/6/8/10,
 PHOW smoothing) and is run with and without a spatial pyramid (1x1 + 2x2 + 1x3):
 
-* BoF, K = 1000, Hellinger (signed square root, L2)
-* LLC (Wang et al. 2010), K = 1000 (BoF's words) and 4000, 5 neighbours, max pooling, L2
+* BoF, K = 1000 and 4000, Hellinger (signed square root, L2)
+* LLC (Wang et al. 2010), K = 1000 and 4000 (BoF's words), 5 neighbours, max pooling, L2
 * VLAD, K = 64 and 256, signed square root + intra + L2; and on spatially augmented
   descriptors ("+ xy", below: the k-means words then cover appearance and position)
 * super-vector coding (Zhou et al. 2010), K = 64 and 256 (VLAD's words), s = 0.1, L2
@@ -122,6 +122,8 @@ def variants(quick, no_pca=False):
          lambda v: LLCEncoder(vocabulary=v), False),
         (f"LLC K={k_llc}", f"kmeans-{k_llc}", lambda s: KMeansVocabulary(k_llc, random_state=s),
          lambda v: LLCEncoder(vocabulary=v), False),
+        (f"BoF K={k_llc} Hellinger", f"kmeans-{k_llc}", lambda s: KMeansVocabulary(k_llc, random_state=s),
+         lambda v: BoFEncoder(vocabulary=v, power=0.5, norm="l2"), False),
         (f"VLAD K={k_small}", f"kmeans-{k_small}", lambda s: KMeansVocabulary(k_small, random_state=s),
          lambda v: VLADEncoder(vocabulary=v), False),
         (f"SV K={k_small}", f"kmeans-{k_small}", lambda s: KMeansVocabulary(k_small, random_state=s),

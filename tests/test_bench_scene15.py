@@ -25,7 +25,7 @@ def test_quick_benchmark_runs_and_resumes(tmp_path):
 
     _, table = bench(tmp_path / "first")
     counts = {name: table.count(f"| {name} ") for name in ("BoF", "LLC", "VLAD", "SV", "FV")}
-    assert counts == {"BoF": 2, "LLC": 4, "VLAD": 8, "SV": 4, "FV": 12}, counts
+    assert counts == {"BoF": 4, "LLC": 4, "VLAD": 8, "SV": 4, "FV": 12}, counts
     assert table.count("+ xy") == 10
     # the mirror-averaged rows: the K=8 Fisher vectors, with and without positions and pyramid
     assert table.count(" + mirror") == 4
