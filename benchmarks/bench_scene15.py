@@ -115,40 +115,47 @@ def variants(quick, no_pca=False):
     k_bof, k_llc, k_small, k_large = (100, 200, 8, 16) if quick else (1000, 4000, 64, 256)
     pca_small, pca_large = (32, 32) if quick else (64, 80)
     xy = N_POSITION_DIMS
+
+    def kmeans(k):
+        return lambda seed: KMeansVocabulary(k, random_state=seed)
+
+    def gmm(k, pca=None, passthrough_dims=0):
+        return lambda seed: GMMVocabulary(k, pca=pca, passthrough_dims=passthrough_dims, random_state=seed)
+
+    def bof(v):
+        return BoFEncoder(vocabulary=v, power=0.5, norm="l2")
+
+    def llc(v):
+        return LLCEncoder(vocabulary=v)
+
+    def vlad(v):
+        return VLADEncoder(vocabulary=v)
+
+    def sv(v):
+        return SuperVectorEncoder(vocabulary=v, s=SV_S)
+
+    def fv(v):
+        return FisherEncoder(vocabulary=v)
+
     return [
-        (f"BoF K={k_bof} Hellinger", f"kmeans-{k_bof}", lambda s: KMeansVocabulary(k_bof, random_state=s),
-         lambda v: BoFEncoder(vocabulary=v, power=0.5, norm="l2"), False),
-        (f"LLC K={k_bof}", f"kmeans-{k_bof}", lambda s: KMeansVocabulary(k_bof, random_state=s),
-         lambda v: LLCEncoder(vocabulary=v), False),
-        (f"LLC K={k_llc}", f"kmeans-{k_llc}", lambda s: KMeansVocabulary(k_llc, random_state=s),
-         lambda v: LLCEncoder(vocabulary=v), False),
-        (f"BoF K={k_llc} Hellinger", f"kmeans-{k_llc}", lambda s: KMeansVocabulary(k_llc, random_state=s),
-         lambda v: BoFEncoder(vocabulary=v, power=0.5, norm="l2"), False),
-        (f"VLAD K={k_small}", f"kmeans-{k_small}", lambda s: KMeansVocabulary(k_small, random_state=s),
-         lambda v: VLADEncoder(vocabulary=v), False),
-        (f"SV K={k_small}", f"kmeans-{k_small}", lambda s: KMeansVocabulary(k_small, random_state=s),
-         lambda v: SuperVectorEncoder(vocabulary=v, s=SV_S), False),
-        (f"VLAD K={k_small} + xy", f"kmeans-{k_small}-xy", lambda s: KMeansVocabulary(k_small, random_state=s),
-         lambda v: VLADEncoder(vocabulary=v), True),
-        (f"VLAD K={k_large}", f"kmeans-{k_large}", lambda s: KMeansVocabulary(k_large, random_state=s),
-         lambda v: VLADEncoder(vocabulary=v), False),
-        (f"SV K={k_large}", f"kmeans-{k_large}", lambda s: KMeansVocabulary(k_large, random_state=s),
-         lambda v: SuperVectorEncoder(vocabulary=v, s=SV_S), False),
-        (f"VLAD K={k_large} + xy", f"kmeans-{k_large}-xy", lambda s: KMeansVocabulary(k_large, random_state=s),
-         lambda v: VLADEncoder(vocabulary=v), True),
-        (f"FV K={k_small} PCA-{pca_small}", f"gmm-{k_small}-{pca_small}",
-         lambda s: GMMVocabulary(k_small, pca=pca_small, random_state=s), lambda v: FisherEncoder(vocabulary=v), False),
+        (f"BoF K={k_bof} Hellinger", f"kmeans-{k_bof}", kmeans(k_bof), bof, False),
+        (f"LLC K={k_bof}", f"kmeans-{k_bof}", kmeans(k_bof), llc, False),
+        (f"LLC K={k_llc}", f"kmeans-{k_llc}", kmeans(k_llc), llc, False),
+        (f"BoF K={k_llc} Hellinger", f"kmeans-{k_llc}", kmeans(k_llc), bof, False),
+        (f"VLAD K={k_small}", f"kmeans-{k_small}", kmeans(k_small), vlad, False),
+        (f"SV K={k_small}", f"kmeans-{k_small}", kmeans(k_small), sv, False),
+        (f"VLAD K={k_small} + xy", f"kmeans-{k_small}-xy", kmeans(k_small), vlad, True),
+        (f"VLAD K={k_large}", f"kmeans-{k_large}", kmeans(k_large), vlad, False),
+        (f"SV K={k_large}", f"kmeans-{k_large}", kmeans(k_large), sv, False),
+        (f"VLAD K={k_large} + xy", f"kmeans-{k_large}-xy", kmeans(k_large), vlad, True),
+        (f"FV K={k_small} PCA-{pca_small}", f"gmm-{k_small}-{pca_small}", gmm(k_small, pca_small), fv, False),
         (f"FV K={k_small} PCA-{pca_small} + xy", f"gmm-{k_small}-{pca_small}-xy",
-         lambda s: GMMVocabulary(k_small, pca=pca_small, passthrough_dims=xy, random_state=s),
-         lambda v: FisherEncoder(vocabulary=v), True),
-        (f"FV K={k_large} PCA-{pca_large}", f"gmm-{k_large}-{pca_large}",
-         lambda s: GMMVocabulary(k_large, pca=pca_large, random_state=s), lambda v: FisherEncoder(vocabulary=v), False),
+         gmm(k_small, pca_small, passthrough_dims=xy), fv, True),
+        (f"FV K={k_large} PCA-{pca_large}", f"gmm-{k_large}-{pca_large}", gmm(k_large, pca_large), fv, False),
         (f"FV K={k_large} PCA-{pca_large} + xy", f"gmm-{k_large}-{pca_large}-xy",
-         lambda s: GMMVocabulary(k_large, pca=pca_large, passthrough_dims=xy, random_state=s),
-         lambda v: FisherEncoder(vocabulary=v), True),
+         gmm(k_large, pca_large, passthrough_dims=xy), fv, True),
     ] + ([
-        (f"FV K={k_small} no PCA", f"gmm-{k_small}", lambda s: GMMVocabulary(k_small, random_state=s),
-         lambda v: FisherEncoder(vocabulary=v), False),
+        (f"FV K={k_small} no PCA", f"gmm-{k_small}", gmm(k_small), fv, False),
     ] if no_pca else [])
 
 
