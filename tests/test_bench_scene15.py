@@ -1,10 +1,12 @@
 """The 15-Scene comparison's --quick path, so the script does not rot."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +19,7 @@ def test_quick_benchmark_runs_and_resumes(tmp_path):
     def bench(out):
         result = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "bench_scene15.py"), "--quick", "--per-class", "2",
-             "--data", str(DATA), "--out", str(out), "--cache", str(tmp_path / "cache")],
+             "--data", str(DATA), "--out", str(out), "--cache", str(tmp_path / "cache"), "--splits", "2"],
             capture_output=True, text=True, timeout=900,
         )
         assert result.returncode == 0, result.stderr[-3000:]
@@ -30,6 +32,8 @@ def test_quick_benchmark_runs_and_resumes(tmp_path):
     # the mirror-averaged rows: the K=8 Fisher vectors, with and without positions and pyramid
     assert table.count(" + mirror") == 4
     assert "balanced accuracy" in table and "%" in table
+    assert "| random splits |" in table
+    assert all(" ± " in line for line in table.splitlines() if line.startswith("| ") and "%" in line)
 
     # A run stopped mid-way: one row's vectors cut short (its record says 10 images, the
     # file holds all), another's test vectors and both rows' results gone. The rerun
@@ -45,5 +49,41 @@ def test_quick_benchmark_runs_and_resumes(tmp_path):
     stdout, again = bench(tmp_path / "second")
     assert "resuming at image 10" in stdout and "(from the cache)" in stdout
     assert "pass 1" not in stdout  # every vocabulary was cached
-    rows = [line.split("|")[1:5] for line in table.splitlines() if line.startswith("| ") and "%" in line]
-    assert rows == [line.split("|")[1:5] for line in again.splitlines() if line.startswith("| ") and "%" in line]
+    rows = [line.split("|")[1:6] for line in table.splitlines() if line.startswith("| ") and "%" in line]
+    assert rows == [line.split("|")[1:6] for line in again.splitlines() if line.startswith("| ") and "%" in line]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_scene15", ROOT / "benchmarks" / "bench_scene15.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_random_splits_draw_the_per_class_counts_from_all_images():
+    bench = load_bench()
+    y = np.repeat([0, 1, 2], [7, 5, 9])
+    n_train = np.array([3, 2, 4])
+    draws = set()
+    for index in range(5):
+        train, test = bench.random_split(y, n_train, seed=0, index=index)
+        assert np.array_equal(np.bincount(y[train]), n_train)
+        assert sorted(np.concatenate([train, test])) == list(range(len(y)))
+        # Split i is the same draw in every run.
+        assert np.array_equal(bench.random_split(y, n_train, seed=0, index=index)[0], train)
+        draws.add(tuple(train))
+    assert len(draws) > 1
+
+
+def test_pooled_kernel_is_the_kernel_over_train_then_test():
+    bench = load_bench()
+    X = np.random.default_rng(0).normal(size=(9, 4)).astype(np.float32)
+    train, test = X[:4], X[4:]
+    K = bench.pooled_kernel(train @ train.T, test @ train.T, test @ test.T)
+    np.testing.assert_allclose(K, X @ X.T, rtol=1e-6)
+
+
+def test_format_splits_is_mean_and_sample_std_in_percent():
+    bench = load_bench()
+    assert bench.format_splits([0.8, 0.9]) == f"85.0 ± {100 * np.std([0.8, 0.9], ddof=1):.1f}"
+    assert bench.format_splits([0.875]) == "87.5 ± 0.0"
