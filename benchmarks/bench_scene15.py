@@ -575,12 +575,13 @@ def plot(out, results):
         figure, axis = plt.subplots(figsize=(8, 1 + 0.22 * len(results)))
         names = [r[0] for r in results]
         axis.barh(names, [100 * r[2] for r in results], color=["#4c72b0" if "SPM" not in n else "#dd8452" for n in names])
-        axis.set_xlabel("balanced accuracy on 15-Scene test (%)")
+        axis.set_xlabel("balanced accuracy on 15-Scene (%): bars, the test/ split")
         axis.set_xlim(50, 100)
         axis.invert_yaxis()
-        for y, r in enumerate(results):
-            axis.text(100 * r[2] + 0.3, y, f"{100 * r[2]:.1f}", va="center", fontsize=8)
         split_rows = [(y, 100 * np.asarray(r[6])) for y, r in enumerate(results) if r[6] and len(r[6]) > 1]
+        label_x = {y: a.mean() + a.std(ddof=1) for y, a in split_rows}  # the label clears the error bar
+        for y, r in enumerate(results):
+            axis.text(max(100 * r[2], label_x.get(y, 0)) + 0.4, y, f"{100 * r[2]:.1f}", va="center", fontsize=8)
         if split_rows:
             axis.errorbar([a.mean() for _, a in split_rows], [y for y, _ in split_rows],
                           xerr=[a.std(ddof=1) for _, a in split_rows], fmt="o", color="black", markersize=3,
