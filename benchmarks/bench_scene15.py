@@ -293,10 +293,9 @@ def score_split(K, y, n_train, seed, index):
 
 
 def format_splits(accuracies):
-    """Mean +- sample standard deviation, in percent."""
+    """Mean +- sample standard deviation, in percent (the mean alone for one split)."""
     values = 100 * np.asarray(accuracies)
-    spread = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.1f} ± {spread:.1f}"
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
 def main(argv=None):

@@ -86,4 +86,4 @@ def test_pooled_kernel_is_the_kernel_over_train_then_test():
 def test_format_splits_is_mean_and_sample_std_in_percent():
     bench = load_bench()
     assert bench.format_splits([0.8, 0.9]) == f"85.0 ± {100 * np.std([0.8, 0.9], ddof=1):.1f}"
-    assert bench.format_splits([0.875]) == "87.5 ± 0.0"
+    assert bench.format_splits([0.875]) == "87.5"  # no spread from one split
