@@ -27,10 +27,11 @@ def test_quick_benchmark_runs_and_resumes(tmp_path):
 
     _, table = bench(tmp_path / "first")
     counts = {name: table.count(f"| {name} ") for name in ("BoF", "LLC", "VLAD", "SV", "FV")}
-    assert counts == {"BoF": 4, "LLC": 4, "VLAD": 8, "SV": 4, "FV": 12}, counts
+    assert counts == {"BoF": 4, "LLC": 4, "VLAD": 8, "SV": 4, "FV": 16}, counts
     assert table.count("+ xy") == 10
-    # the mirror-averaged rows: the K=8 Fisher vectors, with and without positions and pyramid
-    assert table.count(" + mirror") == 4
+    assert table.count("+ 3px bins |") + table.count("+ 3px bins +") == 4  # with and without the mirror and the pyramid
+    # the mirror-averaged rows: the K=8 Fisher vectors (plain, + xy, + 3px bins), with and without pyramid
+    assert table.count(" + mirror") == 6
     assert "balanced accuracy" in table and "%" in table
     assert "| random splits |" in table
     assert all(" ± " in line for line in table.splitlines() if line.startswith("| ") and "%" in line)
