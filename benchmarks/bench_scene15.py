@@ -52,7 +52,7 @@ vectors (one more kernel block per row, no re-encoding). The vocabularies and PC
 those fitted on ``train/`` images, some of which a random split tests on: the classifier
 never sees a test label, but the unsupervised vocabulary has seen some test descriptors.
 
-The full run takes about two and a half hours on 2 cores. ``--cache DIR`` keeps the
+The full run takes about three hours on 2 cores. ``--cache DIR`` keeps the
 vocabularies, the vectors and the results in DIR (~9 GB) and resumes from them: a run
 that stops (or is stopped) continues at the first image it lacks, and a rerun with more
 rows (``--only``, ``--no-pca``) encodes only those. The table's extraction seconds and
