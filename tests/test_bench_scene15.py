@@ -25,11 +25,13 @@ def test_quick_benchmark_runs_and_resumes(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout, (out / "scene15.md").read_text()
 
-    _, table = bench(tmp_path / "first")
+    stdout, table = bench(tmp_path / "first")
+    # one descriptor sample per set of bin sizes: PHOW's for most rows, with 3-pixel bins for one
+    assert "(bin sizes 4/6/8/10)" in stdout and "(bin sizes 3/4/6/8/10)" in stdout
     counts = {name: table.count(f"| {name} ") for name in ("BoF", "LLC", "VLAD", "SV", "FV")}
     assert counts == {"BoF": 4, "LLC": 4, "VLAD": 8, "SV": 4, "FV": 16}, counts
     assert table.count("+ xy") == 10
-    assert table.count("+ 3px bins |") + table.count("+ 3px bins +") == 4  # with and without the mirror and the pyramid
+    assert table.count("| FV K=8 PCA-32 + 3px bins") == 4  # with and without the mirror and the pyramid
     # the mirror-averaged rows: the K=8 Fisher vectors (plain, + xy, + 3px bins), with and without pyramid
     assert table.count(" + mirror") == 6
     assert "balanced accuracy" in table and "%" in table
