@@ -345,10 +345,29 @@ def test_bad_parameters_400(server):
     _error(client.request("/api/thumbnail"), 400, "id")
     _error(client.request(f"/api/search?id={_id(paths[0])}", data), 400, "POST")
     # (A malformed Content-Length is refused by uvicorn's HTTP parser itself, in plain text.)
-    assert client.raw("POST", "/api/search", data, {"Content-Length": "abc"})[0] == 400
+    assert _malformed_content_length(client).startswith(b"HTTP/1.1 400 ")
     _error(client.request("/api/search", method="DELETE"), 405)
     _error(client.request("/api/health", b"x"), 405)
     _error(client.request("/api/nothing"), 404)
+
+
+def _malformed_content_length(client):
+    """The raw answer to a POST whose Content-Length is not a number.
+
+    uvicorn answers 400 and closes at once, before the body it cannot delimit; the close
+    may reach the client as a reset after the answer (not before it), so the answer is
+    read from a plain socket up to EOF or that reset."""
+    host, port = client.base.split("//", 1)[1].rsplit(":", 1)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\nabc")
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    client.bodies.append(answer)
+    return answer
 
 
 def test_rerank_without_features_400(plain, server):
