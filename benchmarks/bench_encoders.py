@@ -8,12 +8,14 @@ Descriptors: dense RootSIFT (``DenseSIFT(root=True)``, bench_scene15's extractor
 15-Scene ``test/`` images, the first ``--n`` (10,000) of them as one set; vocabularies
 fitted on 60,000 descriptors of 150 ``train/`` images (10 per class), at the settings users
 run: FV K=64 PCA-64 (the default), K=256 PCA-64 and K=256 without PCA; VLAD K=64 and 256;
-BoF K=1000. ``--synthetic`` times clustered Gaussian blobs instead (the earlier table).
+BoF K=1000; the kernel codebook K=1000 and 4000. ``--synthetic`` times clustered
+Gaussian blobs instead (the earlier table).
 Median time of --repeats runs per implementation; every VLAD and BoF timing includes the
 assignment step, every Fisher timing with PCA the projection (numpy for the peers).
 
 * vladkit: VLADEncoder (hard, signed square root + intra + L2), FisherEncoder (improved),
-  BoFEncoder (hard, L2).
+  BoFEncoder (hard, L2; and the kernel codebook, ``assignment="soft"``, on the 5 nearest
+  of K = 1000 and 4000 words, Hellinger, as bench_scene15's "KCB" rows).
 * VLFeat 0.9.21 (Debian's libvlfeat1 through ctypes, OpenMP threads set to --threads):
   vl_kmeans_quantize + vl_vlad_encode (SQUARE_ROOT | NORMALIZE_COMPONENTS); its API takes
   a dense N x K assignment matrix, whose filling is timed with it. vl_fisher_encode
@@ -23,7 +25,9 @@ assignment step, every Fisher timing with PCA the projection (numpy for the peer
 * floor: the bare BLAS matrix products the encoding cannot avoid (X C^T for VLAD/BoF,
   the PCA projection and [X^2, X] W for Fisher's log-likelihoods, float32), same threads.
 * errors: the largest |difference| of vladkit's vector and of VLFeat float's from VLFeat's
-  double-precision result on the same float32 input (the projected descriptors for FV).
+  double-precision result on the same float32 input (the projected descriptors for FV);
+  for the kernel codebook, which VLFeat lacks, of vladkit's from the numpy formula in
+  float64.
 
 Ratios: "x faster" is peer time / vladkit time; "x floor" is vladkit time / floor time.
 Install the peers with ``apt-get install libvlfeat-dev`` and ``pip install ".[bench]"``.
@@ -100,6 +104,18 @@ def numpy_fisher(X, means, variances, weights):
 def numpy_bof(X, C):
     labels = np.argmin((C**2).sum(1) - 2 * X @ C.T, axis=1)
     h = np.bincount(labels, minlength=len(C)).astype(np.float32)
+    return h / max(np.linalg.norm(h), 1e-12)
+
+
+def numpy_kcb(X, C, n_neighbors, alpha):
+    """Kernel codebook on the n nearest words (argpartition over the (N, K) distances),
+    Hellinger: vladkit's formula, vectorised."""
+    d = (C**2).sum(1) - 2 * X @ C.T
+    nearest = np.argpartition(d, n_neighbors - 1, axis=1)[:, :n_neighbors]
+    d = np.take_along_axis(d, nearest, axis=1)
+    w = np.exp(-alpha * (d - d.min(axis=1, keepdims=True)))
+    w /= w.sum(axis=1, keepdims=True)
+    h = np.sqrt(np.bincount(nearest.ravel(), weights=w.ravel(), minlength=len(C)))
     return h / max(np.linalg.norm(h), 1e-12)
 
 
@@ -199,6 +215,17 @@ def run_bof(k, X, kmeans, args, rows):
             args.repeats, (None, None))
 
 
+def run_kcb(k, X, kmeans, args, rows):
+    C = np.asarray(kmeans.centers_, np.float32)
+    images = [X]
+    encoder = BoFEncoder(vocabulary=kmeans, assignment="soft", power=0.5, norm="l2").fit(images)
+    m, alpha = encoder.n_neighbors, 0.5 / encoder.sigma_**2
+    truth = numpy_kcb(X.astype(np.float64), C.astype(np.float64), m, alpha)
+    errors = (largest_error(encoder.transform(images)[0], truth), None)
+    timings(rows, (f"kernel codebook ({m} nearest, Hellinger)", k, "-"), lambda: encoder.transform(images),
+            lambda: X @ C.T, [("numpy", lambda: numpy_kcb(X, C, m, alpha))], args.repeats, errors)
+
+
 def run_fisher(k, pca, X, gmm, args, rows):
     images = [X]
     encoder = FisherEncoder(vocabulary=gmm).fit(images)
@@ -292,9 +319,11 @@ def main(argv=None):
             for k in (64, 256):
                 run_vlad(k, X, vocabulary("kmeans", k, None, sample, args), args, rows)
             run_bof(1000, X, vocabulary("kmeans", 1000, None, sample, args), args, rows)
+            for k in (1000, 4000):
+                run_kcb(k, X, vocabulary("kmeans", k, None, sample, args), args, rows)
     print(f"N = {len(X):,} descriptors, D = {X.shape[1]}, float32: {source}; {args.threads} threads everywhere, "
           f"median of {args.repeats} runs; VLFeat {'found' if vl.load() else 'NOT installed'}")
-    print("| encoding | K | PCA | implementation | ms | vladkit is x faster | x floor | largest error vs VLFeat double |")
+    print("| encoding | K | PCA | implementation | ms | vladkit is x faster | x floor | largest error vs double |")
     print("|---|---|---|---|---|---|---|---|")
     for encoding, k, pca, name, seconds, faster, floor, error in rows:
         print(f"| {encoding} | {k} | {pca} | {name} | {1000 * seconds:.2f} | "

@@ -151,8 +151,8 @@ def nearest_k_words(X, centers, k, centers_sqnorm=None):
     As :func:`nearest_words`: one matrix product per chunk of rows, then a numba pass
     keeps each row's ``k`` smallest values of ||c||^2 - 2 x.c. ||x||^2 changes no ranking,
     and leaving it out keeps the differences between words for large x (see
-    :func:`_shifted_distances`). Unlike :func:`knn_weights`, no (n, K) matrix outlives
-    its chunk and no argpartition runs over it: k is small, K large.
+    :func:`_shifted_distances`). No (n, K) matrix outlives its chunk and no argpartition
+    runs over it: k is small, K large.
 
     Parameters
     ----------
@@ -165,23 +165,31 @@ def nearest_k_words(X, centers, k, centers_sqnorm=None):
     -------
     (n, min(k, K)) int64: word indices, nearest first (the lower index first on ties)
     """
+    return _k_nearest(X, centers, k, centers_sqnorm)[0]
+
+
+def _k_nearest(X, centers, k, centers_sqnorm=None):
+    """:func:`nearest_k_words`, and the values ||c||^2 - 2 x.c of those words, (n, k) in
+    X's dtype (each row's squared distances less ||x||^2)."""
     if centers_sqnorm is None:
         centers_sqnorm = squared_norms(centers)
     k = min(k, centers.shape[0])
-    out = np.empty((X.shape[0], k), dtype=np.int64)
+    neighbors = np.empty((X.shape[0], k), dtype=np.int64)
+    values = np.empty((X.shape[0], k), dtype=X.dtype)
     for rows in _chunks(X.shape[0], centers.shape[0]):
-        _k_smallest_rows(X[rows] @ centers.T, centers_sqnorm, out[rows])
-    return out
+        _k_smallest_rows(X[rows] @ centers.T, centers_sqnorm, neighbors[rows], values[rows])
+    return neighbors, values
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def _k_smallest_rows(products, centers_sqnorm, out):
+def _k_smallest_rows(products, centers_sqnorm, out, out_values):
     """out[i] = the indices of the out.shape[1] smallest ||c_k||^2 - 2 products[i, k],
-    ascending: insertion into a sorted list of k, which most words skip at one compare."""
+    ascending, and out_values[i] those values: insertion into a sorted list of k, which
+    most words skip at one compare."""
     n, n_words = products.shape
     k = out.shape[1]
     for i in prange(n):
-        values = np.empty(k, dtype=products.dtype)
+        values = out_values[i]
         filled = 0
         for word in range(n_words):
             value = centers_sqnorm[word] - 2 * products[i, word]
@@ -398,17 +406,10 @@ def knn_weights(X, centers, n_neighbors, alpha, centers_sqnorm=None):
     neighbors : (n, m) int64, nearest first
     weights : (n, m) X's dtype, rows summing to 1
     """
-    n_words = centers.shape[0]
-    m = min(n_neighbors, n_words)
-    distances = _shifted_distances(X, centers, centers_sqnorm)
-    if m < n_words:
-        neighbors = np.argpartition(distances, m - 1, axis=1)[:, :m]
-    else:
-        neighbors = np.broadcast_to(np.arange(n_words), distances.shape).copy()
-    nearest = np.take_along_axis(distances, neighbors, axis=1)
-    order = np.argsort(nearest, axis=1, kind="stable")
-    neighbors = np.take_along_axis(neighbors, order, axis=1)
-    nearest = np.take_along_axis(nearest, order, axis=1)
+    # The m nearest by BLAS products chunk by chunk and a numba selection (no (n, K)
+    # matrix outlives its chunk), with their distances less ||x||^2: the softmax does not
+    # change with a row constant.
+    neighbors, nearest = _k_nearest(X, centers, n_neighbors, centers_sqnorm)
     # Shift by the nearest distance: exp() cannot underflow to an all-zero row.
     weights = np.exp(-alpha * (nearest - nearest[:, :1]))
     weights /= weights.sum(axis=1, keepdims=True)
