@@ -406,6 +406,39 @@ def test_pyramid_of_a_mirrored_image_mirrors_its_cells(data):
     np.testing.assert_array_equal(blocks_mirrored, blocks[order])
 
 
+# ------------------------------------------------- near ties in the nearest words
+
+
+def test_knn_weights_rank_near_ties_in_float64():
+    """Every word has a twin a float32 ulp away in some coordinates: their distances to a
+    descriptor differ by less than float32 resolves in ||c||^2 - 2 x.c, so the float32
+    BLAS ranking splits twins at the m-th place wrongly on some rows. knn_weights ranks
+    its candidates again in float64: float32 descriptors get the float64 neighbours and
+    weights (on real data, 1 descriptor in 10,000 at K=1000 had its 5th and 6th words
+    2.9e-9 apart; bench_encoders)."""
+    from vladkit.kernels import knn_weights, nearest_k_words
+
+    rng = np.random.default_rng(0)
+    words = rng.standard_normal((20, 16)).astype(np.float32)
+    away = np.where(rng.random(words.shape) < 0.5, -np.inf, np.inf).astype(np.float32)
+    centers = np.concatenate([words, np.nextafter(words, away)])
+    X = (words[rng.integers(0, 20, 5000)] + 0.5 * rng.standard_normal((5000, 16))).astype(np.float32)
+    X64, centers64 = X.astype(np.float64), centers.astype(np.float64)
+    m, alpha = 3, 0.7
+    expected = ref.knn_weights(X64, centers64, m, alpha)
+    truth = np.argsort(ref.squared_distances(X64, centers64), axis=1, kind="stable")[:, :m]
+    # the case is there: float32 ranking alone picks other words on some rows
+    plain = nearest_k_words(X, centers, m)
+    assert (np.sort(plain, axis=1) != np.sort(truth, axis=1)).any(axis=1).sum() > 10
+
+    for descriptors in (X, X64):
+        neighbors, weights = knn_weights(descriptors, centers, m, alpha, exact_centers=centers64)
+        np.testing.assert_array_equal(neighbors, truth)
+        dense = np.zeros_like(expected)
+        np.put_along_axis(dense, neighbors, weights.astype(np.float64), axis=1)
+        np.testing.assert_allclose(dense, expected, rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------ soft assignment's alpha
 
 

@@ -152,7 +152,8 @@ def nearest_k_words(X, centers, k, centers_sqnorm=None):
     keeps each row's ``k`` smallest values of ||c||^2 - 2 x.c. ||x||^2 changes no ranking,
     and leaving it out keeps the differences between words for large x (see
     :func:`_shifted_distances`). No (n, K) matrix outlives its chunk and no argpartition
-    runs over it: k is small, K large.
+    runs over it: k is small, K large. The ranking is in X's dtype: :func:`exact_nearest`
+    ranks a few more candidates again in float64.
 
     Parameters
     ----------
@@ -165,31 +166,23 @@ def nearest_k_words(X, centers, k, centers_sqnorm=None):
     -------
     (n, min(k, K)) int64: word indices, nearest first (the lower index first on ties)
     """
-    return _k_nearest(X, centers, k, centers_sqnorm)[0]
-
-
-def _k_nearest(X, centers, k, centers_sqnorm=None):
-    """:func:`nearest_k_words`, and the values ||c||^2 - 2 x.c of those words, (n, k) in
-    X's dtype (each row's squared distances less ||x||^2)."""
     if centers_sqnorm is None:
         centers_sqnorm = squared_norms(centers)
     k = min(k, centers.shape[0])
-    neighbors = np.empty((X.shape[0], k), dtype=np.int64)
-    values = np.empty((X.shape[0], k), dtype=X.dtype)
+    out = np.empty((X.shape[0], k), dtype=np.int64)
     for rows in _chunks(X.shape[0], centers.shape[0]):
-        _k_smallest_rows(X[rows] @ centers.T, centers_sqnorm, neighbors[rows], values[rows])
-    return neighbors, values
+        _k_smallest_rows(X[rows] @ centers.T, centers_sqnorm, out[rows])
+    return out
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def _k_smallest_rows(products, centers_sqnorm, out, out_values):
+def _k_smallest_rows(products, centers_sqnorm, out):
     """out[i] = the indices of the out.shape[1] smallest ||c_k||^2 - 2 products[i, k],
-    ascending, and out_values[i] those values: insertion into a sorted list of k, which
-    most words skip at one compare."""
+    ascending: insertion into a sorted list of k, which most words skip at one compare."""
     n, n_words = products.shape
     k = out.shape[1]
     for i in prange(n):
-        values = out_values[i]
+        values = np.empty(k, dtype=products.dtype)
         filled = 0
         for word in range(n_words):
             value = centers_sqnorm[word] - 2 * products[i, word]
@@ -394,29 +387,48 @@ def sample_sift_descriptors(pooled, xs, ys, size, n_spatial, window, clamp, scal
 
 
 
-def knn_weights(X, centers, n_neighbors, alpha, centers_sqnorm=None):
+def knn_weights(X, centers, n_neighbors, alpha, centers_sqnorm=None, exact_centers=None):
     """The ``n_neighbors`` nearest words of each row and softmax weights over them.
 
     w_ij = exp(-alpha d_ij^2) / sum_j' exp(-alpha d_ij'^2) over the m nearest words j
     (Jegou et al.'s multiple assignment with alpha = 1 / (2 sigma^2); van Gemert et al.'s
     kernel codebook restricted to the m nearest). With m = 1 this is hard assignment.
 
+    The m nearest are found as LLC's: m + 4 candidates by BLAS in X's dtype
+    (:func:`nearest_k_words`, no (n, K) matrix outlives its chunk), ranked again in
+    float64 (:func:`exact_nearest`), whose scores d^2 - ||x||^2 give the weights (a row
+    constant does not change a softmax).
+
+    Parameters
+    ----------
+    X : (n, D) float32 or float64
+    centers : (K, D), X's dtype
+    n_neighbors : int >= 1
+    alpha : float
+    centers_sqnorm : (K,), optional, precomputed ``squared_norms(centers)``
+    exact_centers : (K, D) float64, optional
+        The words before their cast to X's dtype (default: ``centers`` in float64).
+
     Returns
     -------
     neighbors : (n, m) int64, nearest first
     weights : (n, m) X's dtype, rows summing to 1
     """
-    # The m nearest by BLAS products chunk by chunk and a numba selection (no (n, K)
-    # matrix outlives its chunk), with their distances less ||x||^2: the softmax does not
-    # change with a row constant.
-    neighbors, nearest = _k_nearest(X, centers, n_neighbors, centers_sqnorm)
+    n_words = centers.shape[0]
+    m = min(n_neighbors, n_words)
+    if exact_centers is None:
+        exact_centers = centers.astype(np.float64)
+    candidates = nearest_k_words(X, centers, candidate_count(m, n_words), centers_sqnorm)
+    neighbors = np.empty((X.shape[0], m), dtype=np.int64)
+    nearest = np.empty((X.shape[0], m), dtype=np.float64)
+    exact_nearest(X, exact_centers, candidates, neighbors, nearest)
     # Shift by the nearest distance: exp() cannot underflow to an all-zero row.
     weights = np.exp(-alpha * (nearest - nearest[:, :1]))
     weights /= weights.sum(axis=1, keepdims=True)
     # A weight float32 cannot represent is 0 in both precisions: with mass normalisation
     # any positive weight makes a full block, so float32 and float64 must agree on which.
     weights[weights < np.finfo(np.float32).tiny] = 0
-    return neighbors.astype(np.int64), weights.astype(X.dtype, copy=False)
+    return neighbors, weights.astype(X.dtype)
 
 
 def _shifted_distances(X, centers, centers_sqnorm=None):
@@ -574,6 +586,67 @@ def fisher_posteriors(log_densities, threshold, margin, fast, skip):
 # ------------------------------------------------------------------ LLC (locality-constrained)
 
 
+#: Candidates ranked again exactly per row beyond the k wanted (:func:`exact_nearest`): a
+#: float32 ranking misplaces a word by at most a few round-offs of ||c||^2 - 2 x.c, so the
+#: true k nearest are among the k + 4 first unless five words tie that closely.
+EXTRA_CANDIDATES = 4
+
+
+def candidate_count(k, n_words):
+    """How many candidates :func:`nearest_k_words` finds for :func:`exact_nearest`'s k."""
+    return min(k + EXTRA_CANDIDATES, n_words)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _rank_candidates(x, centers, candidates, k, score, index):
+    """Put the k nearest of ``candidates`` to x first in ``index``, nearest first (ties:
+    the lower word), with ``score`` = ||c||^2 - 2 x.c in float64 (the squared distance
+    less ||x||^2). ``score`` and ``index`` are scratch of candidates' length."""
+    m = candidates.shape[0]
+    for j in range(m):
+        word = candidates[j]
+        total = 0.0
+        for d in range(x.shape[0]):
+            value = centers[word, d]
+            total += value * (value - 2.0 * x[d])
+        score[j] = total
+        index[j] = word
+    for j in range(k):
+        best = j
+        for l in range(j + 1, m):
+            if score[l] < score[best] or (score[l] == score[best] and index[l] < index[best]):
+                best = l
+        score[j], score[best] = score[best], score[j]
+        index[j], index[best] = index[best], index[j]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def exact_nearest(X, centers, candidates, neighbors, scores):
+    """The k = ``neighbors.shape[1]`` nearest words of each row of X among its
+    ``candidates`` (from :func:`nearest_k_words`, ``candidate_count(k, K)`` of them),
+    ranked in float64: a near tie that float32 BLAS ranks wrongly would swap a word for
+    another, a jump no rounding of the weights comes near.
+
+    Parameters
+    ----------
+    X : (n, D) float32 or float64
+    centers : (K, D) float64, the exact words whatever X's dtype
+    candidates : (n, m) int64, m >= k, distinct words per row
+    neighbors : (n, k) int64, out: nearest first (ties: the lower word)
+    scores : (n, k) float64, out: ||c||^2 - 2 x.c of those words
+    """
+    n = X.shape[0]
+    m = candidates.shape[1]
+    k = neighbors.shape[1]
+    for i in prange(n):
+        score = np.empty(m)
+        index = np.empty(m, dtype=np.int64)
+        _rank_candidates(X[i], centers, candidates[i], k, score, index)
+        for j in range(k):
+            neighbors[i, j] = index[j]
+            scores[i, j] = score[j]
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
 def llc_codes(X, centers, candidates, beta, neighbors, weights):
     """Approximated locality-constrained linear codes (Wang et al., CVPR 2010) of the rows of X.
@@ -585,9 +658,8 @@ def llc_codes(X, centers, candidates, beta, neighbors, weights):
     (``LLC_coding_appr.m`` of their code). w sums to 1 and may hold negative values.
 
     The words are chosen among the row's ``candidates`` (a few more than k, from
-    :func:`nearest_k_words`), ranked again by ||c||^2 - 2 x.c in float64: a near tie that
-    float32 BLAS ranks wrongly would swap a word of the code for another, a jump no
-    rounding of the weights comes near. w does not change when z is scaled, so z is
+    :func:`nearest_k_words`), ranked again by ||c||^2 - 2 x.c in float64 as
+    :func:`exact_nearest` does. w does not change when z is scaled, so z is
     divided by a power of two near its largest value first: C can neither overflow nor
     underflow whatever the descriptors' magnitude. C + beta tr(C) I is positive definite
     unless tr(C) = 0 (x is each of its k words, possible only for k = 1 or repeated
@@ -609,21 +681,8 @@ def llc_codes(X, centers, candidates, beta, neighbors, weights):
         # 1. the k nearest of the candidates, exactly ranked (ties: the lower index)
         score = np.empty(m)
         index = np.empty(m, dtype=np.int64)
-        for j in range(m):
-            word = candidates[i, j]
-            total = 0.0
-            for d in range(dim):
-                value = centers[word, d]
-                total += value * (value - 2.0 * X[i, d])
-            score[j] = total
-            index[j] = word
+        _rank_candidates(X[i], centers, candidates[i], k, score, index)
         for j in range(k):
-            best = j
-            for l in range(j + 1, m):
-                if score[l] < score[best] or (score[l] == score[best] and index[l] < index[best]):
-                    best = l
-            score[j], score[best] = score[best], score[j]
-            index[j], index[best] = index[best], index[j]
             neighbors[i, j] = index[j]
         # 2. z = B - x, scaled by a power of two
         z = np.empty((k, dim))

@@ -130,6 +130,8 @@ class BoFEncoder(BaseEncoder):
     def _start(self, n_images, dtype):
         centers = self.vocabulary_.centers_.astype(dtype)
         return {"centers": centers, "centers_sqnorm": squared_norms(centers),
+                # the exact words, for the float64 ranking of soft assignment's neighbours
+                "centers64": self.vocabulary_.centers_.astype(np.float64),
                 "counts": np.zeros((n_images, self.vocabulary_.n_words_), dtype=np.float64)}
 
     def _add(self, X, segments, acc):
@@ -138,7 +140,8 @@ class BoFEncoder(BaseEncoder):
             neighbors, weights = labels[:, None], np.ones((len(X), 1), dtype=np.float64)
         else:
             alpha = 0.5 / self.sigma_**2
-            neighbors, weights = knn_weights(X, acc["centers"], self.n_neighbors, alpha, acc["centers_sqnorm"])
+            neighbors, weights = knn_weights(X, acc["centers"], self.n_neighbors, alpha, acc["centers_sqnorm"],
+                                             acc["centers64"])
         tasks = split_tasks(segments)
         task_counts = np.zeros((len(tasks), acc["counts"].shape[1]), dtype=np.float64)
         histogram_sparse(neighbors, weights, tasks, task_counts)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import llc_codes, max_pool_sparse, nearest_k_words, squared_norms, sum_pool_sparse
+from ..kernels import candidate_count, llc_codes, max_pool_sparse, nearest_k_words, squared_norms, sum_pool_sparse
 from ..normalize import l2_normalize
 from ..vocabulary import KMeansVocabulary
 from ._base import BaseEncoder, add_tasks, check_params, max_tasks, split_tasks
 
 POOLINGS = ("max", "sum")
-#: Words ranked again exactly per descriptor beyond its n_neighbors (see llc_codes): a
-#: float32 ranking misplaces a word by at most a few round-offs of ||c||^2 - 2 x.c, so
-#: the true k nearest are among the k + 4 first unless five words tie that closely.
-EXTRA_CANDIDATES = 4
 
 
 class LLCEncoder(BaseEncoder):
@@ -121,7 +117,7 @@ class LLCEncoder(BaseEncoder):
         """(neighbors (n, k) int64, weights (n, k) float64): each row's LLC code."""
         n_words = acc["centers"].shape[0]
         k = min(self.n_neighbors, n_words)
-        candidates = nearest_k_words(X, acc["centers"], min(k + EXTRA_CANDIDATES, n_words), acc["centers_sqnorm"])
+        candidates = nearest_k_words(X, acc["centers"], candidate_count(k, n_words), acc["centers_sqnorm"])
         neighbors = np.empty((len(X), k), dtype=np.int64)
         weights = np.empty((len(X), k), dtype=np.float64)
         llc_codes(X, acc["centers64"], candidates, float(self.beta), neighbors, weights)

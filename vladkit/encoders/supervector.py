@@ -109,6 +109,8 @@ class SuperVectorEncoder(BaseEncoder):
         return {
             "centers": centers,
             "centers_sqnorm": squared_norms(centers),
+            # the exact words, for the float64 ranking of the nearest ("soft")
+            "centers64": vocabulary.centers_.astype(np.float64),
             # float64 sums, as VLADEncoder's: the same vector whatever the order of addition
             "residuals": np.zeros((n_images, vocabulary.n_words_, vocabulary.dim_), dtype=np.float64),
             "mass": np.zeros((n_images, vocabulary.n_words_), dtype=np.float64),
@@ -124,7 +126,8 @@ class SuperVectorEncoder(BaseEncoder):
             accumulate_hard(X, labels, centers, tasks, task_residuals, task_mass)
         else:
             alpha = 0.5 / self.sigma_**2
-            neighbors, weights = knn_weights(X, centers, self.n_neighbors, alpha, acc["centers_sqnorm"])
+            neighbors, weights = knn_weights(X, centers, self.n_neighbors, alpha, acc["centers_sqnorm"],
+                                             acc["centers64"])
             accumulate_sparse(X, neighbors, weights, centers, tasks, task_residuals, task_mass)
         add_tasks(residuals, tasks, task_residuals)
         add_tasks(mass, tasks, task_mass)

@@ -158,6 +158,8 @@ class VLADEncoder(BaseEncoder):
         return {
             "centers": centers,
             "centers_sqnorm": squared_norms(centers),
+            # the exact words, for the float64 ranking of the nearest ("knn")
+            "centers64": vocabulary.centers_.astype(np.float64),
             # Sums in float64 whatever the input: each term is rounded as the input is, but
             # the total no longer depends on the order of addition, so an image encoded
             # whole, in pieces or in another batch gives the same vector.
@@ -175,7 +177,8 @@ class VLADEncoder(BaseEncoder):
                 labels = nearest_words(X, centers, acc["centers_sqnorm"], with_distances=False)[0]
                 accumulate_hard(X, labels, centers, tasks, task_residuals, task_mass)
             else:
-                neighbors, weights = knn_weights(X, centers, self.n_neighbors, self.alpha_, acc["centers_sqnorm"])
+                neighbors, weights = knn_weights(X, centers, self.n_neighbors, self.alpha_, acc["centers_sqnorm"],
+                                             acc["centers64"])
                 accumulate_sparse(X, neighbors, weights, centers, tasks, task_residuals, task_mass)
             add_tasks(residuals, tasks, task_residuals)
             add_tasks(mass, tasks, task_mass)
