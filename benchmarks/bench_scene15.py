@@ -9,6 +9,8 @@ PHOW smoothing; "+ 3px bins" adds 3-pixel bins) and is run with and without a sp
 pyramid (1x1 + 2x2 + 1x3):
 
 * BoF, K = 1000 and 4000, Hellinger (signed square root, L2)
+* kernel codebook ("KCB", van Gemert et al. 2010; ``BoFEncoder(assignment="soft")``), the
+  same words, 5 nearest words per descriptor, sigma estimated on the sample, Hellinger
 * LLC (Wang et al. 2010), K = 1000 and 4000 (BoF's words), 5 neighbours, max pooling, L2
 * VLAD, K = 64 and 256, signed square root + intra + L2; and on spatially augmented
   descriptors ("+ xy", below: the k-means words then cover appearance and position)
@@ -25,8 +27,7 @@ pyramid (1x1 + 2x2 + 1x3):
   averaging the scores of the two views, so the SVM's training set keeps its size.
 
 These are the five encodings of Chatfield et al.'s comparison ("The devil is in the
-details", BMVC 2011: hard BoF, kernel codebook, LLC, super vector, Fisher) but for the
-kernel codebook (``BoFEncoder(assignment="soft")``), plus VLAD. ``--only PATTERN ...``
+details", BMVC 2011: hard BoF, kernel codebook, LLC, super vector, Fisher), plus VLAD. ``--only PATTERN ...``
 runs some of them (e.g. ``--only 'LLC*' 'BoF*'``).
 
 The "FV K=64 PCA-64" row is what ``FisherEncoder(64)`` does untuned. ``--no-pca`` adds
@@ -79,6 +80,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from sklearn.base import clone
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import SVC
@@ -147,6 +149,10 @@ def variants(quick, no_pca=False):
     def bof(v):
         return BoFEncoder(vocabulary=v, power=0.5, norm="l2")
 
+    def kcb(v):
+        # sigma (None) is estimated on the pass-1 sample, see run().
+        return BoFEncoder(vocabulary=v, assignment="soft", power=0.5, norm="l2")
+
     def llc(v):
         return LLCEncoder(vocabulary=v)
 
@@ -161,9 +167,11 @@ def variants(quick, no_pca=False):
 
     phow = [
         (f"BoF K={k_bof} Hellinger", f"kmeans-{k_bof}", kmeans(k_bof), bof, False),
+        (f"KCB K={k_bof} Hellinger", f"kmeans-{k_bof}", kmeans(k_bof), kcb, False),
         (f"LLC K={k_bof}", f"kmeans-{k_bof}", kmeans(k_bof), llc, False),
         (f"LLC K={k_llc}", f"kmeans-{k_llc}", kmeans(k_llc), llc, False),
         (f"BoF K={k_llc} Hellinger", f"kmeans-{k_llc}", kmeans(k_llc), bof, False),
+        (f"KCB K={k_llc} Hellinger", f"kmeans-{k_llc}", kmeans(k_llc), kcb, False),
         (f"VLAD K={k_small}", f"kmeans-{k_small}", kmeans(k_small), vlad, False),
         (f"SV K={k_small}", f"kmeans-{k_small}", kmeans(k_small), sv, False),
         (f"VLAD K={k_small} + xy", f"kmeans-{k_small}-xy", kmeans(k_small), vlad, True),
@@ -394,8 +402,6 @@ def run(args, parser, cache):
             write_json(timing_path, total)
         return total
 
-    # Pass 1: a bounded descriptor sample from the training images, for the vocabularies
-    # (skipped when every vocabulary is in the cache).
     def vocabulary_path(key):
         return cache / f"vocabulary-{key}.npz"
 
@@ -403,20 +409,24 @@ def run(args, parser, cache):
         return path.exists() and path.with_suffix(".json").exists()
 
     samples = {}
-    for sizes, extractor in extractors.items():
-        if all(cached(vocabulary_path(v[1])) for v in chosen if v[5] == sizes):
-            continue
-        start = time.perf_counter()
-        sampler = DescriptorSampler(len(train_paths), 20_000 if args.quick else 300_000, seed=args.seed)
-        for first in range(0, len(train_paths), args.batch_size):
-            for offset, features in enumerate(extractor.transform(train_paths[first:first + args.batch_size])):
-                sampler.add(first + offset, augment_positions(features).descriptors)
-        samples[sizes] = sampler.sample()
-        del sampler
-        seconds = time.perf_counter() - start
-        timing["extraction"] += seconds
-        print(f"pass 1: {len(samples[sizes]):,} descriptors sampled in {seconds:.0f} s "
-              f"(bin sizes {'/'.join(map(str, sizes))})")
+
+    def sample_of(sizes, spatial):
+        """Pass 1, on first need: a bounded descriptor sample from the training images,
+        for the vocabularies and the kernel codebook's sigma (not drawn at all when the
+        cache holds them). Its rows end with the positions: kept for the spatial rows."""
+        if sizes not in samples:
+            start = time.perf_counter()
+            sampler = DescriptorSampler(len(train_paths), 20_000 if args.quick else 300_000, seed=args.seed)
+            for first in range(0, len(train_paths), args.batch_size):
+                for offset, features in enumerate(extractors[sizes].transform(train_paths[first:first + args.batch_size])):
+                    sampler.add(first + offset, augment_positions(features).descriptors)
+            samples[sizes] = sampler.sample()
+            del sampler
+            seconds = time.perf_counter() - start
+            timing["extraction"] += seconds
+            print(f"pass 1: {len(samples[sizes]):,} descriptors sampled in {seconds:.0f} s "
+                  f"(bin sizes {'/'.join(map(str, sizes))})")
+        return samples[sizes] if spatial else samples[sizes][:, :-N_POSITION_DIMS]
 
     encoders, rows, vocabularies, vocabulary_seconds = [], {}, {}, {}
     for name, vocabulary_key, make_vocabulary, make_encoder, spatial, sizes in chosen:
@@ -429,10 +439,8 @@ def run(args, parser, cache):
                 seconds = json.loads(path.with_suffix(".json").read_text())["seconds"]
                 source = f"vocabulary in {seconds:.0f} s (from the cache)"
             else:
+                descriptors = sample_of(sizes, spatial)
                 start = time.perf_counter()
-                # The sample holds the positions too: the appearance part for the plain rows.
-                sample = samples[sizes]
-                descriptors = sample if spatial else sample[:, :-N_POSITION_DIMS]
                 vocabularies[vocabulary_key] = make_vocabulary(args.seed).fit_sample(descriptors)
                 seconds = time.perf_counter() - start
                 vocabularies[vocabulary_key].save(path)
@@ -441,8 +449,18 @@ def run(args, parser, cache):
                 totals()  # its fit's memory peak is on record even if the run stops now
             vocabulary_seconds[vocabulary_key] = seconds
         vocabulary = vocabularies[vocabulary_key]
+        encoder = make_encoder(vocabulary)
+        if getattr(encoder, "assignment", None) == "soft" and encoder.sigma is None:
+            # The kernel codebook's sigma, estimated as BoFEncoder.fit does (the RMS
+            # distance to the nearest word) on the pass-1 sample; kept in the cache.
+            sigma_path = cache / f"sigma-{slug(name)}.json"
+            if not sigma_path.exists():
+                sigma = clone(encoder).fit([sample_of(sizes, spatial)]).sigma_
+                write_json(sigma_path, {"sigma": sigma})
+            encoder.set_params(sigma=json.loads(sigma_path.read_text())["sigma"])
+            source += f", sigma {encoder.sigma:.3f}"
         empty = np.zeros((0, vocabulary.descriptor_dim_), np.float32)
-        pyramid = SpatialPyramid(make_encoder(vocabulary), levels=LEVELS).fit([empty])
+        pyramid = SpatialPyramid(encoder, levels=LEVELS).fit([empty])
         rows[name] = {"vocabulary s": None if shared else vocabulary_seconds[vocabulary_key]}
         encoders.append((name, pyramid, spatial, sizes))
         print(f"  {name}: {source}, peak memory {peak_memory_mb():,.0f} MB", flush=True)

@@ -28,8 +28,12 @@ def test_quick_benchmark_runs_and_resumes(tmp_path):
     stdout, table = bench(tmp_path / "first")
     # one descriptor sample per set of bin sizes: PHOW's for most rows, with 3-pixel bins for one
     assert "(bin sizes 4/6/8/10)" in stdout and "(bin sizes 3/4/6/8/10)" in stdout
-    counts = {name: table.count(f"| {name} ") for name in ("BoF", "LLC", "VLAD", "SV", "FV")}
-    assert counts == {"BoF": 4, "LLC": 4, "VLAD": 8, "SV": 4, "FV": 16}, counts
+    counts = {name: table.count(f"| {name} ") for name in ("BoF", "KCB", "LLC", "VLAD", "SV", "FV")}
+    assert counts == {"BoF": 4, "KCB": 4, "LLC": 4, "VLAD": 8, "SV": 4, "FV": 16}, counts
+    # the kernel codebook's sigma, estimated once per vocabulary on the sample and cached
+    sigmas = {path.name: json.loads(path.read_text())["sigma"] for path in (tmp_path / "cache").glob("sigma-*.json")}
+    assert sorted(sigmas) == ["sigma-KCB_K-100_Hellinger.json", "sigma-KCB_K-200_Hellinger.json"], sigmas
+    assert all(0 < sigma < 2 for sigma in sigmas.values()), sigmas  # unit-norm RootSIFT: distances below 2
     assert table.count("+ xy") == 10
     assert table.count("| FV K=8 PCA-32 + 3px bins") == 4  # with and without the mirror and the pyramid
     # the mirror-averaged rows: the K=8 Fisher vectors (plain, + xy, + 3px bins), with and without pyramid

@@ -648,18 +648,17 @@ def exact_nearest(X, centers, candidates, neighbors, scores):
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def llc_codes(X, centers, candidates, beta, neighbors, weights):
+def llc_codes(X, centers, neighbors, beta, weights):
     """Approximated locality-constrained linear codes (Wang et al., CVPR 2010) of the rows of X.
 
-    For a row x, with B the k = ``neighbors.shape[1]`` words nearest x:
+    For a row x, with B its k = ``neighbors.shape[1]`` nearest words (from
+    :func:`exact_nearest`):
 
         z = B - 1 x^T (k x D),  C = z z^T + beta tr(z z^T) I,  w = C^-1 1 / (1^T C^-1 1)
 
     (``LLC_coding_appr.m`` of their code). w sums to 1 and may hold negative values.
 
-    The words are chosen among the row's ``candidates`` (a few more than k, from
-    :func:`nearest_k_words`), ranked again by ||c||^2 - 2 x.c in float64 as
-    :func:`exact_nearest` does. w does not change when z is scaled, so z is
+    w does not change when z is scaled, so z is
     divided by a power of two near its largest value first: C can neither overflow nor
     underflow whatever the descriptors' magnitude. C + beta tr(C) I is positive definite
     unless tr(C) = 0 (x is each of its k words, possible only for k = 1 or repeated
@@ -669,27 +668,19 @@ def llc_codes(X, centers, candidates, beta, neighbors, weights):
     ----------
     X : (n, D) float32 or float64
     centers : (K, D) float64 (the exact words, whatever X's dtype)
-    candidates : (n, m) int64, m >= k, distinct words per row
+    neighbors : (n, k) int64, each row's k nearest words
     beta : float
-    neighbors : (n, k) int64, out: the k nearest words, nearest first
     weights : (n, k) float64, out: their codes
     """
     n, dim = X.shape
-    m = candidates.shape[1]
     k = neighbors.shape[1]
     for i in prange(n):
-        # 1. the k nearest of the candidates, exactly ranked (ties: the lower index)
-        score = np.empty(m)
-        index = np.empty(m, dtype=np.int64)
-        _rank_candidates(X[i], centers, candidates[i], k, score, index)
-        for j in range(k):
-            neighbors[i, j] = index[j]
-        # 2. z = B - x, scaled by a power of two
+        # 1. z = B - x, scaled by a power of two
         z = np.empty((k, dim))
         top = 0.0
         for j in range(k):
             for d in range(dim):
-                value = centers[index[j], d] - X[i, d]
+                value = centers[neighbors[i, j], d] - X[i, d]
                 z[j, d] = value
                 top = max(top, abs(value))
         if top > 0:
@@ -697,7 +688,7 @@ def llc_codes(X, centers, candidates, beta, neighbors, weights):
             for j in range(k):
                 for d in range(dim):
                     z[j, d] *= scale
-        # 3. C = z z^T + beta tr(C) I, and w = C^-1 1 normalised to sum 1
+        # 2. C = z z^T + beta tr(C) I, and w = C^-1 1 normalised to sum 1
         C = np.empty((k, k))
         trace = 0.0
         for a in range(k):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import candidate_count, llc_codes, max_pool_sparse, nearest_k_words, squared_norms, sum_pool_sparse
+from ..kernels import (candidate_count, exact_nearest, llc_codes, max_pool_sparse, nearest_k_words, squared_norms,
+                       sum_pool_sparse)
 from ..normalize import l2_normalize
 from ..vocabulary import KMeansVocabulary
 from ._base import BaseEncoder, add_tasks, check_params, max_tasks, split_tasks
@@ -119,8 +120,9 @@ class LLCEncoder(BaseEncoder):
         k = min(self.n_neighbors, n_words)
         candidates = nearest_k_words(X, acc["centers"], candidate_count(k, n_words), acc["centers_sqnorm"])
         neighbors = np.empty((len(X), k), dtype=np.int64)
+        exact_nearest(X, acc["centers64"], candidates, neighbors, np.empty((len(X), k)))
         weights = np.empty((len(X), k), dtype=np.float64)
-        llc_codes(X, acc["centers64"], candidates, float(self.beta), neighbors, weights)
+        llc_codes(X, acc["centers64"], neighbors, float(self.beta), weights)
         return neighbors, weights
 
     def _add(self, X, segments, acc):
