@@ -27,8 +27,8 @@ pyramid (1x1 + 2x2 + 1x3):
   averaging the scores of the two views, so the SVM's training set keeps its size.
 
 These are the five encodings of Chatfield et al.'s comparison ("The devil is in the
-details", BMVC 2011: hard BoF, kernel codebook, LLC, super vector, Fisher), plus VLAD. ``--only PATTERN ...``
-runs some of them (e.g. ``--only 'LLC*' 'BoF*'``).
+details", BMVC 2011: hard BoF, kernel codebook, LLC, super vector, Fisher), plus VLAD.
+``--only PATTERN ...`` runs some of them (e.g. ``--only 'LLC*' 'BoF*'``).
 
 The "FV K=64 PCA-64" row is what ``FisherEncoder(64)`` does untuned. ``--no-pca`` adds
 "FV K=64 no PCA", the GMM on the 128-D descriptors themselves: the reason
@@ -418,7 +418,8 @@ def run(args, parser, cache):
             start = time.perf_counter()
             sampler = DescriptorSampler(len(train_paths), 20_000 if args.quick else 300_000, seed=args.seed)
             for first in range(0, len(train_paths), args.batch_size):
-                for offset, features in enumerate(extractors[sizes].transform(train_paths[first:first + args.batch_size])):
+                batch = train_paths[first:first + args.batch_size]
+                for offset, features in enumerate(extractors[sizes].transform(batch)):
                     sampler.add(first + offset, augment_positions(features).descriptors)
             samples[sizes] = sampler.sample()
             del sampler
@@ -450,7 +451,7 @@ def run(args, parser, cache):
             vocabulary_seconds[vocabulary_key] = seconds
         vocabulary = vocabularies[vocabulary_key]
         encoder = make_encoder(vocabulary)
-        if getattr(encoder, "assignment", None) == "soft" and encoder.sigma is None:
+        if isinstance(encoder, BoFEncoder) and encoder.assignment == "soft" and encoder.sigma is None:
             # The kernel codebook's sigma, estimated as BoFEncoder.fit does (the RMS
             # distance to the nearest word) on the pass-1 sample; kept in the cache.
             sigma_path = cache / f"sigma-{slug(name)}.json"
