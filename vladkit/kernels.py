@@ -200,6 +200,67 @@ def _k_smallest_rows(products, centers_sqnorm, out):
                 filled += 1
 
 
+#: Candidates ranked again exactly per row beyond the k wanted (:func:`exact_nearest`): a
+#: float32 ranking misplaces a word by at most a few round-offs of ||c||^2 - 2 x.c, so the
+#: true k nearest are among the k + 4 first unless five words tie that closely.
+EXTRA_CANDIDATES = 4
+
+
+def candidate_count(k, n_words):
+    """How many candidates :func:`nearest_k_words` finds for :func:`exact_nearest`'s k."""
+    return min(k + EXTRA_CANDIDATES, n_words)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _rank_candidates(x, centers, candidates, k, score, index):
+    """Put the k nearest of ``candidates`` to x first in ``index``, nearest first (ties:
+    the lower word), with ``score`` = ||c||^2 - 2 x.c in float64 (the squared distance
+    less ||x||^2). ``score`` and ``index`` are scratch of candidates' length."""
+    m = candidates.shape[0]
+    for j in range(m):
+        word = candidates[j]
+        total = 0.0
+        for d in range(x.shape[0]):
+            value = centers[word, d]
+            total += value * (value - 2.0 * x[d])
+        score[j] = total
+        index[j] = word
+    for j in range(k):
+        best = j
+        for l in range(j + 1, m):
+            if score[l] < score[best] or (score[l] == score[best] and index[l] < index[best]):
+                best = l
+        score[j], score[best] = score[best], score[j]
+        index[j], index[best] = index[best], index[j]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def exact_nearest(X, centers, candidates, neighbors, scores):
+    """The k = ``neighbors.shape[1]`` nearest words of each row of X among its
+    ``candidates`` (from :func:`nearest_k_words`, ``candidate_count(k, K)`` of them),
+    ranked in float64: a near tie that float32 BLAS ranks wrongly would swap a word for
+    another, a jump no rounding of the weights comes near.
+
+    Parameters
+    ----------
+    X : (n, D) float32 or float64
+    centers : (K, D) float64, the exact words whatever X's dtype
+    candidates : (n, m) int64, m >= k, distinct words per row
+    neighbors : (n, k) int64, out: nearest first (ties: the lower word)
+    scores : (n, k) float64, out: ||c||^2 - 2 x.c of those words
+    """
+    n = X.shape[0]
+    m = candidates.shape[1]
+    k = neighbors.shape[1]
+    for i in prange(n):
+        score = np.empty(m)
+        index = np.empty(m, dtype=np.int64)
+        _rank_candidates(X[i], centers, candidates[i], k, score, index)
+        for j in range(k):
+            neighbors[i, j] = index[j]
+            scores[i, j] = score[j]
+
+
 def diagonal_gaussian_terms(means, variances, weights):
     """Coefficients that turn diagonal-Gaussian log-densities into one matrix product.
 
@@ -584,67 +645,6 @@ def fisher_posteriors(log_densities, threshold, margin, fast, skip):
 
 
 # ------------------------------------------------------------------ LLC (locality-constrained)
-
-
-#: Candidates ranked again exactly per row beyond the k wanted (:func:`exact_nearest`): a
-#: float32 ranking misplaces a word by at most a few round-offs of ||c||^2 - 2 x.c, so the
-#: true k nearest are among the k + 4 first unless five words tie that closely.
-EXTRA_CANDIDATES = 4
-
-
-def candidate_count(k, n_words):
-    """How many candidates :func:`nearest_k_words` finds for :func:`exact_nearest`'s k."""
-    return min(k + EXTRA_CANDIDATES, n_words)
-
-
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def _rank_candidates(x, centers, candidates, k, score, index):
-    """Put the k nearest of ``candidates`` to x first in ``index``, nearest first (ties:
-    the lower word), with ``score`` = ||c||^2 - 2 x.c in float64 (the squared distance
-    less ||x||^2). ``score`` and ``index`` are scratch of candidates' length."""
-    m = candidates.shape[0]
-    for j in range(m):
-        word = candidates[j]
-        total = 0.0
-        for d in range(x.shape[0]):
-            value = centers[word, d]
-            total += value * (value - 2.0 * x[d])
-        score[j] = total
-        index[j] = word
-    for j in range(k):
-        best = j
-        for l in range(j + 1, m):
-            if score[l] < score[best] or (score[l] == score[best] and index[l] < index[best]):
-                best = l
-        score[j], score[best] = score[best], score[j]
-        index[j], index[best] = index[best], index[j]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def exact_nearest(X, centers, candidates, neighbors, scores):
-    """The k = ``neighbors.shape[1]`` nearest words of each row of X among its
-    ``candidates`` (from :func:`nearest_k_words`, ``candidate_count(k, K)`` of them),
-    ranked in float64: a near tie that float32 BLAS ranks wrongly would swap a word for
-    another, a jump no rounding of the weights comes near.
-
-    Parameters
-    ----------
-    X : (n, D) float32 or float64
-    centers : (K, D) float64, the exact words whatever X's dtype
-    candidates : (n, m) int64, m >= k, distinct words per row
-    neighbors : (n, k) int64, out: nearest first (ties: the lower word)
-    scores : (n, k) float64, out: ||c||^2 - 2 x.c of those words
-    """
-    n = X.shape[0]
-    m = candidates.shape[1]
-    k = neighbors.shape[1]
-    for i in prange(n):
-        score = np.empty(m)
-        index = np.empty(m, dtype=np.int64)
-        _rank_candidates(X[i], centers, candidates[i], k, score, index)
-        for j in range(k):
-            neighbors[i, j] = index[j]
-            scores[i, j] = score[j]
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
