@@ -268,6 +268,48 @@ def test_the_same_points_do_verify():
         np.testing.assert_allclose(result.transform, [[0.9, -0.2, 5], [0.2, 0.9, 7]], atol=1e-4)
 
 
+def _planted(n_inliers, n_outliers, truth, seed=0):
+    """(query_xy, candidate_xy, matches): ``n_inliers`` matches that ``truth`` maps exactly
+    (points on a circle of radius 80, never near one line), then ``n_outliers`` random
+    ones it misses by 40 to 90 px, so that any threshold of a few pixels splits them."""
+    rng = np.random.default_rng(seed)
+    angle = 2 * np.pi * np.arange(n_inliers) / n_inliers
+    circle = 100 + 80 * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    query = np.concatenate([circle, rng.uniform(0, 200, (n_outliers, 2))])
+    candidate = query @ truth[:, :2].T + truth[:, 2]
+    direction = rng.uniform(0, 2 * np.pi, n_outliers)
+    miss = rng.uniform(40, 90, n_outliers)[:, None] * np.stack([np.cos(direction), np.sin(direction)], axis=1)
+    candidate[n_inliers:] += miss
+    pairs = np.stack([np.arange(len(query))] * 2, axis=1)
+    return query, candidate, pairs
+
+
+@pytest.mark.parametrize("model, truth, min_inliers, default", [
+    ("similarity", _SIMILARITY, None, 5),
+    ("affine", _AFFINE, None, 6),
+    ("similarity", _SIMILARITY, 8, 8),
+    ("affine", _AFFINE, 4, 4),
+])
+def test_min_inliers_is_the_fewest_inliers_accepted(model, truth, min_inliers, default):
+    """Exactly ``min_inliers`` inliers verify, one fewer is a zero result (the boundary,
+    with enough matches that the inlier count, not ``min_matches``, decides). The default
+    is the minimal sample + 3: 5 for a similarity, 6 for an affine map."""
+    threshold = 2.0
+    for n_inliers, verified in ((default, True), (default - 1, False)):
+        query, candidate, pairs = _planted(n_inliers, 12, truth)
+        # The reference: the matches the true map puts within the threshold.
+        error = np.linalg.norm(query @ truth[:, :2].T + truth[:, 2] - candidate, axis=1)
+        expected = np.flatnonzero(error <= threshold)
+        assert len(expected) == n_inliers and len(pairs) >= default
+        result = verify(query, candidate, pairs, model, threshold=threshold, min_inliers=min_inliers)
+        if verified:
+            assert result.n_inliers == n_inliers
+            np.testing.assert_array_equal(result.inliers, expected)
+            np.testing.assert_allclose(result.transform, truth, atol=1e-4)  # float32 inside OpenCV
+        else:
+            _assert_zero(result)
+
+
 def test_mirror_and_squashing_maps_are_rejected():
     points = _grid(30)
     pairs = np.stack([np.arange(30), np.arange(30)], axis=1)

@@ -285,7 +285,8 @@ def verify(query_xy, candidate_xy, matches, model="similarity", *, threshold=Non
         RANSAC stops when it has this probability of having drawn an all-inlier sample.
     min_inliers : int or None
         Fewest inliers of a credible verification, at least the minimal sample + 1
-        (similarity 2, affine 3). None: 4 for a similarity, 5 for an affine.
+        (similarity 2, affine 3). None: 5 for a similarity, 6 for an affine (the minimal
+        sample + 3, one more than chance gave unrelated photos: see Notes).
     min_matches : int or None
         Fewest matches to attempt a verification. None: ``min_inliers``.
     max_scale : float > 1, default=10
