@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from vladkit import SIFT
+from vladkit import SIFT, LocalFeatures
 from vladkit.cli import main
 from vladkit.rerank import FeatureStore, quantize, rerank, write_feature_store
 
@@ -87,6 +87,50 @@ def test_rerank_is_a_permutation_with_verified_candidates_first(tmp_path):
                             np.zeros(0, np.float32), query.image_shape)
     nothing = rerank(empty, candidates, store)
     assert nothing.order.tolist() == candidates and not nothing.inliers.any()
+
+
+def _planted_candidates(planted, n_query=60, n_other=30, seed=0):
+    """(query, candidates): candidate i holds copies of ``planted[i]`` of the query's
+    features, moved by one similarity (so exactly those verify), and ``n_other`` random
+    features elsewhere. Random 128-D descriptors: a copy is its original's only close
+    match, and the others rarely pass the ratio test (and then miss the map by far)."""
+    rng = np.random.default_rng(seed)
+    shape = (400, 400)
+    query = LocalFeatures(rng.random((n_query, 128), np.float32),
+                          rng.uniform(0, 400, (n_query, 2)).astype(np.float32),
+                          np.ones(n_query, np.float32), shape)
+    similarity = cv2.getRotationMatrix2D((200, 200), 10, 0.9) + np.array([[0, 0, 5], [0, 0, -3]])
+    candidates = []
+    for n in planted:
+        rows = rng.choice(n_query, n, replace=False)
+        moved = query.positions[rows] @ similarity[:, :2].T + similarity[:, 2]
+        descriptors = np.concatenate([query.descriptors[rows], rng.random((n_other, 128), np.float32)])
+        positions = np.concatenate([moved, rng.uniform(0, 400, (n_other, 2))]).astype(np.float32)
+        candidates.append(LocalFeatures(descriptors, positions, np.ones(len(positions), np.float32), shape))
+    return query, candidates
+
+
+@pytest.mark.parametrize("min_inliers", [None, 10])
+def test_verified_candidates_are_ordered_by_decreasing_inliers(min_inliers):
+    # Several verified candidates, two of them tied (positions 1 and 5), and unverified
+    # ones before, between and after them in the global order.
+    planted = [0, 9, 3, 25, 14, 9, 0]
+    query, features = _planted_candidates(planted)
+    store_rows = [6, 0, 5, 1, 4, 2, 3]  # candidate position p is store row store_rows[p]
+    store = [None] * len(features)  # rerank reads store[row] only: a list will do
+    for position, row in enumerate(store_rows):
+        store[row] = features[position]
+    result = rerank(query, store_rows, store, min_inliers=min_inliers, n_jobs=2)
+
+    # verify() reports 0 below its own default floor of 5 (a similarity), else every copy.
+    np.testing.assert_array_equal(result.inliers, [n if n >= 5 else 0 for n in planted])
+    # The reference: verified candidates by decreasing inliers (ties: global rank), then
+    # the others in their global order.
+    floor = 5 if min_inliers is None else min_inliers
+    verified = sorted((p for p in range(len(planted)) if planted[p] >= floor), key=lambda p: (-planted[p], p))
+    rest = [p for p in range(len(planted)) if p not in verified]
+    assert result.order.tolist() == verified + rest
+    assert result.order.tolist() == ([3, 4, 1, 5, 0, 2, 6] if min_inliers is None else [3, 4, 0, 1, 2, 5, 6])
 
 
 def test_cli_rerank_keeps_the_ids_of_the_top_r(tmp_path, capsys):
