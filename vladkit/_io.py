@@ -1,4 +1,11 @@
-"""Writing files so that a reader never sees half of one: temporary file + rename."""
+"""Writing files so that a reader never sees half of one: temporary file + rename.
+
+The temporary file is made by :func:`tempfile.mkstemp`, which creates it readable by its
+owner only; before the rename it gets the permissions a plain ``open(path, "w")`` would
+have given it, ``0o666`` less the process's umask (:func:`default_file_mode`), so that a
+user with ``umask 077`` keeps their encodings and indexes (which list their photos'
+paths) private, and one with ``umask 022`` shares them as every other file they write.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import zipfile
 
 import numpy as np
@@ -27,12 +35,42 @@ def atomic_output(path, mode="wb"):
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
+        os.chmod(temporary, default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def current_umask():
+    """The process's umask, read without changing it where the system says (Linux's
+    ``/proc/self/status``); elsewhere set and restored under a lock, as ``os.umask`` can
+    only be read by setting it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def default_file_mode():
+    """The mode ``open(path, "w")`` gives a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
+
+
+def default_folder_mode():
+    """The mode ``os.mkdir(path)`` gives a new folder: ``0o777 & ~umask``."""
+    return 0o777 & ~current_umask()
 
 
 # Lone surrogates: what os.fsdecode makes of file-name bytes that are not UTF-8.

@@ -331,17 +331,21 @@ def sample_rows(n_rows, n, seed=0):
     return np.sort(np.random.default_rng(seed).choice(n_rows, size=n, replace=False))
 
 
-def load_encodings(path):
+def load_encodings(path, verify=True):
     """Read ``vladkit encode``'s output: an ``.npz`` file (:meth:`EncodedImages.save`), or
-    a sharded folder (:class:`vladkit.sharded.ShardedEncodings`, read block by block)."""
+    a sharded folder (:class:`vladkit.sharded.ShardedEncodings`, read block by block).
+
+    ``verify``: check each shard of a folder against the SHA-256 its job recorded, as it
+    is first read (False: read unchecked). An ``.npz`` is always checked: zip's CRC-32 of
+    each array, as it is read."""
     name = os.fspath(path)
     if os.path.isdir(name):
         from .sharded import ShardedEncodings
 
-        return ShardedEncodings(name)
+        return ShardedEncodings(name, verify=verify)
     try:
         archive = np.load(name, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise EncodingsFileError(f"{name!r} is not an encodings file (not a readable .npz: {exc})") from exc
     with archive:
         missing = {"vectors", "ids", "metadata"} - set(archive.files)
@@ -349,7 +353,7 @@ def load_encodings(path):
             raise EncodingsFileError(f"{name!r} is not a vladkit encodings file (missing {sorted(missing)})")
         try:
             vectors, ids, metadata = archive["vectors"], archive["ids"], json.loads(str(archive["metadata"]))
-        except ValueError as exc:
+        except (ValueError, zipfile.BadZipFile) as exc:  # BadZipFile: an array failed its CRC-32
             raise EncodingsFileError(f"{name!r}: unreadable entry ({exc})") from exc
     if not isinstance(metadata, dict) or metadata.get("format") != FILE_FORMAT:
         raise EncodingsFileError(f"{name!r} is not a vladkit encodings file")

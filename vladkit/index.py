@@ -47,7 +47,7 @@ from sklearn.decomposition import PCA
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import __version__
-from ._io import json_dumps, write_npz_atomically
+from ._io import default_folder_mode, json_dumps, write_npz_atomically
 from .normalize import l2_normalize, power_normalize
 from .vocabulary import _check_positive_int, _jsonable
 
@@ -807,7 +807,7 @@ class VectorIndex:
             if extra_files:
                 metadata["extra_files"] = sorted(extra_files)
             _write_file(os.path.join(temporary, METADATA_FILE), _json_bytes(metadata))
-            os.chmod(temporary, 0o755)
+            os.chmod(temporary, default_folder_mode())  # mkdtemp's is 0o700
             _fsync_directory(temporary)
             _move_into_place(temporary, target)
         except BaseException:

@@ -7,10 +7,16 @@ Dask cluster, resumable, with the same bytes either way.
 encoders sum in float64 in a fixed order, see ARCHITECTURE.md), so where and how often a
 shard is computed does not change a byte:
 
-* resumable: a rerun of the same job keeps the shards already written (checked against
-  their SHA-256) and computes the others; a different job in the same folder starts over;
-* on Dask (``client=``), each shard is a task with a stable key; the vocabulary is
-  scattered to every worker once. A worker that dies takes its task with it and the
+* one job per folder: the job holds the folder's lock (:mod:`vladkit._locking`) from
+  start to end; a second job on the same folder fails at once, naming the holder, and
+  changes nothing. Every shard report carries the job's digest (recipe, settings, input
+  order), so no job ever adopts a shard another wrote;
+* resumable: a rerun of the same job keeps the shards it already wrote (checked against
+  their SHA-256 and its digest) and computes the others; a different job in a vladkit
+  folder starts over; a folder that is not vladkit's (no vladkit manifest) is refused and
+  never cleared;
+* on Dask (``client=``), each shard is a task with a stable key (the job's digest and the
+  output folder); the vocabulary is scattered to every worker once. A worker that dies takes its task with it and the
   scheduler runs it elsewhere: the shard is then written twice, atomically, with the same
   bytes. Unreadable images are reported by the client from the shard reports, so each is
   reported once however often its task ran.
@@ -26,9 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import clone
 
+from ._locking import LOCK_FILE, folder_lock, machine_lock
 from ._threads import limit_threads
 from .budget import DEFAULT_MAX_MEMORY, iter_batches
 from .encodings import Recipe, load_vocabulary_file
@@ -44,10 +49,11 @@ from .features import ImageSkippedWarning
 from .image_encoder import encode_batches, sample_features
 from .images import DEFAULT_MAX_PIXELS
 from .vocabulary import DescriptorSampler
-from .sharded import (IMAGES, MANIFEST, ShardedEncodings, images_digest, read_manifest, read_shard,
-                      shard_stem, write_images, write_manifest, write_shard)
+from .sharded import (SHARDED_FORMAT, SHARDED_FORMAT_VERSION, ShardedEncodings, images_digest, is_job_file,
+                      job_digest, read_manifest, read_shard, shard_stem, write_images, write_manifest,
+                      write_shard)
 
-__all__ = ["EncodeResult", "encode_images", "sample_descriptors"]
+__all__ = ["EncodeResult", "encode_images", "job_folder", "sample_descriptors"]
 
 
 @dataclass
@@ -72,6 +78,7 @@ class _Settings:
     max_pixels: int | None
     on_error: str
     n_jobs: int | None
+    job_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,8 +101,11 @@ def encode_images(images, recipe, output, *, vocabulary=None, shard_size=256, ba
     recipe : vladkit.encodings.Recipe
         Extractor, encoder (+ pyramid) and vocabulary file.
     output : path
-        A new or empty folder, or one an earlier run of this job left (it resumes). A folder
-        of another job is started over; a folder that holds anything else is refused.
+        A new or empty folder, or one an earlier run of this job left (it resumes). A
+        vladkit folder of another job is started over; a folder that is not vladkit's (no
+        vladkit manifest) or that holds other files too is refused, never cleared. The job
+        holds the folder's lock throughout: another job on it raises
+        :class:`vladkit.FolderLockedError` at once and changes nothing.
     vocabulary : loaded vocabulary or NetVLADParams, optional
         Default: loaded from ``recipe.vocabulary_path``.
     shard_size : int, default=256
@@ -141,70 +151,121 @@ def encode_images(images, recipe, output, *, vocabulary=None, shard_size=256, ba
     job = {"recipe": recipe.to_json(), "n_images": len(images), "images_sha256": images_digest(images),
            "batch_size": batch_size, "shard_size": shard_size, "max_pixels": max_pixels,
            "max_memory": max_memory}
-    _prepare_folder(folder, job, images, log)
-    settings = _Settings(os.fspath(folder.resolve()), recipe.to_json(), batch_size, max_memory, max_pixels,
-                         on_error, n_jobs if n_jobs is not None else (1 if client is not None else -1))
-    shards = [_Shard(number, first, min(first + shard_size, len(images)),
-                     tuple(images[first:first + shard_size]))
-              for number, first in enumerate(range(0, len(images), shard_size))]
-    reports = {}
-    for shard in shards:
-        report = read_shard(folder, shard.number)
-        if report is not None and (report["first"], report["end"]) == (shard.first, shard.end):
-            reports[shard.number] = report
-    resumed = sum(reports[n]["end"] - reports[n]["first"] for n in reports)
-    if progress is not None and resumed:
-        progress(resumed)
-    if on_skipped is None:
-        def on_skipped(path, reason):
-            warnings.warn(f"skipped {path}: {reason}", ImageSkippedWarning, stacklevel=3)
-    todo = [shard for shard in shards if shard.number not in reports]
-    if client is None:
-        for shard in todo:
-            reports[shard.number] = _encode_shard(settings, shard, vocabulary, progress, on_skipped)
-    else:
-        reports.update(_encode_on_dask(client, settings, todo, vocabulary, job, progress, on_skipped))
-    ordered = [reports[shard.number] for shard in shards]
-    write_manifest(folder, job, ordered, dim=ordered[0]["dim"])
+    digest = job_digest(job)
+    with job_folder(folder):
+        _prepare_folder(folder, job, images, log)
+        settings = _Settings(os.fspath(folder.resolve()), recipe.to_json(), batch_size, max_memory, max_pixels,
+                             on_error, n_jobs if n_jobs is not None else (1 if client is not None else -1), digest)
+        shards = [_Shard(number, first, min(first + shard_size, len(images)),
+                         tuple(images[first:first + shard_size]))
+                  for number, first in enumerate(range(0, len(images), shard_size))]
+        reports = {}
+        for shard in shards:
+            report = _finished(settings, shard)
+            if report is not None:
+                reports[shard.number] = report
+        resumed = sum(reports[n]["end"] - reports[n]["first"] for n in reports)
+        if progress is not None and resumed:
+            progress(resumed)
+        if on_skipped is None:
+            def on_skipped(path, reason):
+                warnings.warn(f"skipped {path}: {reason}", ImageSkippedWarning, stacklevel=3)
+        todo = [shard for shard in shards if shard.number not in reports]
+        if client is None:
+            for shard in todo:
+                reports[shard.number] = _encode_shard(settings, shard, vocabulary, progress, on_skipped)
+        else:
+            reports.update(_encode_on_dask(client, settings, todo, vocabulary, progress, on_skipped))
+        ordered = [reports[shard.number] for shard in shards]
+        # The reports on disk must still be this job's: a Dask worker of an earlier, killed
+        # client can finish its task late. Cheap (the reports, not the vectors).
+        for shard in shards:
+            if read_shard(folder, shard.number, verify=False, job_sha256=digest) is None:
+                raise RuntimeError(f"{os.fspath(folder)!r}: {shard_stem(shard.number)} was replaced by another "
+                                   "job while this one ran: run this job again")
+        write_manifest(folder, job, ordered, dim=ordered[0]["dim"])
+        encodings = ShardedEncodings(folder)
     skipped = [tuple(item) for report in ordered for item in report["skipped"]]
-    return EncodeResult(ShardedEncodings(folder), len(images), skipped, resumed)
+    return EncodeResult(encodings, len(images), skipped, resumed)
+
+
+@contextlib.contextmanager
+def job_folder(folder):
+    """Hold the job lock of the output ``folder`` (created if missing) for the block.
+
+    A folder that is not vladkit's is refused first, before anything is made in it
+    (:class:`FileExistsError` listing what it holds); a folder another process holds
+    raises :class:`vladkit.FolderLockedError` naming it. Re-entrant: a command that
+    wraps :func:`encode_images` (to assemble its output, or to clean up after a failure)
+    holds it across both.
+    """
+    folder = Path(folder)
+    _refuse_foreign_folder(folder)  # before the lock file is made in it
+    with folder_lock(folder):
+        yield folder
+
+
+def _finished(settings, shard):
+    """The shard's report if this job already wrote it, intact; else None."""
+    report = read_shard(settings.folder, shard.number, job_sha256=settings.job_sha256)
+    if report is not None and (report["first"], report["end"]) == (shard.first, shard.end):
+        return report
+    return None
+
+
+def _refuse_foreign_folder(folder):
+    """Refuse ``folder`` unless it is missing, empty, or a vladkit encodings folder (its
+    manifest names the format and a version this vladkit writes) holding only a job's
+    files. What is refused is listed, and nothing in it is touched."""
+    if not os.path.lexists(folder):
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{os.fspath(folder)!r} exists and is not a folder: choose a new or empty folder")
+    entries = sorted(os.listdir(folder))
+    if all(name == LOCK_FILE or (name.startswith(".") and name.endswith(".tmp") and is_job_file(name))
+           for name in entries):
+        return  # empty, or a job killed before it wrote its manifest
+    manifest = read_manifest(folder)
+    shown = ", ".join(repr(name) for name in entries[:10]) + (f" and {len(entries) - 10} more"
+                                                                if len(entries) > 10 else "")
+    if manifest is None or manifest.get("format_version") != SHARDED_FORMAT_VERSION:
+        raise FileExistsError(f"{os.fspath(folder)!r} is not a vladkit encodings folder (no manifest.json of "
+                              f"format {SHARDED_FORMAT!r}, version {SHARDED_FORMAT_VERSION}) and is not empty: "
+                              f"it holds {shown}. Nothing was changed: choose a new or empty folder")
+    others = [name for name in entries if not is_job_file(name)]
+    if others:
+        raise FileExistsError(f"{os.fspath(folder)!r} holds other files than a vladkit encoding job's: "
+                              f"{', '.join(repr(name) for name in others[:10])}"
+                              f"{f' and {len(others) - 10} more' if len(others) > 10 else ''}. Nothing was "
+                              "changed: choose a new or empty folder")
 
 
 def _prepare_folder(folder, job, images, log):
-    """Create the job's folder, or keep an earlier run's of the same job (resume), or
-    clear the files of another job (start over). Anything else in it: refused."""
-    manifest = read_manifest(folder) if folder.is_dir() else None
+    """Under the folder's lock: keep an earlier run's files of the same job (resume), or
+    clear the files of another job (start over), and record the job."""
+    _refuse_foreign_folder(folder)  # again: another job may have changed it before we locked it
+    manifest = read_manifest(folder)
     if manifest is not None and manifest.get("job") == job:
         return
-    if folder.is_dir():
-        ours = [entry for entry in folder.iterdir() if _is_job_file(entry.name)]
-        others = [entry.name for entry in folder.iterdir() if not _is_job_file(entry.name)]
-        if others:
-            raise FileExistsError(f"{os.fspath(folder)!r} exists and holds other files than a vladkit "
-                                  f"encoding job's (e.g. {sorted(others)[0]!r}): choose a new or empty folder")
-        if manifest is not None:
-            message = f"{os.fspath(folder)} holds a job for other images or settings: starting over"
-            if log is None:
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
-            else:
-                log(message)
-        for entry in ours:
-            entry.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    write_images(folder, images)
+    if manifest is not None:
+        message = f"{os.fspath(folder)} holds a job for other images or settings: starting over"
+        if log is None:
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        else:
+            log(message)
+    for name in os.listdir(folder):
+        if name != LOCK_FILE and is_job_file(name):
+            (folder / name).unlink()
+    # The manifest first: a folder with it is a vladkit folder, whatever else is missing.
     write_manifest(folder, job)
-
-
-def _is_job_file(name):
-    return (name in (MANIFEST, IMAGES) or name.startswith(("shard-", ".shard-", f".{MANIFEST}.", f".{IMAGES}."))
-            and name.endswith((".npy", ".json", ".jsonl", ".tmp")))
+    write_images(folder, images)
 
 
 def _encode_shard(settings, shard, vocabulary, progress=None, on_skipped=None):
     """Encode one shard and write it (the task). A shard already written, by an earlier
     run of the task, is returned as it is."""
-    report = read_shard(settings.folder, shard.number)
-    if report is not None and (report["first"], report["end"]) == (shard.first, shard.end):
+    report = _finished(settings, shard)
+    if report is not None:
         return report
     extractor, encoder = Recipe.from_json(settings.recipe).build(vocabulary, n_jobs=settings.n_jobs)
     extractor.set_params(max_pixels=settings.max_pixels)
@@ -226,7 +287,8 @@ def _encode_shard(settings, shard, vocabulary, progress=None, on_skipped=None):
     if progress is not None and done < len(shard.images):
         progress(len(shard.images) - done)
     ids = [image for image, ok in zip(shard.images, encoded) if ok]
-    return write_shard(settings.folder, shard.number, shard.first, shard.end, vectors[encoded], ids, skipped)
+    return write_shard(settings.folder, shard.number, shard.first, shard.end, vectors[encoded], ids, skipped,
+                       settings.job_sha256)
 
 
 def _unreadable(settings, images, skipped, on_skipped):
@@ -241,14 +303,16 @@ def _unreadable(settings, images, skipped, on_skipped):
     return unreadable
 
 
-def _encode_on_dask(client, settings, shards, vocabulary, job, progress, on_skipped):
+def _encode_on_dask(client, settings, shards, vocabulary, progress, on_skipped):
     """Run the shards as tasks on ``client``'s cluster; their reports, by shard number."""
     from distributed import as_completed
 
     if not shards:
         return {}
     # Stable keys: a client that reconnects (or resubmits) gets the same tasks, not copies.
-    job_key = job["images_sha256"][:12] + "-" + _digest(job)[:12]
+    # They name the destination too: the same job into two folders is two sets of tasks.
+    folder_key = hashlib.sha256(os.fsencode(settings.folder)).hexdigest()[:12]
+    job_key = settings.job_sha256[:16] + "-" + folder_key
     vocabulary_future = client.scatter(vocabulary, broadcast=True, hash=False)
     futures = {client.submit(_encode_shard, settings, shard, vocabulary_future,
                              key=f"vladkit-encode-{job_key}-{shard_stem(shard.number)}"): shard
@@ -358,10 +422,6 @@ def _sample_chunk(settings, chunk, extractor, sampler_args, progress=None, on_sk
     return {"rows": rows, "skipped": skipped}
 
 
-def _digest(value):
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
 _compiled = set()
 _compiled_lock = threading.Lock()
 
@@ -375,25 +435,8 @@ def _compile_once(extractor, encoder):
     with _compiled_lock:
         if key in _compiled:
             return
-        with _machine_lock("vladkit-numba-compile"):
+        with machine_lock("vladkit-numba-compile"):
             image = np.random.default_rng(0).integers(0, 256, size=(48, 48), dtype=np.uint8)
             with limit_threads(1):
                 list(encode_batches(encoder, [[(0, extractor.transform([image]))]]))
         _compiled.add(key)
-
-
-@contextlib.contextmanager
-def _machine_lock(name):
-    """An exclusive lock shared by the processes of this machine (a no-op without fcntl)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: numba's own cache locking has to do
-        yield
-        return
-    path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}.lock")
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

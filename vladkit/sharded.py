@@ -9,16 +9,21 @@ Layout::
       images.jsonl       the input images in order, one JSON string per line
       shard-000000.npy   (rows, dim) float32: the vectors of the shard's readable images
       shard-000000.json  the shard's report: its input range, the ids of its rows, the
-                         images it skipped (with the reason) and the SHA-256 of its .npy
+                         images it skipped (with the reason), the SHA-256 of its .npy and
+                         the digest of the job that wrote it (``job_sha256``)
       ...
+      .vladkit.lock      the job lock (:mod:`vladkit._locking`): one job writes at a time
 
 A shard covers ``shard_size`` consecutive input images. Its ``.npy`` and then its
 ``.json`` are written to temporary names and renamed (:func:`vladkit._io.atomic_output`):
 a shard exists when its report does, a half-written shard never does, and a task that
 runs twice (a Dask worker that died after writing, say) writes the same bytes again.
 ``manifest.json`` says ``"complete": true`` only when every shard is in place; readers
-(:class:`ShardedEncodings`) accept only complete folders. Nothing here needs all vectors
-in memory: readers memory-map the shards, one at a time.
+(:class:`ShardedEncodings`) accept only complete folders, and check each shard's SHA-256
+against the manifest the first time they read it (in the same pass as the read). A shard
+belongs to one job: its report names the job's digest (recipe, settings and the input
+order, :func:`job_digest`), so a rerun adopts only its own job's shards. Nothing here
+needs all vectors in memory: readers read the shards one at a time.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from ._io import atomic_output, json_dumps
+from ._locking import LOCK_FILE
 from .encodings import EncodingsFileError, Recipe, file_sha256, sample_rows
 
 __all__ = ["ShardedEncodings", "SHARDED_FORMAT"]
@@ -70,8 +77,15 @@ def read_json(path):
         return None
 
 
-def write_shard(folder, number, first, end, vectors, ids, skipped):
-    """Write shard ``number`` (input images ``first:end``): vectors, then the report.
+def job_digest(job):
+    """The SHA-256 of a job's description (recipe, settings, input order): what its shard
+    reports carry, so that no job adopts another's shards."""
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+
+
+def write_shard(folder, number, first, end, vectors, ids, skipped, job_sha256):
+    """Write shard ``number`` (input images ``first:end``) of the job ``job_sha256``:
+    vectors, then the report.
 
     Returns the report (what :func:`read_shard` gives back).
     """
@@ -83,17 +97,20 @@ def write_shard(folder, number, first, end, vectors, ids, skipped):
         np.lib.format.write_array(hashing, vectors, allow_pickle=False)
     report = {"number": number, "first": first, "end": end, "rows": len(vectors), "dim": vectors.shape[1],
               "ids": [str(i) for i in ids], "skipped": [list(item) for item in skipped],
-              "sha256": hashing.digest.hexdigest()}
+              "sha256": hashing.digest.hexdigest(), "job_sha256": job_sha256}
     write_json(folder / f"{stem}.json", report)
     return report
 
 
-def read_shard(folder, number, verify=True):
+def read_shard(folder, number, verify=True, job_sha256=None):
     """Shard ``number``'s report if the shard is complete and intact (its .npy present,
-    of the recorded size, and with ``verify`` of the recorded SHA-256), else None."""
+    of the recorded size, and with ``verify`` of the recorded SHA-256) and, given
+    ``job_sha256``, written by that job; else None."""
     folder = Path(folder)
     report = read_json(folder / f"{shard_stem(number)}.json")
     if not isinstance(report, dict) or report.get("number") != number:
+        return None
+    if job_sha256 is not None and report.get("job_sha256") != job_sha256:
         return None
     path = folder / f"{shard_stem(number)}.npy"
     try:
@@ -136,10 +153,73 @@ def write_manifest(folder, job, shards=None, dim=None):
 
 
 def read_manifest(folder):
+    """The folder's manifest if it is a vladkit sharded-encodings manifest (its format
+    name and a version this vladkit reads), else None."""
     manifest = read_json(Path(folder) / MANIFEST)
     if isinstance(manifest, dict) and manifest.get("format") == SHARDED_FORMAT:
         return manifest
     return None
+
+
+def is_job_file(name):
+    """Whether ``name`` is one that a job writes in its folder: the manifest, the images
+    list, the lock, a shard, or the temporary file of one of those (an interrupted write)."""
+    return _JOB_FILE.fullmatch(name) is not None
+
+
+_JOB_FILE = re.compile(r"(manifest\.json|images\.jsonl|shard-\d{6}\.(npy|json))"
+                       r"|\.(manifest\.json|images\.jsonl|shard-\d{6}\.(npy|json))\.[A-Za-z0-9_]+\.tmp"
+                       r"|" + re.escape(LOCK_FILE))
+
+
+class _HashingReader:
+    """A file object that hashes what is read through it (numpy's header parsing needs
+    only ``read``)."""
+
+    def __init__(self, handle):
+        self._handle, self.digest = handle, hashlib.sha256()
+
+    def read(self, size=-1):
+        data = self._handle.read(size)
+        self.digest.update(data)
+        return data
+
+
+def read_verified(path, sha256, chunk_bytes=1 << 22):
+    """The array in the .npy file ``path``, read once, hashed as it is read.
+
+    Raises
+    ------
+    EncodingsFileError
+        Its SHA-256 is not ``sha256``, or it is not a readable .npy file (the message
+        does not name the file: the caller says which shard of which folder it is).
+    """
+    with open(path, "rb") as handle:
+        reader = _HashingReader(handle)
+        try:
+            version = np.lib.format.read_magic(reader)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(reader)
+        except ValueError as exc:
+            raise EncodingsFileError(f"not a readable .npy file ({exc})") from None
+        if dtype.hasobject:
+            raise EncodingsFileError("it holds Python objects, not vectors")
+        array = np.empty(shape[::-1] if fortran_order else shape, dtype=dtype)
+        buffer = memoryview(array.reshape(-1).view(np.uint8))
+        filled = 0
+        while filled < len(buffer):
+            count = handle.readinto(buffer[filled:filled + chunk_bytes])
+            if not count:
+                break
+            reader.digest.update(buffer[filled:filled + count])
+            filled += count
+        reader.read()  # anything after the array counts too
+    if reader.digest.hexdigest() != sha256 or filled < len(buffer):
+        raise EncodingsFileError("its SHA-256 is not the one its job recorded: the file was damaged or "
+                                 "changed after it was written (encode again, or read it unchecked: "
+                                 "verify=False, --no-verify)")
+    return array.T if fortran_order else array
 
 
 class ShardedEncodings:
@@ -154,11 +234,14 @@ class ShardedEncodings:
     ----------
     folder : path
         Written by :func:`vladkit.jobs.encode_images` (``vladkit encode -o FOLDER``).
-    verify : bool, default=False
-        Check every shard's SHA-256 (reads all the vectors once).
+    verify : bool, default=True
+        Check each shard against the SHA-256 its job recorded, the first time it is read,
+        in the same pass (the shard is read into memory, hashed as it comes); a damaged or
+        changed shard raises :class:`vladkit.encodings.EncodingsFileError` naming it.
+        False: memory-map the shards, unchecked (the user accepts the risk).
     """
 
-    def __init__(self, folder, verify=False):
+    def __init__(self, folder, verify=True):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         if manifest is None:
@@ -175,10 +258,15 @@ class ShardedEncodings:
         self.dim = int(manifest["dim"])
         self._shards = manifest["shards"]
         self._starts = np.cumsum([0] + [s["rows"] for s in self._shards])
+        self.verify = verify
+        self._verified = set()  # positions of the shards checked so far
         self.ids, self.skipped = [], []
+        job_sha256 = job_digest(manifest["job"])
         for summary in self._shards:
-            report = read_shard(self.folder, summary["number"], verify=verify)
-            if report is None or report["sha256"] != summary["sha256"] or report["rows"] != summary["rows"]:
+            # The reports' own checks (present, shape, dtype); the SHA-256 comes with the first read.
+            report = read_shard(self.folder, summary["number"], verify=False)
+            if (report is None or report["sha256"] != summary["sha256"] or report["rows"] != summary["rows"]
+                    or report.get("job_sha256", job_sha256) != job_sha256):
                 raise EncodingsFileError(f"{os.fspath(folder)!r}: {shard_stem(summary['number'])} is missing "
                                          "or does not match the manifest")
             self.ids += report["ids"]
@@ -191,8 +279,19 @@ class ShardedEncodings:
         return f"ShardedEncodings({os.fspath(self.folder)!r}: {len(self)} x {self.dim}, {len(self._shards)} shards)"
 
     def _shard(self, position):
-        number = self._shards[position]["number"]
-        return np.load(self.folder / f"{shard_stem(number)}.npy", mmap_mode="r", allow_pickle=False)
+        summary = self._shards[position]
+        path = self.folder / f"{shard_stem(summary['number'])}.npy"
+        if self.verify and position not in self._verified:
+            try:
+                vectors = read_verified(path, summary["sha256"])
+            except EncodingsFileError as exc:
+                raise EncodingsFileError(f"{os.fspath(self.folder)!r}: {path.name}: {exc}") from None
+            if vectors.shape != (summary["rows"], self.dim):
+                raise EncodingsFileError(f"{os.fspath(self.folder)!r}: {shard_stem(summary['number'])} does "
+                                         "not match the manifest")
+            self._verified.add(position)
+            return vectors
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
     def blocks(self):
         """Yield (first row, (rows, dim) float32 memory-mapped array), shard by shard."""
