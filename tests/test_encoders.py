@@ -103,6 +103,9 @@ FISHER_OPTIONS = [
     ("improved", dict(improved=True), vl.FISHER_IMPROVED),
     ("fast", dict(improved=False, power=None, l2=False, fast=True), vl.FISHER_FAST),
     ("fast-improved", dict(improved=True, fast=True), vl.FISHER_FAST | vl.FISHER_IMPROVED),
+    # improved=True is the signed square root and L2 whatever power and l2 say.
+    ("improved-over-power", dict(improved=True, power=0.3, l2=False), vl.FISHER_IMPROVED),
+    ("improved-over-none", dict(improved=True, power=None, l2=False), vl.FISHER_IMPROVED),
 ]
 
 
@@ -152,6 +155,28 @@ def test_fisher_float64_matches_vlfeat_double(data):
     for X, encoded in zip(sets, ours):
         theirs = vl.fisher_encode(X, gmm64.means_, gmm64.covariances_, gmm64.weights_, 0)
         np.testing.assert_allclose(encoded, theirs.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("power", [0.3, 0.75, 2.0])
+def test_powers_other_than_the_square_root_match_numpy_reference(data, power):
+    """sign(v) |v|^power for a power other than 0.5 (which takes a sqrt shortcut), before
+    the normalisations, in each encoder that has the option."""
+    sets, centers = data["sets"], data["kmeans"].centers_.astype(np.float64)
+    vlad = VLADEncoder(vocabulary=data["kmeans"], power=power).fit(sets).transform(sets)
+    unnormalised = VLADEncoder(vocabulary=data["kmeans"], power=power, intra_norm=False,
+                               l2=False).fit(sets).transform(sets)
+    bof = BoFEncoder(vocabulary=data["kmeans"], power=power).fit(sets).transform(sets)
+    gmm = data["gmm"]
+    fisher = FisherEncoder(vocabulary=gmm, improved=False, power=power).fit(sets).transform(sets)
+    for i, X in enumerate(sets):
+        X64 = X.astype(np.float64)
+        Q = ref.hard_weights(X64, centers)
+        _assert_float32_close(vlad[i], ref.vlad(X64, centers, Q, power=power), False)
+        expected = ref.vlad(X64, centers, Q, power=power, intra_norm=False, l2=False)
+        np.testing.assert_allclose(unnormalised[i], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bof[i], ref.bof(X64, centers, ref.hard_weights, power=power), rtol=1e-6, atol=1e-7)
+        expected = ref.fisher(X, gmm.means_, gmm.covariances_, gmm.weights_, improved=False, power=power)
+        _assert_float32_close(fisher[i], expected, False)
 
 
 @pytest.mark.parametrize("assignment", ["hard", "soft"])
@@ -437,6 +462,37 @@ def test_knn_weights_rank_near_ties_in_float64():
         dense = np.zeros_like(expected)
         np.put_along_axis(dense, neighbors, weights.astype(np.float64), axis=1)
         np.testing.assert_allclose(dense, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_hard_assignment_gives_exact_ties_to_the_first_word():
+    """Descriptors exactly as near to two or more words (integer coordinates: every
+    product and distance is exact in float32 too) go to the lowest-numbered one, as
+    numpy's argmin in the reference; word 5 repeats word 1, so it never gets a member."""
+    from vladkit.kernels import nearest_words
+
+    centers = np.array([[0, 0, 0, 0], [2, 0, 0, 0], [0, 2, 0, 0], [2, 2, 0, 0], [0, 0, 4, 0], [2, 0, 0, 0]])
+    X = np.array([[1, 0, 0, 0],   # words 0, 1, 5 at 1
+                  [2, 1, 0, 0],   # words 1, 3, 5 at 1
+                  [1, 1, 0, 0],   # words 0, 1, 2, 3, 5 at 2
+                  [2, 0, 0, 0],   # words 1 and 5 at 0
+                  [1, 2, 0, 0],   # words 2 and 3 at 1
+                  [0, 0, 2, 0],   # words 0 and 4 at 4
+                  [0, 0, 3, 0]])  # word 4 alone
+    truth = ref.hard_weights(X, centers).argmax(axis=1)
+    assert truth.tolist() == [0, 1, 0, 1, 2, 0, 4]
+    for dtype in (np.float32, np.float64):
+        labels, distances = nearest_words(X.astype(dtype), centers.astype(dtype))
+        np.testing.assert_array_equal(labels, truth)
+        np.testing.assert_array_equal(distances, ref.squared_distances(X, centers).min(axis=1))
+    # Through the encoders: the counts and residual sums of the reference's words.
+    vocabulary = KMeansVocabulary.from_centers(centers.astype(np.float32))
+    X32 = X.astype(np.float32)
+    bof = BoFEncoder(vocabulary=vocabulary, norm=None).fit([X32]).transform([X32])[0]
+    np.testing.assert_array_equal(bof, ref.bof(X, centers, ref.hard_weights, norm=None))
+    vlad = VLADEncoder(vocabulary=vocabulary, power=None, intra_norm=False, l2=False).fit([X32]).transform([X32])[0]
+    expected = ref.vlad(X.astype(np.float64), centers.astype(np.float64), ref.hard_weights(X, centers),
+                        power=None, intra_norm=False, l2=False)
+    np.testing.assert_array_equal(vlad, expected)
 
 
 # ------------------------------------------------------------ soft assignment's alpha
