@@ -94,14 +94,59 @@ def test_cpuinfo_parsing(tmp_path):
     assert vendor == "AuthenticAMD" and flags == set(AVX2.split())
 
 
-def test_load_faiss_leaves_the_environment_as_it_was(monkeypatch):
-    # Whatever it decides (here: faiss is already imported, so nothing), the variable
-    # is not left behind and a user's value is not touched.
+def _fake_imports(monkeypatch, coretype, faiss_error=None):
+    """Make load_faiss decide ``coretype`` and replace its import of faiss (which, once
+    done, cannot be undone in this process) by one that records OPENBLAS_CORETYPE as the
+    library would read it, or raises ``faiss_error``. Returns the recorded values."""
+    seen = []
+    real_import = _blas.importlib.import_module
+
+    def import_module(name, *args):
+        if name != "faiss":
+            return real_import(name, *args)
+        seen.append(os.environ.get("OPENBLAS_CORETYPE"))
+        if faiss_error is not None:
+            raise faiss_error
+        return object()
+
+    monkeypatch.setattr(_blas, "faiss_coretype", lambda: coretype)
+    monkeypatch.setattr(_blas.importlib, "import_module", import_module)
+    return seen
+
+
+def test_load_faiss_sets_the_kernel_for_the_import_only(monkeypatch):
     monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    seen = _fake_imports(monkeypatch, "SkylakeX")
+    assert _blas.load_faiss() == "SkylakeX"
+    assert seen == ["SkylakeX"]  # what faiss's OpenBLAS reads when it loads
+    assert "OPENBLAS_CORETYPE" not in os.environ  # and gone again
+
+
+def test_load_faiss_removes_the_variable_when_faiss_is_missing(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    seen = _fake_imports(monkeypatch, "Haswell", faiss_error=ImportError("no faiss"))
     assert _blas.load_faiss() is None
+    assert seen == ["Haswell"] and "OPENBLAS_CORETYPE" not in os.environ
+
+
+def test_load_faiss_removes_the_variable_when_the_import_fails(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    _fake_imports(monkeypatch, "Zen", faiss_error=RuntimeError("broken library"))
+    with pytest.raises(RuntimeError, match="broken library"):
+        _blas.load_faiss()
+    assert "OPENBLAS_CORETYPE" not in os.environ
+
+
+def test_load_faiss_leaves_the_environment_as_it_was(monkeypatch):
+    """The real decision and import, whatever faiss's state in this process (imported by
+    an earlier test or not; installed or not): the variable is not left behind, and a
+    user's value is neither changed nor removed."""
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    expected = faiss_coretype()  # None when faiss is already imported, or on other CPUs
+    assert _blas.load_faiss() in (expected, None)  # None also when faiss is not installed
     assert "OPENBLAS_CORETYPE" not in os.environ
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Prescott")
-    assert _blas.load_faiss() is None
+    assert _blas.load_faiss() is None  # the user's setting wins
     assert os.environ["OPENBLAS_CORETYPE"] == "Prescott"
 
 
