@@ -1,13 +1,17 @@
 """What tests/test_serve.py and tests/test_serve_browser.py share: a small real index of
-15-Scene photos built through the command line, attacked copies of its images, and an
-HTTP client on the standard library."""
+15-Scene photos built through the command line, attacked copies of its images, an HTTP
+client on the standard library, and raw sockets from another client address."""
 
 from __future__ import annotations
 
 import glob
 import http.client
 import os
+import resource
+import selectors
 import shutil
+import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -101,3 +105,68 @@ class Client:
 def decode(data):
     """The image encoded in ``data`` (None if it is not one)."""
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+#: A client that is not the tests' own (127.0.0.1): Linux routes all of 127.0.0.0/8 to the
+#: loopback interface, so a socket bound to this address reaches a server on 127.0.0.1 from
+#: another address, as another machine would.
+OTHER_CLIENT = "127.0.0.2"
+
+
+def other_client():
+    """:data:`OTHER_CLIENT`, or skip where the system has no such loopback address (macOS)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((OTHER_CLIENT, 0))
+        except OSError as error:
+            pytest.skip(f"cannot bind a client socket to {OTHER_CLIENT} ({error.strerror})")
+    return OTHER_CLIENT
+
+
+def connect(base, source=None, timeout=30):
+    """A TCP connection to the server at ``base`` (``http://host:port``), from ``source``."""
+    host, port = base.split("//", 1)[1].rsplit(":", 1)
+    return socket.create_connection((host.strip("[]"), int(port)), timeout=timeout,
+                                    source_address=None if source is None else (source, 0))
+
+
+def open_idle(base, n, source):
+    """``n`` connections from ``source`` that send nothing (raising the soft limit on open
+    files if ``n`` would pass it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < n + 512:
+        wanted = n + 512 if hard == resource.RLIM_INFINITY else min(n + 512, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return [connect(base, source) for _ in range(n)]
+
+
+def closed_by_server(sockets, wait, expect=None):
+    """{socket: (the bytes it received, seconds until its end)} for those of ``sockets``
+    that the server closed (end of stream or reset) within ``wait`` seconds, or as soon as
+    ``expect`` of them were; the others are still open."""
+    received = {sock: b"" for sock in sockets}
+    closed = {}
+    expect = len(sockets) if expect is None else expect
+    started = time.monotonic()
+    with selectors.DefaultSelector() as selector:
+        for sock in sockets:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = started + wait
+        while len(closed) < expect and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                sock = key.fileobj
+                try:
+                    chunk = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if chunk:
+                    received[sock] += chunk
+                    continue
+                closed[sock] = received[sock], time.monotonic() - started
+                selector.unregister(sock)
+    for sock in sockets:
+        sock.settimeout(30)
+    return closed

@@ -76,6 +76,8 @@ def test_upload_shows_the_original_first_and_a_click_searches_with_it(browser, s
     WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
     assert "24 images" in browser.find_element(By.ID, "info").text
     assert browser.find_element(By.ID, "rerank-label").is_displayed()  # the index has re-ranking features
+    # Starting at README's depth for an exact index, not at 0: the first search is re-ranked.
+    assert browser.find_element(By.ID, "rerank").get_attribute("value") == "100"
 
     browser.find_element(By.ID, "file").send_keys(str(query))
     serial, items = _wait_for_results(browser)
@@ -83,6 +85,7 @@ def test_upload_shows_the_original_first_and_a_click_searches_with_it(browser, s
     assert items[0].get_attribute("data-id") == site["paths"][9]
     assert items[0].get_attribute("data-rank") == "1"
     assert float(items[0].get_attribute("data-score")) > float(items[1].get_attribute("data-score"))
+    assert int(items[0].get_attribute("data-inliers")) >= 8
     assert "results in" in browser.find_element(By.ID, "status").text
     assert browser.find_element(By.ID, "query-image").is_displayed()
 

@@ -524,7 +524,7 @@ def cmd_serve(args):
     # The web stack is an optional extra, imported here only: the other commands never
     # need it, and without it this command says what to install.
     try:
-        from .serve import create_app, run
+        from .serve import allowed_hosts_for, create_app, run
     except ImportError as exc:
         if (exc.name or "").split(".")[0] not in SERVE_MODULES:
             raise
@@ -533,9 +533,13 @@ def cmd_serve(args):
         return EXIT_USAGE
     if args.port > 65535:
         raise UsageError(f"--port must be at most 65535, got {args.port}")
+    try:
+        allowed_hosts = allowed_hosts_for(args.host, args.allowed_host)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     app = create_app(args.index, max_upload_bytes=max(1, round(args.max_upload_mb * 1e6)),
                      max_pixels=args.max_pixels, timeout=args.timeout, max_concurrency=args.max_concurrency,
-                     n_jobs=args.jobs)
+                     n_jobs=args.jobs, allowed_hosts=allowed_hosts, image_root=args.image_root)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"vladkit: note: listening on {args.host}: whoever reaches this machine can search the index and "
               "see its images and their paths (the ids); put an authenticating proxy in front to restrict that",
@@ -547,7 +551,8 @@ def cmd_serve(args):
               f"{', re-ranking available' if service.store is not None else ''}) at http://{host}:{args.port}/ "
               "(Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        run(app, host=args.host, port=args.port, quiet=args.quiet)
+        run(app, host=args.host, port=args.port, quiet=args.quiet,
+            max_connections_per_client=args.max_connections_per_client, header_timeout=args.header_timeout)
     except KeyboardInterrupt:  # uvicorn stops cleanly, then passes Ctrl-C on
         pass
     except SystemExit as exc:  # uvicorn's way of failing to start (its log line says why)

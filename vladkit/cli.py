@@ -343,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "an image, GET /api/search?id=ID, /api/thumbnail?id=ID, /api/info, "
                     "/api/health). The index, its recipe and vocabulary are loaded once; queries "
                     "run on worker threads within a time limit; uploads are bounded in bytes and "
-                    "in pixels (read from the header before decoding). Listens on this machine "
-                    "only unless --host says otherwise. Needs the serve extra: python -m pip "
-                    "install 'vladkit[serve]'.",
+                    "in pixels (read from the header before decoding); idle and slow connections are "
+                    "closed, and capped per client. Listens on this machine only, and answers "
+                    "requests addressed to its own names only (localhost, 127.0.0.1, [::1]: a "
+                    "guard against DNS rebinding), unless --host and --allowed-host say otherwise. "
+                    "Needs the serve extra: python -m pip install 'vladkit[serve]'.",
         epilog="example: vladkit serve photos.index, then open http://127.0.0.1:8000/",
     )
     serve.add_argument("index", help="index folder from 'vladkit index build' (--rerank-features for re-ranking)")
@@ -363,6 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queries computed at once (default: one per core)")
     serve.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
                        help="threads within one query (default 1: the parallelism is across queries)")
+    serve.add_argument("--image-root", default=None, metavar="FOLDER",
+                       help="the folder the index's relative image paths are relative to: the one 'vladkit "
+                            "encode' ran in (default: the current folder)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="also answer requests addressed to NAME (repeatable; '*.example.org' for its "
+                            "subdomains, '*' for any: no DNS-rebinding protection). Default: only localhost, "
+                            "127.0.0.1, [::1] and the --host address; needed with --host 0.0.0.0 or ::; "
+                            "other Host headers get 400")
+    serve.add_argument("--max-connections-per-client", type=_non_negative_int, default=16, metavar="N",
+                       help="connections one client address (IPv6: its /64) may hold open at once; one more "
+                            "gets 503 (default 16; 0: no cap, e.g. behind a reverse proxy that caps them)")
+    serve.add_argument("--header-timeout", type=_positive_float, default=10.0, metavar="S",
+                       help="seconds a connection has to send a request's headers (default 10); a body must "
+                            "arrive within --timeout; past either the connection is closed")
     serve.add_argument("-q", "--quiet", action="store_true", help="no access log, only warnings and errors")
     serve.set_defaults(run="cmd_serve")
 

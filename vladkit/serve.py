@@ -44,6 +44,7 @@ import base64
 import errno
 import hashlib
 import importlib
+import ipaddress
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -61,14 +63,17 @@ from urllib.parse import parse_qs, quote
 import anyio
 import anyio.to_thread
 import cv2
+import h11
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .budget import DEFAULT_MAX_MEMORY, iter_batches
 from .encodings import describe_extractor
@@ -82,7 +87,8 @@ from .rerank import STORE_JSON, FeatureStore, rerank
 # would fail. Imported now, so that a missing one fails at startup, naming itself.
 importlib.import_module("python_multipart")
 
-__all__ = ["SearchService", "ServiceError", "create_app", "run", "serve_in_thread"]
+__all__ = ["LOOPBACK_HOSTS", "SearchService", "ServiceError", "allowed_hosts_for", "create_app", "run",
+           "serve_in_thread"]
 
 logger = logging.getLogger("vladkit.serve")
 
@@ -96,6 +102,18 @@ MAX_TOP, MAX_RERANK = 100, 500
 THUMBNAIL_SIDE, THUMBNAIL_CACHE_BYTES = 256, 32 * 2**20
 #: An indexed file larger than this is not read (for a thumbnail or a query by id).
 MAX_FILE_BYTES = 256 * 2**20
+#: The Host headers answered by default: this machine's own names. A page of another site
+#: that rebinds its domain to 127.0.0.1 sends its own domain, and is refused.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+#: Default cap on the connections one client (one address; an IPv6 /64) holds open at once:
+#: a browser opens at most 6 to a server; uvicorn's limit on all of them is 256.
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 16
+#: Default time a connection has to send a request's complete headers, in seconds.
+DEFAULT_HEADER_TIMEOUT = 10.0
+#: The re-ranking depths README's "Finding near-duplicates" recommends: 100 on an exact
+#: index; 200 on a quantized one (its top 200 holds more of the copies than its top 100,
+#: for ~0.1-0.2 s more a query). The page starts its "re-rank the top" field there.
+RECOMMENDED_RERANK = {"flat": 100, "pq": 200, "ivfpq": 200}
 
 _ACCEPTED = "JPEG, PNG, WebP, BMP, TIFF, GIF or PNM"
 
@@ -190,16 +208,25 @@ class SearchService:
         --max-memory``): an image too large for it is extracted in pieces.
     thumbnail_side : int, default=256
     thumbnail_cache_bytes : int, default 32 MB
+    image_root : path or None, default=None
+        The folder that relative ids are relative to: the one ``vladkit encode`` ran in
+        (the index does not record it). None: the current folder.
+
+    Raises
+    ------
+    IndexFileError
+        Besides an unreadable index: its ids are relative paths and none of them is a file
+        under ``image_root`` (the service would answer 404 for every thumbnail).
 
     Notes
     -----
-    Ids are the indexed paths; relative ones are resolved against the current folder when
-    the service is created (as ``vladkit search`` reads them). The methods are safe to
-    call from several threads at once.
+    Ids are the indexed paths, as ``vladkit encode`` listed them; relative ones are
+    resolved against ``image_root`` once, when the service is created. The methods are
+    safe to call from several threads at once.
     """
 
     def __init__(self, index_folder, *, max_pixels=DEFAULT_MAX_PIXELS, n_jobs=1, max_memory=DEFAULT_MAX_MEMORY,
-                 thumbnail_side=THUMBNAIL_SIDE, thumbnail_cache_bytes=THUMBNAIL_CACHE_BYTES):
+                 thumbnail_side=THUMBNAIL_SIDE, thumbnail_cache_bytes=THUMBNAIL_CACHE_BYTES, image_root=None):
         # The command line's loader: the same checks and messages as `vladkit search`.
         from ._commands import VOCABULARY_FILE, CommandError, _load_search_index
 
@@ -230,16 +257,35 @@ class SearchService:
         self._rows = {image_id: row for row, image_id in enumerate(self.ids)}
         # Each indexed file's real path now: it is what the service will ever open for
         # that id (see _indexed_stat).
-        self._cwd = os.getcwd()
+        self.image_root = os.path.abspath(os.getcwd() if image_root is None else os.fspath(image_root))
         self._real = [self._real_path(image_id) for image_id in self.ids]
+        self._check_files()
         self._thumbnails = _ThumbnailCache(thumbnail_cache_bytes)
         self._warm_up()
 
     # -- loading ---------------------------------------------------------------------------
 
     def _real_path(self, image_id):
-        real = os.path.realpath(os.path.join(self._cwd, image_id))
+        real = os.path.realpath(os.path.join(self.image_root, image_id))
         return real if os.path.isfile(real) else None
+
+    def _check_files(self):
+        """Refuse an index whose relative ids lead nowhere from ``image_root`` (served from
+        another folder than the one it was encoded in, every thumbnail would be a 404);
+        log how many indexed files are missing otherwise."""
+        missing = [image_id for image_id, real in zip(self.ids, self._real) if real is None]
+        if not missing:
+            return
+        relative = [image_id for image_id in self.ids if not os.path.isabs(image_id)]
+        if relative and all(self._real[self._rows[image_id]] is None for image_id in relative):
+            raise IndexFileError(
+                f"{os.fspath(self.folder)!r}: its image ids are paths relative to the folder 'vladkit encode' ran "
+                f"in (e.g. {relative[0]!r}), and none of its {len(relative):,} relative ids is a file under "
+                f"{self.image_root!r}: serve it from that folder, or name it (vladkit serve --image-root FOLDER, "
+                "create_app(image_root=FOLDER))")
+        logger.warning("%s of the %s indexed files are not found (e.g. %r under %r): their thumbnails and "
+                       "searches by id answer 404", f"{len(missing):,}", f"{len(self.ids):,}", missing[0],
+                       self.image_root)
 
     def _warm_up(self):
         """Run every stage once on a small generated image, so that the first query does
@@ -403,7 +449,7 @@ class SearchService:
             raise ServiceError(404, "the indexed image's file was missing when the server started")
         # Any symbolic link on the way that changed since startup (the file replaced by a
         # link, a folder swapped for a link elsewhere) changes where the id resolves.
-        if os.path.realpath(os.path.join(self._cwd, self.ids[row])) != recorded:
+        if os.path.realpath(os.path.join(self.image_root, self.ids[row])) != recorded:
             raise ServiceError(403, "the indexed image's path no longer leads to the file that was indexed "
                                     "(a symbolic link changed since the server started): refused")
         try:
@@ -580,10 +626,105 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def _check_allowed_hosts(allowed_hosts):
+    """The host patterns as TrustedHostMiddleware takes them (lower case), or ValueError."""
+    if isinstance(allowed_hosts, str) or not isinstance(allowed_hosts, Iterable):
+        raise ValueError(f"allowed_hosts must be a list of host names, got {allowed_hosts!r}")
+    hosts = []
+    for host in allowed_hosts:
+        # Starlette's own rules (it asserts them): '*' alone, or a leading '*.' only.
+        if (not isinstance(host, str) or not host or any(c.isspace() or c in "/@" for c in host)
+                or "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*."))):
+            raise ValueError(f"allowed_hosts: {host!r} is not a host name, an address ('[::1]' for IPv6), "
+                             "'*.domain' or '*'")
+        hosts.append(host.lower())
+    if not hosts:
+        raise ValueError("allowed_hosts is empty: no request could be answered")
+    return tuple(dict.fromkeys(hosts))
+
+
+def allowed_hosts_for(bind_host, extra=()):
+    """The Host headers to answer for a server listening on ``bind_host``.
+
+    Parameters
+    ----------
+    bind_host : str
+        The address (or name) the server listens on, as given to :func:`run`.
+    extra : list of str
+        More names clients will use (as ``create_app``'s ``allowed_hosts``).
+
+    Returns
+    -------
+    tuple of str
+        :data:`LOOPBACK_HOSTS`, ``bind_host`` itself when it is a specific address or name
+        (clients can type it; a rebinding page cannot send it, an address above all), and
+        ``extra``: what to give ``create_app(allowed_hosts=...)``.
+
+    Raises
+    ------
+    ValueError
+        ``bind_host`` listens on every interface (``0.0.0.0``, ``::``) and ``extra`` is
+        empty: the names clients will use cannot be guessed. Or a pattern is malformed.
+    """
+    hosts = list(LOOPBACK_HOSTS)
+    try:
+        address = ipaddress.ip_address(bind_host)
+    except ValueError:
+        address = None
+    if bind_host in ("", "*") or (address is not None and address.is_unspecified):
+        if not extra:
+            raise ValueError(f"listening on every interface ({bind_host or 'all'}), the server cannot know the "
+                             "names clients will reach it by: give them (--allowed-host NAME, repeatable, e.g. "
+                             "this machine's address or name on the network; allowed_hosts=[...]), or '*' to "
+                             "answer any (no protection against DNS rebinding)")
+    elif address is not None and address.version == 6:
+        hosts.append(f"[{address.compressed}]")
+    else:
+        hosts.append(bind_host)
+    return _check_allowed_hosts([*hosts, *extra])
+
+
+class _TrustedHosts:
+    """Refuses (400) a request whose Host header is not an allowed one: the defence against
+    DNS rebinding, where a page of another site renames its domain to this server's
+    address and reads the answers as its own (the request then carries that domain).
+
+    Starlette's TrustedHostMiddleware decides (its parsing of the header, ports and IPv6
+    brackets included); the refusal is this service's JSON error, saying what to do.
+    """
+
+    _ACCEPTED = "vladkit.trusted_host"
+
+    def __init__(self, app, allowed_hosts):
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+        self._decide = TrustedHostMiddleware(self._accept, allowed_hosts=list(allowed_hosts), www_redirect=False)
+
+    @classmethod
+    async def _accept(cls, scope, receive, send):
+        scope[cls._ACCEPTED] = True
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            probe = dict(scope)
+
+            async def discard(message):  # the middleware's own refusal, replaced below
+                pass
+
+            await self._decide(probe, receive, discard)
+            if not probe.get(self._ACCEPTED):
+                host = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+                response = _error(400, f"this server answers requests for {', '.join(self.allowed_hosts)} only, "
+                                       f"not for the host {host[:100]!r}; to reach it by that name, start it "
+                                       "with --allowed-host NAME (create_app(allowed_hosts=...))")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(index_folder, *, max_upload_bytes=DEFAULT_MAX_UPLOAD_BYTES, max_pixels=DEFAULT_MAX_PIXELS,
                timeout=DEFAULT_TIMEOUT, max_concurrency=None, max_queue=32, max_top=MAX_TOP, max_rerank=MAX_RERANK,
                n_jobs=1, max_memory=DEFAULT_MAX_MEMORY, thumbnail_side=THUMBNAIL_SIDE,
-               thumbnail_cache_bytes=THUMBNAIL_CACHE_BYTES):
+               thumbnail_cache_bytes=THUMBNAIL_CACHE_BYTES, allowed_hosts=LOOPBACK_HOSTS, image_root=None):
     """The search service of an index folder, as an ASGI application (Starlette).
 
     Everything is loaded here, once (see :class:`SearchService`); serve the result with
@@ -608,8 +749,15 @@ def create_app(index_folder, *, max_upload_bytes=DEFAULT_MAX_UPLOAD_BYTES, max_p
         bodies, plus ``max_concurrency * max_memory`` for the extraction.
     max_top, max_rerank : int, default 100 and 500
         Bounds of the ``top`` and ``rerank`` parameters.
-    n_jobs, max_memory, thumbnail_side, thumbnail_cache_bytes
+    n_jobs, max_memory, thumbnail_side, thumbnail_cache_bytes, image_root
         As :class:`SearchService`.
+    allowed_hosts : list of str, default :data:`LOOPBACK_HOSTS`
+        The names (and addresses) a request may address the server by, in its Host header,
+        with or without a port: ``"localhost"``, ``"photos.example.org"``, ``"[::1]"``,
+        ``"*.example.org"`` (its subdomains), ``"*"`` (any: no protection against DNS
+        rebinding). Any other is refused with 400. The default answers only this machine's
+        own names, right for a server bound to 127.0.0.1; add the names clients use when
+        it is reachable from elsewhere.
 
     Returns
     -------
@@ -621,7 +769,13 @@ def create_app(index_folder, *, max_upload_bytes=DEFAULT_MAX_UPLOAD_BYTES, max_p
     FileNotFoundError, IndexFileError, vladkit.encodings.EncodingsFileError
         The folder is missing, not an index, or lacks its recipe or vocabulary.
     ValueError
-        A limit is not a positive number.
+        A limit is not a positive number, or a host pattern is malformed.
+
+    Notes
+    -----
+    The connections themselves (how many one client may hold open, how long a request may
+    take to arrive) are the HTTP server's to bound: :func:`run` and :func:`serve_in_thread`
+    do; behind another ASGI server, configure its equivalents.
     """
     if max_concurrency is None:
         max_concurrency = os.cpu_count() or 1
@@ -634,13 +788,17 @@ def create_app(index_folder, *, max_upload_bytes=DEFAULT_MAX_UPLOAD_BYTES, max_p
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf"):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    allowed_hosts = _check_allowed_hosts(allowed_hosts)
     service = SearchService(index_folder, max_pixels=max_pixels, n_jobs=n_jobs, max_memory=max_memory,
-                            thumbnail_side=thumbnail_side, thumbnail_cache_bytes=thumbnail_cache_bytes)
+                            thumbnail_side=thumbnail_side, thumbnail_cache_bytes=thumbnail_cache_bytes,
+                            image_root=image_root)
     runner = _Runner(int(max_concurrency), int(max_queue))
     page, page_csp = _page()
     limits = {"max_upload_bytes": int(max_upload_bytes), "max_pixels": service.max_pixels, "max_top": int(max_top),
               "max_rerank": int(max_rerank) if service.store is not None else 0, "timeout": float(timeout)}
-    info = {**service.info(), "limits": limits}
+    # Where the page's "re-rank the top" field starts (the API's own default stays 0).
+    default_rerank = min(RECOMMENDED_RERANK.get(service.index.kind, 100), limits["max_rerank"])
+    info = {**service.info(), "default_rerank": default_rerank, "limits": limits}
 
     def endpoint(handler):
         async def wrapped(request):
@@ -769,6 +927,10 @@ def create_app(index_folder, *, max_upload_bytes=DEFAULT_MAX_UPLOAD_BYTES, max_p
         with runner.admit():
             return _json(await compute(deadline, service.search_id, image_id, top, depth))
 
+    async def search(request):
+        # One route for both methods, so that a 405 (OPTIONS, PUT...) lists both in Allow.
+        return await (search_post if request.method == "POST" else search_get)(request)
+
     async def thumbnail(request):
         image_id = _one(_query(request), "id")
         if image_id is None:
@@ -792,60 +954,253 @@ def create_app(index_folder, *, max_upload_bytes=DEFAULT_MAX_UPLOAD_BYTES, max_p
         Route("/favicon.ico", endpoint(favicon), methods=["GET"]),
         Route("/api/health", endpoint(health), methods=["GET"]),
         Route("/api/info", endpoint(get_info), methods=["GET"]),
-        Route("/api/search", endpoint(search_post), methods=["POST"]),
-        Route("/api/search", endpoint(search_get), methods=["GET"]),
+        Route("/api/search", endpoint(search), methods=["GET", "POST"]),
         Route("/api/thumbnail", endpoint(thumbnail), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders)],
+    app = Starlette(routes=routes,
+                    # The host check inside: its refusals get the security headers too.
+                    middleware=[Middleware(_SecurityHeaders), Middleware(_TrustedHosts, allowed_hosts=allowed_hosts)],
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.service = service
     app.state.limits = limits
+    app.state.allowed_hosts = allowed_hosts
     return app
 
 
 # ----------------------------------------------------------------------------- serving
 
+#: Seconds an application still answering gets, once a request body is overdue, to send
+#: its own answer (this service's reads the body within the same limit, and answers 408).
+_BODY_GRACE = 1.0
 
-def _uvicorn_config(app, host, port, quiet, limit_concurrency, **options):
+
+def _client_key(address):
+    """Whom a connection counts against: its IPv4 address, or the /64 network of an IPv6
+    one (one subscriber's usual allocation: counted per address, a single client would
+    get a cap per address it can pick)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # a scope ("fe80::1%eth0") is not a client
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _raw_error(status, reason, message, headers=()):
+    """A complete HTTP/1.1 answer carrying this service's JSON error, for a connection the
+    protocol refuses before (or without) a request that an application could answer."""
+    body = json.dumps({"error": message}, ensure_ascii=True).encode()
+    lines = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}",
+             "connection: close", "cache-control: no-store", "x-content-type-options: nosniff", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class _GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, guarded against clients that hold connections open.
+
+    uvicorn waits for a request without a time limit, and answers 503 to everyone once
+    ``limit_concurrency`` connections are open: 256 sockets that send nothing lock a
+    server out. So:
+
+    * at most ``max_per_client`` connections are open at once from one client (an
+      address; an IPv6 client: its /64); one more is answered 503 and closed at once;
+    * a request's headers must be complete within ``header_timeout`` seconds of the
+      connection's opening (or, on a kept-alive connection, of the request's first byte),
+      its body within ``body_timeout`` seconds of the headers; past that the connection
+      is closed (with a 408 if part of the request came). An application still answering
+      when the body is overdue gets ``_BODY_GRACE`` seconds to send its own answer first.
+
+    Between requests, uvicorn's keep-alive timeout applies as before. The limits, and the
+    count of open connections per client shared by a server's connections, are class
+    attributes of the subclass :func:`_guarded_protocol` makes for each server; they are
+    only touched from the server's event loop, so they need no lock.
+    """
+
+    max_per_client = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    header_timeout = DEFAULT_HEADER_TIMEOUT
+    body_timeout = DEFAULT_TIMEOUT
+    open_per_client = None  # {client: open connections}, one dict per server
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._counted_as = None  # the client this connection counts against, once counted
+        self._timer = None
+        self._phase = None  # what the timer waits for: "headers" or "body"
+        self._grace = False
+
+    # -- the cap -------------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        if self.max_per_client and self.client:
+            client = _client_key(self.client[0])
+            if self.open_per_client.get(client, 0) >= self.max_per_client:
+                transport.write(_raw_error(503, "Service Unavailable",
+                                           f"too many connections from your address ({self.max_per_client} are "
+                                           "open): close some, or retry in a moment", ("retry-after: 1",)))
+                transport.close()
+                return
+            self.open_per_client[client] = self.open_per_client.get(client, 0) + 1
+            self._counted_as = client
+        self._arm(self.header_timeout, "headers")
+
+    def connection_lost(self, exc):
+        self._disarm()
+        if self._counted_as is not None:
+            left = self.open_per_client[self._counted_as] - 1
+            if left:
+                self.open_per_client[self._counted_as] = left
+            else:
+                del self.open_per_client[self._counted_as]
+            self._counted_as = None
+        super().connection_lost(exc)
+
+    # -- the timeouts --------------------------------------------------------------------
+
+    def data_received(self, data):
+        if self._timer is None and self.conn.their_state is h11.IDLE:
+            # The first bytes of the next request on a kept-alive connection.
+            self._arm(self.header_timeout, "headers")
+        super().data_received(data)
+        self._follow_request()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        # A pipelined request may have started with the next cycle.
+        self._follow_request()
+
+    def _follow_request(self):
+        """Move the timer with the request: the body's deadline once the headers are in,
+        none once the request is complete (or the connection is ending)."""
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            if self._phase != "body":
+                self._arm(self.body_timeout, "body")
+        elif state is h11.IDLE:
+            if self._timer is None and self.conn.trailing_data[0]:
+                self._arm(self.header_timeout, "headers")
+        else:
+            self._disarm()
+
+    def _arm(self, seconds, phase):
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._expired)
+        self._phase, self._grace = phase, False
+
+    def _disarm(self):
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._phase = None, None
+
+    def _expired(self):
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self._phase == "body" and self.cycle is not None and not self.cycle.response_complete \
+                and not self._grace:
+            self._grace = True
+            self._timer = self.loop.call_later(_BODY_GRACE, self._expired)
+            return
+        if self._phase == "headers" and self.conn.trailing_data[0]:
+            # Part of a request came: say why it is dropped (a silent close is for idle ones).
+            self.transport.write(_raw_error(408, "Request Timeout", "the request's headers did not arrive within "
+                                            f"this server's limit of {self.header_timeout:g} s"))
+        self.transport.close()
+
+
+def _guarded_protocol(max_per_client, header_timeout, body_timeout):
+    """A :class:`_GuardedH11Protocol` subclass for one server, with its limits and its own
+    count of connections per client."""
+    if not isinstance(max_per_client, (int, np.integer)) or isinstance(max_per_client, bool) or max_per_client < 0:
+        raise ValueError(f"max_connections_per_client must be a non-negative integer (0: no cap), "
+                         f"got {max_per_client!r}")
+    for name, value in (("header_timeout", header_timeout), ("body_timeout", body_timeout)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return type("GuardedH11Protocol", (_GuardedH11Protocol,), {
+        "max_per_client": int(max_per_client), "header_timeout": float(header_timeout),
+        "body_timeout": float(body_timeout), "open_per_client": {}})
+
+
+def _uvicorn_config(app, host, port, quiet, limit_concurrency, max_connections_per_client, header_timeout,
+                    body_timeout, **options):
+    if body_timeout is None:
+        # The app's own limit on a request (create_app's timeout), which its body reads obey.
+        body_timeout = getattr(getattr(app, "state", None), "limits", {}).get("timeout", DEFAULT_TIMEOUT)
     return uvicorn.Config(
         app, host=host, port=port, log_level="warning" if quiet else "info", access_log=not quiet,
         lifespan="off", server_header=False,
+        # h11, pinned (not "auto", which would take httptools where installed): the
+        # guards against idle and slow connections are built on it.
+        http=_guarded_protocol(max_connections_per_client, header_timeout, body_timeout),
         # Open connections beyond this get 503 from uvicorn itself: with max_queue, a
         # bound on the memory that slow or many clients can hold.
         limit_concurrency=limit_concurrency, timeout_keep_alive=5, **options)
 
 
-def run(app, *, host="127.0.0.1", port=8000, quiet=False, limit_concurrency=256):
+def run(app, *, host="127.0.0.1", port=8000, quiet=False, limit_concurrency=256,
+        max_connections_per_client=DEFAULT_MAX_CONNECTIONS_PER_CLIENT, header_timeout=DEFAULT_HEADER_TIMEOUT,
+        body_timeout=None):
     """Serve ``app`` with uvicorn until interrupted (Ctrl-C or SIGTERM).
 
     Parameters
     ----------
     app : ASGI application (from :func:`create_app`)
     host : str, default "127.0.0.1"
-        This machine only; "0.0.0.0" listens on every interface.
+        This machine only; "0.0.0.0" listens on every interface (give ``create_app`` the
+        ``allowed_hosts`` clients will use then).
     port : int, default=8000
     quiet : bool
         No access log, only warnings and errors.
     limit_concurrency : int, default=256
         Connections at once; uvicorn answers 503 beyond.
+    max_connections_per_client : int, default=16
+        Connections one client (an address; an IPv6 client: its /64) may hold open at once;
+        one more is answered 503 and closed at once. 0: no cap (behind a reverse proxy,
+        every client has the proxy's address: let the proxy cap them).
+    header_timeout : float, default=10
+        Seconds a connection has to send a request's complete headers, from its opening
+        (or, between kept-alive requests, from the request's first byte); past it the
+        connection is closed.
+    body_timeout : float or None, default=None
+        Seconds a request's body has to arrive once the headers are in; past it the
+        connection is closed. None: the app's own time limit (``create_app``'s
+        ``timeout``, 30 s by default), within which it answers 408 itself.
+
+    Raises
+    ------
+    ValueError
+        A limit is not a positive number (``max_connections_per_client``: not a
+        non-negative integer).
     """
-    uvicorn.Server(_uvicorn_config(app, host, port, quiet, limit_concurrency)).run()
+    uvicorn.Server(_uvicorn_config(app, host, port, quiet, limit_concurrency, max_connections_per_client,
+                                   header_timeout, body_timeout)).run()
 
 
 @contextmanager
-def serve_in_thread(app, *, host="127.0.0.1", port=0, quiet=True, limit_concurrency=256):
+def serve_in_thread(app, *, host="127.0.0.1", port=0, quiet=True, limit_concurrency=256,
+                    max_connections_per_client=DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                    header_timeout=DEFAULT_HEADER_TIMEOUT, body_timeout=None):
     """Serve ``app`` with uvicorn in a background thread for the duration of the block.
 
     For tests, notebooks and benchmarks. ``port=0`` takes a free port; the block gets the
     base URL (``http://127.0.0.1:PORT``). The server stops, its connections closed, when
-    the block ends.
+    the block ends. The other parameters are :func:`run`'s.
     """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    port = sock.getsockname()[1]
-    # log_config=None: the process's logging is the caller's, not reconfigured.
-    server = uvicorn.Server(_uvicorn_config(app, host, port, quiet, limit_concurrency, log_config=None))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        port = sock.getsockname()[1]
+        # log_config=None: the process's logging is the caller's, not reconfigured.
+        server = uvicorn.Server(_uvicorn_config(app, host, port, quiet, limit_concurrency, max_connections_per_client,
+                                                header_timeout, body_timeout, log_config=None))
+    except BaseException:  # a limit refused (ValueError), or the port taken
+        sock.close()
+        raise
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="vladkit-serve")
     thread.start()
     try:
