@@ -239,3 +239,18 @@ def test_encoder_and_vocabulary_kinds_must_match(project, tmp_path):
                        "-o", tmp_path / "e.npz", "-q")
     assert code == 2 and "GMMVocabulary" in err and "--kind gmm" in err, err
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_qe_alpha_without_qe_is_refused(project, tmp_path):
+    """--qe-alpha weights query expansion's results: alone it used to be silently ignored
+    (exit 0); it is now refused as other options that would do nothing (exit 2)."""
+    code, _, err = cli("index", "build", project / "enc.npz", "-o", tmp_path / "idx", "-q")
+    assert code == 0, err
+    query = str(project / "images" / "img0.png")
+    for args in (["search", str(tmp_path / "idx"), query],
+                 ["evaluate", str(tmp_path / "idx"), str(project / "enc.npz"), "--ground-truth", "folders"]):
+        alone = subprocess.run(CLI + args + ["--qe-alpha", "3"], capture_output=True, text=True)
+        assert alone.returncode == 2, alone.stderr
+        assert "--qe-alpha" in alone.stderr and "--qe M" in alone.stderr
+        with_qe = subprocess.run(CLI + args + ["--qe", "2", "--qe-alpha", "3"], capture_output=True, text=True)
+        assert with_qe.returncode in (0, 1) and "--qe-alpha" not in with_qe.stderr, with_qe.stderr

@@ -151,6 +151,30 @@ def test_dask_gives_the_same_bytes_and_reports_once(setup, tmp_path, client):
     assert skipped == [str(paths[9])]  # reported once, by the client
 
 
+def test_dask_runs_one_job_into_two_folders_as_two_jobs(setup, tmp_path, client):
+    """The same images and recipe into two folders at once, on one client: the task keys
+    name the destination. They used to be the same keys, so Dask ran one set of tasks and
+    one folder failed with "shard-000000 is missing"."""
+    paths, recipe = setup
+    _run(paths, recipe, tmp_path / "here")
+    outcome = {}
+
+    def job(name):
+        try:
+            outcome[name] = _run(paths, recipe, tmp_path / name, client=client)
+        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=job, args=(name,)) for name in ("dA.enc", "dB.enc")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert not any(isinstance(value, BaseException) for value in outcome.values()), outcome
+    assert _folder_bytes(tmp_path / "dA.enc") == _folder_bytes(tmp_path / "here")
+    assert _folder_bytes(tmp_path / "dB.enc") == _folder_bytes(tmp_path / "here")
+
+
 def test_dask_survives_a_killed_worker(tmp_path, setup, client):
     _, recipe = setup
     paths = _images(tmp_path / "many", 48, size=(240, 320), broken=(17,))

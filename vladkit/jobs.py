@@ -49,7 +49,7 @@ from .features import ImageSkippedWarning
 from .image_encoder import encode_batches, sample_features
 from .images import DEFAULT_MAX_PIXELS
 from .vocabulary import DescriptorSampler
-from .sharded import (SHARDED_FORMAT, SHARDED_FORMAT_VERSION, ShardedEncodings, images_digest, is_job_file,
+from .sharded import (MANIFEST, SHARDED_FORMAT, SHARDED_FORMAT_VERSION, ShardedEncodings, images_digest, is_job_file,
                       job_digest, read_manifest, read_shard, shard_stem, write_images, write_manifest,
                       write_shard)
 
@@ -244,6 +244,9 @@ def _prepare_folder(folder, job, images, log):
     """Under the folder's lock: keep an earlier run's files of the same job (resume), or
     clear the files of another job (start over), and record the job."""
     _refuse_foreign_folder(folder)  # again: another job may have changed it before we locked it
+    for name in os.listdir(folder):  # half-written files of a killed run
+        if name.startswith(".") and name.endswith(".tmp") and is_job_file(name):
+            (folder / name).unlink(missing_ok=True)
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("job") == job:
         return
@@ -253,11 +256,13 @@ def _prepare_folder(folder, job, images, log):
             warnings.warn(message, RuntimeWarning, stacklevel=4)
         else:
             log(message)
-    for name in os.listdir(folder):
-        if name != LOCK_FILE and is_job_file(name):
-            (folder / name).unlink()
-    # The manifest first: a folder with it is a vladkit folder, whatever else is missing.
+    # The new job's manifest first, in one atomic step: from then on the folder is this
+    # job's (unfinished), whatever happens next, and no reader sees the other job's
+    # "complete" manifest over files that are going away.
     write_manifest(folder, job)
+    for name in os.listdir(folder):
+        if name not in (LOCK_FILE, MANIFEST) and is_job_file(name):
+            (folder / name).unlink()
     write_images(folder, images)
 
 
