@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -44,7 +45,7 @@ from .images import ImageReadError, list_images
 from .image_encoder import encode_batches, sample_features
 from .index import IndexFileError, PCAWhitening, VectorIndex
 from .rerank import STORE_BIN, STORE_JSON, FeatureStore, rerank, write_feature_store
-from .jobs import encode_images, sample_descriptors
+from .jobs import encode_images, job_folder, sample_descriptors
 from .vocabulary import (
     DescriptorSampler,
     GMMVocabulary,
@@ -331,52 +332,91 @@ def _dask_client(args):
         yield client
 
 
+def _check_encode_options(args, single_file, folder):
+    """What would fail only after the job ran fails now, before any folder is made."""
+    if args.max_pixels < 0:
+        raise UsageError(f"--max-pixels must be >= 0 (0 lifts the limit), got {args.max_pixels}")
+    if args.jobs == 0:
+        raise UsageError("--jobs must be a number of threads, or negative to count back from every core "
+                         "(-1: all); 0 is neither")
+    if args.error_log:
+        parent = Path(args.error_log).resolve().parent
+        if not parent.is_dir():
+            raise UsageError(f"--error-log {args.error_log}: the folder {str(parent)!r} does not exist")
+        if Path(args.error_log).is_dir():
+            raise UsageError(f"--error-log {args.error_log} is a folder: give a file name")
+    if single_file and Path(args.output).is_dir():
+        raise UsageError(f"-o {args.output} is a folder: name the .npz file to write, or give a folder name "
+                         "without .npz for a sharded output")
+
+
 def cmd_encode(args):
+    # OUTPUT.npz: one file, assembled from a sharded job in OUTPUT.npz.parts/ (removed at
+    # the end); any other OUTPUT: the sharded folder itself, never loaded whole.
+    single_file = str(args.output).endswith(".npz")
+    folder = Path(str(args.output) + ".parts") if single_file else Path(args.output)
+    _check_encode_options(args, single_file, folder)
     paths = list_images(args.folder, recursive=not args.no_recursive)
     if not paths:
         raise CommandError(f"no images found in {args.folder!r}")
     vocab = load_vocabulary_file(args.vocab)  # a vocabulary or NetVLAD parameters, by format
     recipe = _recipe_from_args(args, vocab)
-    # OUTPUT.npz: one file, assembled from a sharded job in OUTPUT.npz.parts/ (removed at
-    # the end); any other OUTPUT: the sharded folder itself, never loaded whole.
-    single_file = str(args.output).endswith(".npz")
-    folder = Path(str(args.output) + ".parts") if single_file else Path(args.output)
     on_dask = bool(args.workers or args.scheduler)
-    with _progress(len(paths), "encoding", not args.quiet) as bar, _dask_client(args) as client:
-        def log(message):
-            bar.write(f"vladkit: {message}", file=sys.stderr)
-
+    created = not os.path.lexists(folder)
+    with contextlib.ExitStack() as held:
         try:
-            result = encode_images(
-                paths, recipe, folder, vocabulary=vocab, shard_size=args.shard_size, batch_size=args.batch_size,
-                max_memory=args.max_memory, max_pixels=None if args.max_pixels == 0 else args.max_pixels,
-                on_error=args.on_error, n_jobs=None if on_dask and args.jobs == -1 else args.jobs,
-                client=client, progress=bar.update, on_skipped=_skip_reporter(bar), log=log)
-        except ImageReadError as error:
-            # Stopped by a bad image (--on-error raise): finished shards stay for a rerun,
-            # but no work folder without any is left behind.
-            if single_file and folder.is_dir() and not any(folder.glob("shard-*.json")):
-                shutil.rmtree(folder)
-            raise CommandError(_cannot_read(error)) from None
-        except FileExistsError as error:
+            # The lock first (refusing a folder that is not vladkit's, or that another job
+            # holds, before anything is made), then the cluster, whose start takes seconds.
+            held.enter_context(job_folder(folder))
+        except FileExistsError as error:  # FolderLockedError, an OSError, is reported as it is
             raise CommandError(str(error)) from None
-    if result.resumed:
-        print(f"vladkit: resumed: {result.resumed} of {len(paths)} images were already encoded in {folder}",
-              file=sys.stderr)
-    _report_skipped(result.skipped, len(paths), args.error_log)
-    encodings = result.encodings
-    if not len(encodings):
-        if single_file:
-            shutil.rmtree(folder)
-        raise CommandError(f"none of the {len(paths)} images could be read")
-    if single_file:
-        EncodedImages(encodings.vectors, encodings.ids, recipe, result.skipped).save(args.output)
-        shutil.rmtree(folder)
+        try:
+            with _progress(len(paths), "encoding", not args.quiet) as bar, _dask_client(args) as client:
+                def log(message):
+                    bar.write(f"vladkit: {message}", file=sys.stderr)
+
+                try:
+                    result = encode_images(
+                        paths, recipe, folder, vocabulary=vocab, shard_size=args.shard_size,
+                        batch_size=args.batch_size, max_memory=args.max_memory,
+                        max_pixels=None if args.max_pixels == 0 else args.max_pixels, on_error=args.on_error,
+                        n_jobs=None if on_dask and args.jobs == -1 else args.jobs, client=client,
+                        progress=bar.update, on_skipped=_skip_reporter(bar), log=log)
+                except ImageReadError as error:  # --on-error raise
+                    raise CommandError(_cannot_read(error)) from None
+            if result.resumed:
+                print(f"vladkit: resumed: {result.resumed} of {len(paths)} images were already encoded in "
+                      f"{folder}", file=sys.stderr)
+            _report_skipped(result.skipped, len(paths), args.error_log)
+            encodings = result.encodings
+            if not len(encodings):
+                if created or single_file:
+                    shutil.rmtree(folder)  # nothing to resume: a rerun would skip them all again
+                raise CommandError(f"none of the {len(paths)} images could be read")
+            if single_file:
+                EncodedImages(encodings.vectors, encodings.ids, recipe, result.skipped).save(args.output)
+                shutil.rmtree(folder)
+        except BaseException:
+            _clean_up_failed_encode(folder, created)
+            raise
     print(f"wrote {args.output}: {len(encodings)} images x {encodings.dim:,} ({recipe.encoder}"
           f"{' + spatial pyramid' if recipe.pyramid else ''}, {recipe.extractor})"
           + (f" in {len(encodings.manifest['shards'])} shards" if not single_file else "")
           + (f", {len(result.skipped)} skipped" if result.skipped else ""))
     return EXIT_OK
+
+
+def _clean_up_failed_encode(folder, created):
+    """After a failed or interrupted encode: remove the output folder this run made if no
+    shard of it finished; else keep the finished shards, for a rerun to resume from."""
+    if not folder.is_dir():
+        return
+    finished = len(list(folder.glob("shard-*.json")))
+    if created and not finished:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif finished:
+        print(f"vladkit: {finished} finished shard(s) kept in {folder}: rerun the same command to resume",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- index
@@ -405,7 +445,7 @@ def _check_index_options(args):
 
 def cmd_index_build(args):
     _check_index_options(args)
-    encoded = load_encodings(args.encodings)
+    encoded = load_encodings(args.encodings, verify=not args.no_verify)
     # Found first: a missing vocabulary fails before the (long) training, not after.
     vocabulary = locate_vocabulary(encoded.recipe, args.encodings, given=args.vocab)
     if encoded.recipe.extractor == "DenseSIFT" and encoded.recipe.encoder == "fisher":
@@ -416,7 +456,8 @@ def cmd_index_build(args):
               "(vocab build --features sift --root); README, \"Finding near-duplicates\"", file=sys.stderr)
     # Out of core: whitening and quantizers learn from a reproducible sample; the vectors
     # are then added shard by shard, so memory is the index plus one block.
-    training, _ = (load_encodings(args.train) if args.train else encoded).sample(args.train_size, seed=0)
+    training, _ = (load_encodings(args.train, verify=not args.no_verify) if args.train
+                   else encoded).sample(args.train_size, seed=0)
     whitening = None
     if args.pca:
         whitening = PCAWhitening(args.pca, whiten=0.5 if args.whiten is None else args.whiten,
@@ -472,7 +513,14 @@ def _load_search_index(folder):
     return index, recipe
 
 
+def _check_retrieval_options(args):
+    if args.qe_alpha is not None and not args.qe:
+        raise UsageError("--qe-alpha weights the results of query expansion: give --qe M with it")
+    args.qe_alpha = args.qe_alpha or 0.0
+
+
 def cmd_search(args):
+    _check_retrieval_options(args)
     index, recipe = _load_search_index(args.index)
     extractor, encoder = recipe.build(vocabulary=str(Path(args.index) / VOCABULARY_FILE), n_jobs=args.jobs)
     failed = []
@@ -654,8 +702,9 @@ def _no_query_message(args, queries, index, roots):
 
 def cmd_evaluate(args):
     _check_evaluate_options(args)
+    _check_retrieval_options(args)
     index = VectorIndex.load(args.index)
-    queries = load_encodings(args.queries)
+    queries = load_encodings(args.queries, verify=not args.no_verify)
     _check_query_recipe(args.index, queries, args.queries)
     roots = None
     if args.ground_truth == "folders":

@@ -96,7 +96,8 @@ def _add_feature_options(parser, from_vocabulary=False):
 def _add_input_options(group):
     group.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                        help="unreadable image: report it on stderr and go on (skip, default), or "
-                            "stop with exit status 1 and write nothing (raise)")
+                            "stop with exit status 1 naming it (raise; encode keeps the shards "
+                            "finished before it, for a rerun to resume from, and writes no output)")
     group.add_argument("--error-log", default=None, metavar="FILE",
                        help="also write the skipped images as JSON lines {path, reason}")
     group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
@@ -130,10 +131,17 @@ def _add_retrieval_options(parser):
     parser.add_argument("--qe", type=_non_negative_int, default=0, metavar="M",
                         help="query expansion: search again with the query plus its M nearest "
                              "results (average QE, Chum et al. 2007; default 0: none)")
-    parser.add_argument("--qe-alpha", type=_non_negative_float, default=0.0, metavar="A",
-                        help="alpha-QE: weight each of the M results by max(score, 0)^A "
+    parser.add_argument("--qe-alpha", type=_non_negative_float, default=None, metavar="A",
+                        help="alpha-QE, with --qe: weight each of the M results by max(score, 0)^A "
                              "(default 0: average QE; 3 in Radenovic et al. 2018)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (--rerank shows one)")
+
+
+def _add_verify_option(parser, what):
+    parser.add_argument("--no-verify", action="store_true",
+                        help=f"read the shards of {what} without checking them against the SHA-256 "
+                             "their job recorded (by default each is checked as it is first read, and "
+                             "a damaged one stops the command, named)")
 
 
 def _non_negative_float(text):
@@ -314,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="threads for --rerank-features' extraction (default -1: every core)")
     build_index.add_argument("--max-memory", type=_memory, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
                              help="working-memory budget of that extraction (default 1GB)")
+    _add_verify_option(build_index, "ENCODINGS (and --train)")
     build_index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     build_index.add_argument("-o", "--output", required=True, metavar="FOLDER", help="index folder to write")
     build_index.set_defaults(run="cmd_index_build")
@@ -413,6 +422,7 @@ examples:
     )
     evaluate.add_argument("index", help="index folder from 'vladkit index build'")
     evaluate.add_argument("queries", help="encodings file of the query images (the indexed ones or others)")
+    _add_verify_option(evaluate, "QUERIES")
     evaluate.add_argument("--ground-truth", choices=("holidays", "folders"), required=True,
                           help="how groups are read from the image paths (see above)")
     evaluate.add_argument("--query-root", default=None, metavar="DIR",
