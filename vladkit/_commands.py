@@ -866,6 +866,10 @@ def cmd_netvlad_train(args):
     summary = params.metadata["training"]
     history = summary["history"]
     kept = summary["returned_epoch"]
+    # Every folder read, held out for validation or not (summary["n_groups"] counts those
+    # trained on only: without any held out whole).
+    n_folders = len({groups[key] for key in keys})
+    held_out = summary["n_validation_sets"]
     validation = ""
     if history[0]["validation_map"] is not None:
         validation = (f"; validation mAP {history[kept]['validation_map']:.3f} at epoch {kept} "
@@ -873,7 +877,8 @@ def cmd_netvlad_train(args):
     print(f"wrote {args.output}: NetVLAD K={params.n_clusters}, D={params.dim} (init {args.init}, {args.loss} loss, "
           f"{args.epochs} epochs, epoch {kept} kept{validation}) from {n_images} images"
           + (f" ({len(skipped)} skipped)" if skipped else "")
-          + (f" and {len(keys) - n_images} attacked copies" if copies else f" in {summary['n_groups']} folders")
+          + (f" and {len(keys) - n_images} attacked copies" if copies else f" in {n_folders} folders")
+          + (f", {held_out} of them held out for validation" if held_out else "")
           + f"; extraction {extraction:.0f} s, training {summary['seconds']:.0f} s")
     return EXIT_OK
 

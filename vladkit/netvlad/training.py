@@ -224,24 +224,56 @@ def _retrieval_map(vectors, group_ids):
     return mean_average_precision(rankings, truth) if truth else float("nan")
 
 
-def _split_validation(group_ids, fraction, rng):
+def _split_validation(group_ids, fraction, rng, keep=1):
     """(training indices, validation indices) for a held-out ``fraction``.
 
-    Whole groups are held out when groups are small (a group's share, fraction x its size,
-    would be under 2 sets on average: an image and its copies); otherwise each group is
-    split (labelled folders: every class is seen in training and in validation)."""
+    The validation needs two groups, one with two sets or more: its queries need a
+    positive and negatives (with one group every ranking is perfect, mAP 1). Two ways:
+
+    - whole groups, when groups are small (a group's share, fraction x its size, would be
+      under 2 sets on average: an image and its copies) and there are 4 or more:
+      ``round(fraction x groups)`` of them, at least 2, at most all but 2 (training needs
+      two groups);
+    - a share of every group otherwise (labelled folders, or few groups: every group is
+      seen in training and in validation): ``round(fraction x size)`` of its sets, at
+      least 2 (a query and its positive), as long as it keeps ``keep`` for training (2
+      for the triplet loss, a query and its positive; 1 for classification). Where that
+      leaves no usable validation, whole groups are held out if there are 4 or more.
+
+    Raises
+    ------
+    ValueError
+        When neither gives a usable validation; the message states the minimum.
+    """
     sizes = np.bincount(group_ids)
-    if fraction * sizes.mean() < 2:
-        n_val = max(1, round(fraction * len(sizes)))
-        if n_val >= len(sizes):
-            raise ValueError(f"validation={fraction} would hold out all {len(sizes)} groups")
-        held = np.isin(group_ids, rng.choice(len(sizes), n_val, replace=False))
+    n_groups = len(sizes)
+
+    def whole_groups():
+        n_val = min(n_groups - 2, max(2, round(fraction * n_groups)))
+        return np.isin(group_ids, rng.choice(n_groups, n_val, replace=False))
+
+    def usable(held):
+        held_sizes = np.bincount(group_ids[held], minlength=n_groups)
+        return np.count_nonzero(held_sizes) >= 2 and held_sizes.max() >= 2
+
+    if fraction * sizes.mean() < 2 and n_groups >= 4:
+        held = whole_groups()
     else:
         held = np.zeros(len(group_ids), dtype=bool)
-        for g in range(len(sizes)):
+        for g in range(n_groups):
             members = np.flatnonzero(group_ids == g)
-            take = min(len(members) - 1, max(2, round(fraction * len(members))))
+            take = max(0, min(len(members) - keep, max(2, round(fraction * len(members)))))
             held[rng.choice(members, take, replace=False)] = True
+        if not usable(held) and n_groups >= 4:
+            held = whole_groups()
+    if not usable(held):
+        raise ValueError(
+            f"validation={fraction} cannot hold out a validation set from {n_groups} groups of "
+            f"{sizes.min()}-{sizes.max()} sets: validation needs two groups, one with two sets or more (a "
+            f"query, its positive and a negative), and a group that is split keeps {keep} for training. "
+            f"That takes one group of at least {keep + 2} sets and another of at least {keep + 1}, or 4 "
+            "groups or more (2 held out whole, one of them of two sets or more); or train without "
+            "validation")
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
@@ -350,7 +382,12 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
         each validation set searching the others, positives its group (the vectors of
         fixed random subsets of ``descriptors_per_step`` rows). A float holds out that
         fraction of the sets (not trained on): whole groups when groups are small (an
-        image and its copies), a share of every group otherwise (labelled folders).
+        image and its copies) and 4 or more, at least 2 of them and at most all but 2; a
+        share of every group otherwise (labelled folders, or few groups), at least 2 sets
+        of a group while it keeps 2 for training (1 for the classification loss). The
+        validation needs two groups, one of two sets or more (queries need a positive and
+        negatives: with one group every ranking is perfect, mAP 1); a ValueError states
+        the minimum when the groups are too few or too small for that.
     keep_best : bool, default=True
         With validation, return the parameters of the epoch (0: the initialisation) with
         the best validation mAP rather than the last.
@@ -376,8 +413,10 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
     -------
     NetVLADParams
         Layout "KxD", all normalisations on. ``metadata`` holds ``init``, ``alpha`` and a
-        ``training`` summary: the options above, the number of sets, the per-epoch history
-        (mean loss, active queries, validation mAP, seconds) and the epoch returned.
+        ``training`` summary: the options above, the number of sets and groups trained on
+        (``n_sets``, ``n_groups``: without the held-out ones) and validated on
+        (``n_validation_sets``, ``n_validation_groups``), the per-epoch history (mean loss,
+        active queries, validation mAP, seconds) and the epoch returned.
 
     References
     ----------
@@ -422,7 +461,9 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
     if isinstance(validation, (float, np.floating)) and not isinstance(validation, bool):
         if not 0 < validation < 1:
             raise ValueError(f"validation as a fraction must lie in (0, 1), got {validation!r}")
-        train, held = _split_validation(group_ids, float(validation), np.random.default_rng([seed, 21]))
+        # The triplet loss trains on groups of two sets or more: each group keeps two.
+        train, held = _split_validation(group_ids, float(validation), np.random.default_rng([seed, 21]),
+                                        keep=2 if "triplet" in loss else 1)
         val_sets, val_groups = [sets[i] for i in held], group_ids[held]
     elif isinstance(validation, (tuple, list)) and len(validation) == 2:
         val_sets, val_dim = _as_sets(validation[0], "validation[0]")
@@ -435,6 +476,9 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
     if val_groups is not None and np.bincount(val_groups).max() < 2:
         raise ValueError("the validation sets hold no two sets of the same group: nothing to retrieve "
                          "(hold out a larger fraction, or give validation=None)")
+    if val_groups is not None and len(np.unique(val_groups)) < 2:
+        raise ValueError("the validation sets are all of one group: no negatives, so every ranking is "
+                         "perfect (mAP 1) whatever the training; give sets of two groups or more")
     train_groups = group_ids[train]
     n_groups = len(np.unique(train_groups))
     if n_groups < 2:
@@ -510,6 +554,7 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
         "head_lr": head_lr if "classification" in loss else None,
         "n_sets": len(train), "n_groups": n_groups,
         "n_validation_sets": None if val_sets is None else len(val_sets),
+        "n_validation_groups": None if val_groups is None else len(np.unique(val_groups)),
         "random_state": seed, "n_threads": n_threads, "seconds": round(time.perf_counter() - start, 3),
         "history": history,
     }
