@@ -522,7 +522,9 @@ validation mAP is kept.""",
                                help="triplet margin on squared distances (default 0.1)")
     netvlad_train.add_argument("--validation", type=_fraction, default=0.1, metavar="F",
                                help="share of the images held out to choose the epoch (default 0.1; 0: none, "
-                                    "the last epoch is kept)")
+                                    "the last epoch is kept): some of every folder, or whole folders (at least "
+                                    "2) when they are small and 4 or more, as the groups of copies of --labels "
+                                    "none")
     netvlad_train.add_argument("--seed", type=int, default=0, metavar="S",
                                help="random seed (default 0): same seed and threads (-j), same file")
     netvlad_train.add_argument("-o", "--output", required=True, metavar="FILE", help="NetVLAD file to write (.npz)")
