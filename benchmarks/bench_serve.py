@@ -1,8 +1,11 @@
-"""`vladkit serve` on 15-Scene: query latency and throughput, against one `vladkit search`.
+"""`vladkit serve` on 15-Scene: query latency and throughput, against one `vladkit search`;
+or (``--idle-attack``) latency with and without 1,000 idle connections held open.
 
     python benchmarks/bench_serve.py [--data ../shared/data/scene15] [--cache bench-serve-cache]
-        [--index FOLDER] [--warm 50] [--clients 8] [--queries 200] [--rerank R] [--repeat 5]
-        [--out FILE]
+        [--index FOLDER] [--subset N] [--warm 50] [--clients 8] [--queries 200] [--rerank R]
+        [--repeat 5] [--out FILE]
+    python benchmarks/bench_serve.py --idle-attack [--subset 300] [--idle 1000] [--reopen 1]
+        [--clients 8] [--queries 40] [--rounds 2] [--unguarded] [--out FILE]
 
 **The index** (built once into ``--cache`` and reused; or ``--index FOLDER``, any index from
 ``vladkit index build``): Fisher vectors K=64 (GMM on PCA-64 sparse RootSIFT) of the 1,498
@@ -29,6 +32,25 @@ uploaded as the request body over keep-alive HTTP connections on the loopback in
   IMAGE.jpg`` (median of ``--repeat`` (5) runs): starting Python, importing vladkit, loading
   the index, then one query; the ratio (c) / (a) is what the server saves per query.
 
+``--subset N`` indexes N ``train/`` photos instead (the same number from each class,
+copied into ``--cache``), for a quicker build.
+
+**--idle-attack** (issue 29: 256 connections that sent nothing had every other client
+answered 503): ``--clients`` (8) threads on 127.0.0.1, each sending ``--queries`` (40)
+pairs of ``GET /api/search?id=ID&top=10`` (an indexed photo, extracted again) and
+``GET /api/health`` over a kept-alive connection, in two scenarios side by side: no
+attack, and ``--idle`` (1,000) connections from one other client (127.0.0.2: Linux routes
+all of 127.0.0.0/8 to the loopback interface) that never send a byte, held open: every
+``--reopen`` (1) seconds the attacker opens again those the server closed (0: it opens
+them once). The scenarios alternate for ``--rounds`` (2) rounds, so that a change in the
+machine's load falls on both. Printed: each scenario's median and p99 latency, per
+endpoint; the ratio p99(attack) / p99(no attack), which should stay within 2x; what the
+server did with the idle sockets (answered 503 and closed at once beyond the per-client
+cap, closed at the header timeout). ``--unguarded`` adds the attack on a server started
+with the guards off (``--max-connections-per-client 0 --header-timeout 86400``): uvicorn's
+own behaviour, where the answers are 503s. The soft limit on open files is raised for the
+1,000 sockets (the server, a child, inherits it).
+
 The load average before and after is printed: on a shared machine the figures are slower
 and noisier than on a quiet one.
 """
@@ -38,7 +60,11 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
+import resource
+import selectors
+import shutil
 import socket
 import statistics
 import subprocess
@@ -46,6 +72,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scene15"
 
@@ -59,16 +86,37 @@ def _vladkit(*args, cwd=None):
     return time.perf_counter() - started, done.stdout
 
 
-def build_index(data, cache, rerank):
-    """The 64-byte Fisher-vector index of train/, built once into ``cache``."""
+def subset_folder(data, cache, n):
+    """``n`` train/ photos, the same number from each class (the first by name), copied
+    into ``cache/train-N/CLASS/``: the indexed files (their ids are these paths)."""
+    classes = sorted(d for d in (data / "train").iterdir() if d.is_dir())
+    folder = cache / f"train-{n}"
+    if not folder.is_dir():
+        scratch = cache / f".train-{n}.tmp"
+        shutil.rmtree(scratch, ignore_errors=True)
+        for k, source in enumerate(classes):
+            (scratch / source.name).mkdir(parents=True)
+            for photo in sorted(source.glob("*.jpg"))[:n // len(classes) + (k < n % len(classes))]:
+                shutil.copyfile(photo, scratch / source.name / photo.name)
+        scratch.rename(folder)  # complete, or absent
+    return folder.resolve()
+
+
+def build_index(data, cache, rerank, subset=None):
+    """The 64-byte Fisher-vector index of train/ (or of ``subset`` of its photos), built
+    once into ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
-    train = (data / "train").resolve()
-    index = cache / ("train-rerank.index" if rerank else "train.index")
+    train = (data / "train").resolve() if subset is None else subset_folder(data, cache, subset)
+    tag = "train" if subset is None else f"train-{subset}"
+    index = cache / (f"{tag}-rerank.index" if rerank else f"{tag}.index")
+    # (the full set's files keep their earlier names, so that existing caches are reused)
+    gmm = cache / ("gmm.npz" if subset is None else f"gmm-{tag}.npz")
+    encodings = cache / f"{tag}.npz"
     steps = [
-        (cache / "gmm.npz", ["vocab", "build", train, "--features", "sift", "--root", "-k", 64, "--kind", "gmm",
-                             "--seed", 0, "-q", "-o", cache / "gmm.npz"]),
-        (cache / "train.npz", ["encode", train, "--vocab", cache / "gmm.npz", "-q", "-o", cache / "train.npz"]),
-        (index / "metadata.json", ["index", "build", cache / "train.npz", "--pca", 256, "--pq", "64x8", "-q",
+        (gmm, ["vocab", "build", train, "--features", "sift", "--root", "-k", 64, "--kind", "gmm",
+               "--seed", 0, "-q", "-o", gmm]),
+        (encodings, ["encode", train, "--vocab", gmm, "-q", "-o", encodings]),
+        (index / "metadata.json", ["index", "build", encodings, "--pca", 256, "--pq", "64x8", "-q",
                                    "-o", index] + (["--rerank-features"] if rerank else [])),
     ]
     for output, args in steps:
@@ -140,6 +188,237 @@ def percentile(values, p):
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
 
 
+# ------------------------------------------------------------------- --idle-attack
+
+#: The attacker's address: another client than the measured ones (127.0.0.1).
+ATTACKER = "127.0.0.2"
+
+
+def raise_open_files(needed):
+    """Raise this process's soft limit on open files to at least ``needed`` (children,
+    the server among them, inherit it); exit if the hard limit is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        sys.exit(f"bench_serve: {needed} open files are needed, the hard limit is {hard} (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return needed
+
+
+class IdleAttacker(multiprocessing.Process):
+    """``count`` connections to the server from ``source`` that never send a byte.
+
+    Every ``reopen`` seconds the ones the server closed are opened again, so that the
+    attacker holds ``count`` at each of those moments (0: opened once, then only held).
+    Counts what the server did: answered (503) and closed, or closed without a word. A
+    process of its own: in the measuring process, its work would hold the GIL against the
+    measured clients' threads and inflate their times.
+    """
+
+    def __init__(self, port, count, source=ATTACKER, reopen=1.0):
+        super().__init__(daemon=True, name="idle-attacker")
+        self.port, self.count, self.source, self.reopen = port, count, source, reopen
+        self.ready, self.stopped = multiprocessing.Event(), multiprocessing.Event()
+        self._counts = multiprocessing.Array("q", 5)  # opened, answered, silent, failed, open at the end
+        self.opened = self.answered = self.silent = self.failed = self.open_at_end = 0
+
+    def _connect(self, selector):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((self.source, 0))
+            sock.connect(("127.0.0.1", self.port))
+        except OSError:
+            sock.close()
+            self.failed += 1
+            return
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, b"")
+        self.opened += 1
+
+    def run(self):
+        try:
+            self._attack()
+        finally:
+            self._counts[:] = [self.opened, self.answered, self.silent, self.failed, self.open_at_end]
+
+    def _attack(self):
+        raise_open_files(self.count + 1024)
+        with selectors.DefaultSelector() as selector:
+            for _ in range(self.count):
+                self._connect(selector)
+            self.ready.set()
+            next_reopen = time.monotonic() + (self.reopen or float("inf"))
+            while not self.stopped.is_set():
+                for key, _ in selector.select(timeout=0.05):
+                    try:
+                        chunk = key.fileobj.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        chunk = b""
+                    if chunk:  # the server's answer before its close
+                        selector.modify(key.fileobj, selectors.EVENT_READ, key.data + chunk)
+                        continue
+                    if key.data.startswith(b"HTTP/1.1 503"):
+                        self.answered += 1
+                    else:
+                        self.silent += 1
+                    selector.unregister(key.fileobj)
+                    key.fileobj.close()
+                if time.monotonic() >= next_reopen:
+                    for _ in range(self.count - len(selector.get_map())):
+                        self._connect(selector)
+                    next_reopen = time.monotonic() + self.reopen
+            self.open_at_end = len(selector.get_map())
+            for key in list(selector.get_map().values()):
+                key.fileobj.close()
+
+    def stop(self):
+        self.stopped.set()
+        self.join(60)
+        self.opened, self.answered, self.silent, self.failed, self.open_at_end = self._counts[:]
+
+
+def measured_load(port, clients, queries, ids):
+    """``clients`` threads, each sending ``queries`` pairs (a search by id, then a health
+    request) on its own kept-alive connection: {"search": seconds, "health": seconds,
+    "errors": messages}."""
+    results = {"search": [], "health": [], "errors": []}
+    lock = threading.Lock()
+
+    def client(k):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        mine = {"search": [], "health": []}
+        try:
+            for j in range(queries):
+                image_id = ids[(k * queries + j) * 7919 % len(ids)]  # spread over the index
+                for kind, path in (("search", f"/api/search?top=10&id={quote(image_id, safe='')}"),
+                                   ("health", "/api/health")):
+                    started = time.perf_counter()
+                    connection.request("GET", path)
+                    response = connection.getresponse()
+                    body = response.read()
+                    mine[kind].append(time.perf_counter() - started)
+                    if response.status != 200:
+                        raise RuntimeError(f"{path[:40]}: HTTP {response.status} {body[:100]!r}")
+        except Exception as error:  # reported with the scenario; the rest of its queries are lost
+            with lock:
+                results["errors"].append(f"client {k}: {error}")
+        finally:
+            connection.close()
+        with lock:
+            for kind in mine:
+                results[kind].extend(mine[kind])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def idle_attack(args):
+    """--idle-attack: the measured clients' latency without and with the idle connections."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((ATTACKER, 0))
+        except OSError as error:
+            sys.exit(f"bench_serve: cannot bind a socket to {ATTACKER} ({error.strerror}): --idle-attack needs "
+                     "the whole of 127.0.0.0/8 on the loopback interface, as on Linux")
+    raise_open_files(args.idle + 1024)
+    ids = json.loads((args.index / "ids.json").read_text(encoding="utf-8"))
+    load_before = os.getloadavg()
+    # {name: reopen}: None, no attack; 0, opened once and held; S, the closed ones opened
+    # again every S seconds.
+    plan = {"no attack": None, f"{args.idle:,} idle, held": 0.0}
+    if args.reopen:
+        plan[f"{args.idle:,} idle, reopened every {args.reopen:g} s"] = args.reopen
+    scenarios = {name: [] for name in plan}
+    attackers = {name: [] for name in plan}
+
+    def run_scenario(server, name, reopen):
+        attacker = None
+        if reopen is not None:
+            attacker = IdleAttacker(server.port, args.idle, reopen=reopen)
+            attacker.start()
+            if not attacker.ready.wait(120):
+                sys.exit("bench_serve: the attacker could not open its connections within 120 s")
+        started = time.perf_counter()
+        result = measured_load(server.port, args.clients, args.queries, ids)
+        result["wall"] = time.perf_counter() - started
+        if attacker is not None:
+            attacker.stop()
+            attackers[name].append(attacker)
+        time.sleep(1)  # the closes settle before the next scenario
+        return result
+
+    with Server(args.index) as server:
+        print(f"server: {len(ids):,} images, started in {server.startup:.1f} s; {args.clients} clients x "
+              f"{args.queries} x (search by id + health) per scenario, {args.rounds} rounds")
+        measured_load(server.port, args.clients, 3, ids)  # warm-up, not counted: first calls, page cache
+        for round_ in range(args.rounds):
+            for name, reopen in plan.items():
+                scenarios[name].append(run_scenario(server, name, reopen))
+                print(f"  round {round_ + 1}: {name}: {scenarios[name][-1]['wall']:.1f} s, "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+    if args.unguarded:
+        name = f"{args.idle:,} idle, held; guards off"
+        attackers[name] = []
+        with Server(args.index, ["--max-connections-per-client", "0", "--header-timeout", "86400"]) as server:
+            measured_load(server.port, args.clients, 3, ids)
+            scenarios[name] = [run_scenario(server, name, 0.0)]
+
+    def merged(name, kind):
+        return [x for result in scenarios[name] for x in result[kind]]
+
+    def cell(values):
+        if not values:
+            return "-"
+        return f"{1000 * statistics.median(values):.1f} / {1000 * percentile(values, 99):.1f}"
+
+    lines = [
+        f"`vladkit serve` (default limits), {args.clients} clients on 127.0.0.1, each {args.queries} x "
+        f"{args.rounds} pairs of GET /api/search?id= (top 10) and GET /api/health on a kept-alive connection; "
+        f"attack: {args.idle:,} connections from another client ({ATTACKER}) that never send a byte. "
+        f"Index: {len(ids):,} 15-Scene train/ photos, Fisher vectors K=64, PCA-256 + PQ 64x8.",
+        "",
+        "| scenario | search p50 / p99 (ms) | health p50 / p99 (ms) | answered | clients failed | "
+        "idle sockets: opened / 503 at once / closed at the header timeout |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in scenarios:
+        errors = [e for result in scenarios[name] for e in result["errors"]]
+        answered = len(merged(name, "search")) + len(merged(name, "health"))
+        mine = attackers[name]
+        idle = (f"{sum(a.opened for a in mine):,} / {sum(a.answered for a in mine):,} / "
+                f"{sum(a.silent for a in mine):,}") if mine else "-"
+        lines.append(f"| {name} | {cell(merged(name, 'search'))} | {cell(merged(name, 'health'))} | {answered:,} | "
+                     f"{len(errors)}{' (' + errors[0] + ')' if errors else ''} | {idle} |")
+    lines.append("")
+    verdicts = []
+    for name, reopen in plan.items():
+        if reopen is None:
+            continue
+        for kind in ("search", "health"):
+            ratio = percentile(merged(name, kind), 99) / percentile(merged("no attack", kind), 99)
+            verdicts.append(ratio <= 2 and not any(result["errors"] for result in scenarios[name]))
+            lines.append(f"p99({kind}, {name}) / p99({kind}, no attack) = {ratio:.2f} "
+                         f"({'within' if ratio <= 2 else 'NOT within'} 2x)")
+    lines += [
+        "",
+        f"{os.cpu_count()} cores (clients, attacker and server on the same ones); load average before "
+        f"{' '.join(f'{x:.2f}' for x in load_before)}, after {' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+    ]
+    report = "\n".join(lines)
+    print()
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n", encoding="utf-8")
+    return 0 if all(verdicts) and not any(result["errors"] for result in scenarios["no attack"]) else 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="15-Scene (train/ and test/)")
@@ -148,12 +427,26 @@ def main(argv=None):
     parser.add_argument("--index", type=Path, default=None, help="serve this index instead of building one")
     parser.add_argument("--warm", type=int, default=50, help="queries of the single-client latency (default 50)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the load test (default 8)")
-    parser.add_argument("--queries", type=int, default=200, help="queries per client (default 200)")
+    parser.add_argument("--queries", type=int, default=None,
+                        help="queries per client (default 200; with --idle-attack, 40 pairs)")
     parser.add_argument("--rerank", type=int, default=0, metavar="R",
                         help="re-rank each query's top R (builds the index with --rerank-features)")
     parser.add_argument("--repeat", type=int, default=5, help="runs of the one-query command (default 5)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report (Markdown) here")
+    parser.add_argument("--subset", type=int, default=None, metavar="N",
+                        help="index N train/ photos (as many from each class) instead of all 1,498")
+    attack = parser.add_argument_group("--idle-attack")
+    attack.add_argument("--idle-attack", action="store_true",
+                        help="measure latency without and with idle connections held open (only that)")
+    attack.add_argument("--idle", type=int, default=1000, help="idle connections of the attacker (default 1000)")
+    attack.add_argument("--reopen", type=float, default=1.0, metavar="S",
+                        help="the attacker opens again the closed ones every S seconds (default 1; 0: never)")
+    attack.add_argument("--rounds", type=int, default=2, help="rounds of the two scenarios (default 2)")
+    attack.add_argument("--unguarded", action="store_true",
+                        help="also attack a server with the guards off (uvicorn alone)")
     args = parser.parse_args(argv)
+    if args.queries is None:
+        args.queries = 40 if args.idle_attack else 200
 
     tests = sorted((args.data / "test").glob("*/*.jpg"))
     if len(tests) < args.warm + 5 or not (args.data / "train").is_dir():
@@ -161,10 +454,12 @@ def main(argv=None):
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     if args.index is None:
         print(f"index (cached in {args.cache}):")
-        args.index = build_index(args.data, args.cache, args.rerank)
+        args.index = build_index(args.data, args.cache, args.rerank, args.subset)
     info_path = args.index / "metadata.json"
     if not info_path.is_file():
         sys.exit(f"bench_serve: {args.index} is not an index folder")
+    if args.idle_attack:
+        return idle_attack(args)
     path = "/api/search?top=10" + (f"&rerank={args.rerank}" if args.rerank else "")
     data = {p: p.read_bytes() for p in tests}
 

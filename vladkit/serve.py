@@ -36,6 +36,15 @@ What it does, and why:
   ``{"error": message}``, and an unexpected exception is logged on the server with its
   traceback and answered with a short 500. Responses carry ``nosniff``, no-referrer and a
   strict Content-Security-Policy (the page's inline script and style are allowed by hash).
+* Only requests addressed to the server by an allowed name (its Host header; by default
+  this machine's own: ``localhost``, ``127.0.0.1``, ``[::1]``) are answered, others get
+  400: a page of another site that rebinds its domain to this address (DNS rebinding)
+  cannot read the index's paths and photos.
+* Connections, served by :func:`run` or :func:`serve_in_thread`: a request's headers must
+  arrive within ``header_timeout`` and its body within the request's time limit, or the
+  connection is closed; one client holds at most ``max_connections_per_client`` at once.
+  Without that, uvicorn waits for a request forever, and 256 idle sockets (its
+  ``limit_concurrency``) had every other client answered 503.
 """
 
 from __future__ import annotations
@@ -978,6 +987,8 @@ def _client_key(address):
     """Whom a connection counts against: its IPv4 address, or the /64 network of an IPv6
     one (one subscriber's usual allocation: counted per address, a single client would
     get a cap per address it can pick)."""
+    if ":" not in address:  # IPv4, already in its one written form: the usual case, kept cheap
+        return address
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])  # a scope ("fe80::1%eth0") is not a client
     except ValueError:
@@ -1023,6 +1034,7 @@ class _GuardedH11Protocol(H11Protocol):
     header_timeout = DEFAULT_HEADER_TIMEOUT
     body_timeout = DEFAULT_TIMEOUT
     open_per_client = None  # {client: open connections}, one dict per server
+    refusal = b""  # the answer to a connection over the cap, made once per server
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -1038,9 +1050,10 @@ class _GuardedH11Protocol(H11Protocol):
         if self.max_per_client and self.client:
             client = _client_key(self.client[0])
             if self.open_per_client.get(client, 0) >= self.max_per_client:
-                transport.write(_raw_error(503, "Service Unavailable",
-                                           f"too many connections from your address ({self.max_per_client} are "
-                                           "open): close some, or retry in a moment", ("retry-after: 1",)))
+                # Out of uvicorn's count at once, not when the close completes: a burst of
+                # refused connections must not push the others past limit_concurrency.
+                self.connections.discard(self)
+                transport.write(self.refusal)
                 transport.close()
                 return
             self.open_per_client[client] = self.open_per_client.get(client, 0) + 1
@@ -1120,9 +1133,12 @@ def _guarded_protocol(max_per_client, header_timeout, body_timeout):
     for name, value in (("header_timeout", header_timeout), ("body_timeout", body_timeout)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    # Made once: a client over its cap may open connections by the thousand.
+    refusal = _raw_error(503, "Service Unavailable", f"too many connections from your address ({max_per_client} "
+                         "are open): close some, or retry in a moment", ("retry-after: 1",))
     return type("GuardedH11Protocol", (_GuardedH11Protocol,), {
         "max_per_client": int(max_per_client), "header_timeout": float(header_timeout),
-        "body_timeout": float(body_timeout), "open_per_client": {}})
+        "body_timeout": float(body_timeout), "open_per_client": {}, "refusal": refusal})
 
 
 def _uvicorn_config(app, host, port, quiet, limit_concurrency, max_connections_per_client, header_timeout,
@@ -1136,9 +1152,33 @@ def _uvicorn_config(app, host, port, quiet, limit_concurrency, max_connections_p
         # h11, pinned (not "auto", which would take httptools where installed): the
         # guards against idle and slow connections are built on it.
         http=_guarded_protocol(max_connections_per_client, header_timeout, body_timeout),
+        # No WebSocket routes: an upgrade request is plain HTTP (a protocol switched away
+        # from would take its connection out of the guards' count).
+        ws="none",
         # Open connections beyond this get 503 from uvicorn itself: with max_queue, a
         # bound on the memory that slow or many clients can hold.
         limit_concurrency=limit_concurrency, timeout_keep_alive=5, **options)
+
+
+def _raise_open_files_limit(wanted=65536):
+    """Raise this process's soft limit on open files towards its hard limit.
+
+    asyncio accepts the waiting connections in batches, before their protocols run: a
+    burst of them (a client's connections over its cap included, refused an instant
+    later) holds one file each for that instant. At the usual soft limit, 1,024, such a
+    burst runs it out, and asyncio then stops accepting anyone for a second.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Windows, which has no such limit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # refused (macOS caps it below its hard limit): serve anyway
+            pass
 
 
 def run(app, *, host="127.0.0.1", port=8000, quiet=False, limit_concurrency=256,
@@ -1175,9 +1215,16 @@ def run(app, *, host="127.0.0.1", port=8000, quiet=False, limit_concurrency=256,
     ValueError
         A limit is not a positive number (``max_connections_per_client``: not a
         non-negative integer).
+
+    Notes
+    -----
+    Serving is the process's job then: its soft limit on open files is raised towards the
+    hard limit (at most 65,536), so that a burst of connections cannot run it out.
     """
-    uvicorn.Server(_uvicorn_config(app, host, port, quiet, limit_concurrency, max_connections_per_client,
-                                   header_timeout, body_timeout)).run()
+    config = _uvicorn_config(app, host, port, quiet, limit_concurrency, max_connections_per_client, header_timeout,
+                             body_timeout)
+    _raise_open_files_limit()
+    uvicorn.Server(config).run()
 
 
 @contextmanager
