@@ -6,7 +6,10 @@ Every extractor reads through :func:`read_image`, so the rules are the same ever
   the EXIF orientation of a JPEG is applied, so a photo taken sideways comes out upright;
 * the pixel count is read from the file header *before* decoding, and an image larger than
   ``max_pixels`` (default 100 megapixels) is refused, so a decompression bomb never gets
-  allocated;
+  allocated. The header is read as OpenCV will decode the file (the format from its first
+  bytes, in OpenCV's order, never from its name; see :mod:`vladkit.image_header`), and a
+  file whose size cannot be read first (an unknown format, OpenEXR, an AVIF sequence, a
+  header cut short) is refused too, unless the limit is lifted with ``max_pixels=None``;
 * an optional ``max_side`` downscales large photos (with area interpolation; JPEGs are
   decoded directly at a reduced size where that is exact);
 * any failure raises :class:`ImageReadError`, which carries the path and the reason.
@@ -14,14 +17,14 @@ Every extractor reads through :func:`read_image`, so the rules are the same ever
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Iterable, Union
 
 import cv2
-import imagesize
 import numpy as np
+
+from .image_header import CorruptImageError, HeaderError, read_header
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -101,7 +104,8 @@ def read_image(
         the colour channels are used as stored. 16-bit files keep their 8 high bits.
     max_pixels : int or None
         Refuse images with more than this many pixels, read from the header before any
-        decoding. ``None`` lifts the limit (OpenCV's own limit of 2**30 pixels remains).
+        decoding, and images whose header gives no size. ``None`` lifts the limit and lets
+        OpenCV try any file (its own limit of 2**30 pixels remains).
     max_side : int or None
         If the longer side exceeds this, downscale (aspect ratio kept, area interpolation)
         so that it equals ``max_side``.
@@ -113,7 +117,8 @@ def read_image(
     Raises
     ------
     ImageReadError
-        The file is missing, empty, not an image, truncated or corrupt, or too large.
+        The file is missing, empty, not an image, truncated or corrupt, too large, or its
+        header gives no size (with a pixel limit).
     TypeError, ValueError
         An argument is of the wrong type or value.
     """
@@ -151,29 +156,27 @@ def read_size(source: ImageSource, *, max_side: int | None = None):
     (height, width, decoded_pixels) or None
         The shape after ``max_side`` (before the EXIF orientation, which swaps the two),
         and how many pixels the decoder produces before downscaling (fewer than the full
-        image for a JPEG decoded at a reduced size). None when the header cannot be read
-        (a missing or corrupt file, a format the header reader does not know):
-        :func:`read_image` will say why, or find the size itself.
+        image for a JPEG decoded at a reduced size). None when the header gives no size (a
+        missing, truncated or corrupt file, a format whose size is not read):
+        :func:`read_image` will say why, or find the size itself with no pixel limit.
     """
     if isinstance(source, np.ndarray):
         if source.ndim < 2:
             return None
         height, width = source.shape[:2]
-        head = b""
+        image_format = None
     else:
         try:
             if isinstance(source, (bytes, bytearray, memoryview)):
-                head = bytes(source[:2])
-                width, height = imagesize.get(io.BytesIO(bytes(source)))
+                header = read_header(source)
             else:
+                # Only the bytes the header lies in are read, not the whole file.
                 with open(os.fspath(source), "rb") as handle:
-                    head = handle.read(2)
-                width, height = imagesize.get(os.fspath(source))
-        except (OSError, ValueError, TypeError):
+                    header = read_header(handle)
+        except (OSError, ValueError, TypeError):  # HeaderError is a ValueError
             return None
-        if width <= 0 or height <= 0:
-            return None
-    factor = _jpeg_reduction(head, width, height, max_side)
+        image_format, width, height = header.format, header.width, header.height
+    factor = _jpeg_reduction(image_format, width, height, max_side)
     decoded = -(-width // factor) * -(-height // factor)
     long_side = max(width, height)
     if max_side is not None and long_side > max_side:
@@ -199,36 +202,67 @@ def _load_bytes(source) -> tuple[str, bytes]:
     )
 
 
-def _check_pixels(name, width, height, max_pixels):
-    if max_pixels is not None and width * height > max_pixels:
+def _check_pixels(name, width, height, max_pixels, pixels=None, note=""):
+    """Refuse past max_pixels: ``pixels`` (default width x height) is what the decoder
+    allocates, more than the image where ``note`` says why (TIFF tiles, AVIF frames)."""
+    pixels = width * height if pixels is None else pixels
+    if max_pixels is not None and pixels > max_pixels:
+        size = (f"{width}x{height} = {pixels:,} pixels" if pixels == width * height else
+                f"{width}x{height}, but {pixels:,} pixels to decode ({note}),")
         raise ImageReadError(
             name,
-            f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
+            f"{size} exceeds the limit of "
             f"{max_pixels:,} pixels (a guard against decompression bombs); raise it with "
             "max_pixels=... (or --max-pixels on the command line), or pass None to lift it",
         )
 
 
+def _no_size(error):
+    """The reason given for a file refused because its header gives no size."""
+    if error.format is None:
+        return ("not a recognised image format: the header gives no size, so the pixel limit "
+                "cannot be checked before decoding")
+    return (f"the header gives no size ({error.reason}), so the pixel limit cannot be checked "
+            "before decoding; pass max_pixels=None (--max-pixels 0 on the command line) to "
+            "decode it anyway")
+
+
 def _decode(name, data, mode, max_pixels, max_side):
     if not data:
         raise ImageReadError(name, "the file is empty (0 bytes)")
-    width, height = imagesize.get(io.BytesIO(data))
-    if width > 0 and height > 0:
-        _check_pixels(name, width, height, max_pixels)
+    try:
+        header = read_header(data)
+    except CorruptImageError as error:
+        # OpenCV would fail on it too, after allocating what the file claims.
+        raise ImageReadError(name, f"could not be decoded ({error.reason})") from None
+    except HeaderError as error:
+        if max_pixels is not None:
+            raise ImageReadError(name, _no_size(error)) from None
+        header, known = None, error.format is not None  # the limit is lifted: OpenCV tries it
+    else:
+        known = True
+    if header is not None:
+        _check_pixels(name, header.width, header.height, max_pixels, header.pixels, header.note)
     buf = np.frombuffer(data, dtype=np.uint8)
-    factor = _jpeg_reduction(data, width, height, max_side)
+    factor = 1 if header is None else _jpeg_reduction(header.format, header.width, header.height, max_side)
     flags = _REDUCED_FLAGS[mode][factor] if factor > 1 else _FLAGS[mode]
     try:
         image = cv2.imdecode(buf, flags)
     except cv2.error as exc:  # e.g. OpenCV's own size limit
         raise ImageReadError(name, f"OpenCV could not decode it: {exc.err}") from exc
     if image is None or image.size == 0:
-        kind = "a truncated or corrupt image" if width > 0 else "not a recognised image format"
+        kind = "a truncated or corrupt image" if known else "not a recognised image format"
         raise ImageReadError(name, f"could not be decoded ({kind})")
-    if width <= 0:
-        # The header reader did not know this format; check what OpenCV produced.
-        _check_pixels(name, image.shape[1], image.shape[0], max_pixels)
-        width, height = image.shape[1], image.shape[0]
+    # The full-size (width, height) as decoded, which an EXIF orientation may have swapped
+    # relative to the header: from the image itself, or for a reduced JPEG decode, from the
+    # header's size in the orientation the reduced image shows.
+    width, height = image.shape[1], image.shape[0]
+    if factor > 1:
+        stored = header.width, header.height
+        if (width, height) == (-(-stored[0] // factor), -(-stored[1] // factor)):
+            width, height = stored
+        else:
+            width, height = stored[1], stored[0]
     if mode == "rgb":
         # The same pixels as IMREAD_COLOR_RGB gives where it exists (checked on JPEG,
         # CMYK JPEG, PNG 8/16-bit, grey, palette and RGBA, BMP, TIFF, WebP, PPM, GIF).
@@ -236,9 +270,9 @@ def _decode(name, data, mode, max_pixels, max_side):
     return image, (width, height)
 
 
-def _jpeg_reduction(data, width, height, max_side):
+def _jpeg_reduction(image_format, width, height, max_side):
     """The largest JPEG DCT scaling factor that still leaves the long side >= max_side."""
-    if max_side is None or width <= 0 or not data.startswith(b"\xff\xd8"):
+    if max_side is None or image_format != "JPEG":
         return 1
     long_side = max(width, height)
     for factor in (8, 4, 2):
