@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("index", help="index folder from 'vladkit index build' (--rerank-features for re-ranking)")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every "
+                            "interface, with --allowed-host)")
     serve.add_argument("--port", type=_positive_int, default=8000, metavar="N", help="port (default 8000)")
     serve.add_argument("--max-upload-mb", type=_positive_float, default=20.0, metavar="MB",
                        help="largest upload in megabytes (10^6 bytes; default 20): 413 beyond")
@@ -369,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"largest image in pixels, read from its header before decoding (default "
                             f"{DEFAULT_MAX_PIXELS:,}): 413 beyond")
     serve.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
-                       help="seconds a request may take, waiting included (default 30): 503 beyond")
+                       help="seconds a request may take, its upload and waiting included (default 30): 503 "
+                            "beyond (408 if the upload was still arriving, and the connection is closed)")
     serve.add_argument("--max-concurrency", type=_positive_int, default=None, metavar="N",
                        help="queries computed at once (default: one per core)")
     serve.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
