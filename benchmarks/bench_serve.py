@@ -52,12 +52,13 @@ pairs of ``GET /api/search?id=ID&top=10`` (an indexed photo, extracted again) an
 The scenarios alternate for ``--rounds`` (4) rounds, so that a change in the machine's
 load falls on each. Printed: each scenario's median and p99 latency per endpoint; the
 ratios p99(attack) / p99(no attack), which should stay within 2x for the held
-connections (exit status 1 otherwise: a flood of new connections costs asyncio's accept
-itself, ~0.2-0.4 ms each here, and is for a firewall's per-address rate limit); what the server did with the idle sockets (answered 503 and closed at once
-beyond the per-client cap, closed at the header timeout). ``--unguarded`` adds the held
-attack on a server with the guards off (``--max-connections-per-client 0
---header-timeout 86400``): uvicorn's own behaviour, where the answers are 503s. The soft
-limit on open files is raised for the 1,000 sockets (the server, a child, inherits it).
+connections (exit status 1 otherwise; a flood of new connections costs asyncio's accept
+itself, ~0.2-0.4 ms each here, and is for a firewall's per-address rate limit); what the
+server did with the idle sockets (answered 503 and closed at once beyond the per-client
+cap, closed at the header timeout). ``--unguarded`` adds the held attack on a server
+with the guards off (``--max-connections-per-client 0 --header-timeout 86400``):
+uvicorn's own behaviour, where the answers are 503s. The soft limit on open files is
+raised for the 1,000 sockets (the server, a child, inherits it).
 
 The load average before and after is printed: on a shared machine the figures are slower
 and noisier than on a quiet one.

@@ -729,6 +729,17 @@ def test_foreign_host_headers_400(server):
     client.bodies.append(answer)
 
 
+def test_connections_count_against_an_address_or_an_ipv6_64():
+    """One IPv6 client usually has a /64 to pick addresses from: it counts as one."""
+    from vladkit.serve import _client_key
+
+    assert _client_key("10.1.2.3") == "10.1.2.3" != _client_key("10.1.2.4")
+    assert _client_key("2001:db8:1:2::1") == _client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert _client_key("2001:db8:1:3::1") != _client_key("2001:db8:1:2::1")
+    assert _client_key("::ffff:10.1.2.3") == "10.1.2.3"  # IPv4 through a dual-stack socket
+    assert _client_key("fe80::1%eth0") == "fe80::/64"
+
+
 def test_allowed_hosts_for_a_bound_address():
     assert allowed_hosts_for("127.0.0.1") == LOOPBACK_HOSTS
     assert allowed_hosts_for("::1") == LOOPBACK_HOSTS
