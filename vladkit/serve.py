@@ -124,7 +124,7 @@ DEFAULT_HEADER_TIMEOUT = 10.0
 #: for ~0.1-0.2 s more a query). The page starts its "re-rank the top" field there.
 RECOMMENDED_RERANK = {"flat": 100, "pq": 200, "ivfpq": 200}
 
-_ACCEPTED = "JPEG, PNG, WebP, BMP, TIFF, GIF or PNM"
+_ACCEPTED = "JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF, PNM/PAM, Sun raster, Radiance HDR or JPEG 2000"
 
 
 class ServiceError(Exception):
