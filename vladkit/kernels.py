@@ -53,7 +53,8 @@ def nearest_words(X, centers, centers_sqnorm=None, with_distances=True):
     move (:func:`_rounding_bound`) is decided again in float64 among those words
     (:func:`_argmin_rows`, :func:`_decide_again`). Every row thus gets the float64 nearest
     word, in any chunk or piece. The cost is one more read of each row and of its K values
-    (measured here: 4-10% of this function's time, K = 64 to 1000); on dense RootSIFT of
+    (measured here, 2 loaded cores: 4-20% of this function's time, K = 64 to 1000, most of
+    it the extra pass over the K values); on dense RootSIFT of
     15-Scene, 0.13-0.25% of the rows are decided again.
 
     Parameters
