@@ -85,15 +85,13 @@ def test_every_summation_order_gives_the_float64_word(dtype):
     """The bound behind the second look: from products summed in any order (coordinates
     permuted or reversed, numpy's pairwise sum, one row at a time, one coordinate after
     another), the row pass gives every row the float64 word, deciding the near ties again."""
-    from vladkit.kernels import _argmin_rows, _decide_again, _rounding_constants
+    from vladkit.kernels import nearest_constants, nearest_word
 
     X, centers = (a.astype(dtype) for a in twinned(seed=4))
     truth = float64_truth(X, centers)[0]
     sqnorm = squared_norms(centers)
     centers64 = centers.astype(np.float64)
-    radius = float(np.sqrt(squared_norms(centers64).max()))
-    constants = np.array([radius, *_rounding_constants(X.dtype, X.shape[1]),
-                          *_rounding_constants(np.float64, X.shape[1])])
+    constants = nearest_constants(X.dtype, centers64)
     perm = np.random.default_rng(5).permutation(X.shape[1])
     terms = X[:, None, :] * centers[None]
     orders = {
@@ -107,10 +105,9 @@ def test_every_summation_order_gives_the_float64_word(dtype):
     plain = {}
     for name, products in orders.items():
         products = np.ascontiguousarray(products, dtype=dtype)
-        n = len(X)
-        labels, reach, decided_again = np.empty(n, np.int64), np.empty(n), np.empty(n, np.bool_)
-        _argmin_rows(X, products, sqnorm, constants, labels, np.empty(n, dtype), reach, decided_again)
-        _decide_again(X, products, sqnorm, centers64, np.flatnonzero(decided_again), reach, labels, np.empty(n))
+        rows = [nearest_word(x, p, sqnorm, centers64, constants) for x, p in zip(X, products)]
+        labels = np.array([row[0] for row in rows])
+        decided_again = np.array([row[2] for row in rows])
         np.testing.assert_array_equal(labels, truth, err_msg=name)
         plain[name] = np.argmin(sqnorm - 2 * products, axis=1)
         assert (plain[name][~decided_again] == truth[~decided_again]).all(), name

@@ -92,21 +92,22 @@ class _SharedBlasLimit:
 
     def acquire(self, n, controller):
         """Enter a block limiting BLAS to ``n`` threads (``controller``: a
-        ``threadpoolctl.ThreadpoolController`` of the process-wide BLAS libraries)."""
+        ``threadpoolctl.ThreadpoolController`` of the process-wide BLAS libraries, or a
+        function returning one, called only when the limits change)."""
         with self._lock:
-            try:
-                if not self._inside:
-                    self._blas = controller
-                    self._original = self._blas.limit(limits=n)
+            if not self._inside or n < self._current:
+                try:
+                    if not self._inside:
+                        self._blas = controller() if callable(controller) else controller
+                        self._original = self._blas.limit(limits=n)
+                    else:
+                        self._blas.limit(limits=n)
                     self._current = n
-                elif n < self._current:
-                    self._blas.limit(limits=n)
-                    self._current = n
-            finally:
-                # Recent threadpoolctl lets only the thread that last set a pthreads
-                # OpenBLAS's limit set it again until that thread lets go; the thread
-                # restoring the limit is often not the one that set it.
-                _release_openblas()
+                finally:
+                    # Recent threadpoolctl lets only the thread that last set a pthreads
+                    # OpenBLAS's limit set it again until that thread lets go; the thread
+                    # restoring the limit is often not the one that set it.
+                    _release_openblas()
             self._inside[n] += 1
 
     def release(self, n):
@@ -115,18 +116,63 @@ class _SharedBlasLimit:
             self._inside[n] -= 1
             if not self._inside[n]:
                 del self._inside[n]
-            try:
-                if not self._inside:
+            if not self._inside:
+                try:
                     self._original.restore_original_limits()
+                finally:
                     self._blas = self._original = self._current = None
-                elif min(self._inside) != self._current:
+                    _release_openblas()
+            elif min(self._inside) != self._current:
+                try:
                     self._current = min(self._inside)
                     self._blas.limit(limits=self._current)
-            finally:
-                _release_openblas()
+                finally:
+                    _release_openblas()
 
 
 _SHARED_BLAS_LIMIT = _SharedBlasLimit()
+
+
+@contextmanager
+def single_threaded_blas():
+    """BLAS on one thread inside the block, process-wide: vladkit's own thread pool only.
+
+    vladkit's kernels parallelise over blocks of rows on numba's threads, and each thread
+    makes its block's matrix products by BLAS (numba calls scipy's). Two pools on the same
+    cores fight: an OpenBLAS built on pthreads keeps its threads spinning for
+    ``OPENBLAS_THREAD_TIMEOUT`` after each call (2^28 cycles, ~0.1 s, unless the variable
+    was set before the library loaded, which depends on what the user imported first),
+    and a multi-threaded BLAS called from several threads at once serialises them on its
+    level-3 lock. With BLAS at one thread, each call runs in the thread that makes it,
+    wakes no pool, and the speed no longer depends on import order (issue 30). Blocks
+    nest and may overlap across threads (the shared count of :func:`limit_threads`: the
+    last to leave restores the limits); re-entering costs a lock and a counter.
+    BLAS calls of other threads of the process during the block run on one thread too.
+    OpenMP-layered BLAS libraries are left alone: called inside numba's OpenMP parallel
+    region, they run on the calling thread already.
+    """
+    _SHARED_BLAS_LIMIT.acquire(1, _process_wide_blas)
+    try:
+        yield
+    finally:
+        _SHARED_BLAS_LIMIT.release(1)
+
+
+@contextmanager
+def kernel_threads(n_jobs):
+    """The threads of vladkit's kernels: numba's pool bounded to ``n_jobs`` (all cores
+    for None), BLAS on one thread inside it (:func:`limit_threads` and
+    :func:`single_threaded_blas`)."""
+    with limit_threads(n_jobs), single_threaded_blas():
+        yield
+
+
+def _process_wide_blas():
+    """The threadpoolctl controller of the BLAS libraries whose thread limit is
+    process-wide (not :func:`_per_thread`)."""
+    controller = _controller()
+    return controller.select(filepath=[lib.filepath for lib in controller.lib_controllers
+                                       if lib.user_api == "blas" and not _per_thread(lib)])
 
 
 @contextmanager

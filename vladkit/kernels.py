@@ -2,10 +2,14 @@
 
 Two kinds of kernel live here:
 
-* descriptor-to-word work (distances, GMM log-likelihoods) as BLAS matrix products over
-  chunks of rows, which is where the N x K x D multiply-adds go: ``sgemm`` runs several
-  times faster than a C loop (see ARCHITECTURE.md, "Speed model"; measured here 55-118 GFLOP/s
-  on 2 cores), and chunking bounds the N x K scratch;
+* descriptor-to-word work (distances, GMM log-likelihoods), where the N x K x D
+  multiply-adds go. These run on numba's threads alone, in blocks of rows
+  (:func:`block_rows`): each thread makes its block's matrix product by BLAS (``sgemm``
+  runs several times faster than a C loop: see ARCHITECTURE.md, "Speed model") and
+  finishes the block (arg-min, k smallest, ...) while its products are still in cache.
+  BLAS must then run on one thread (``vladkit._threads.kernel_threads``, which every
+  encoder enters): one thread pool, whatever was imported first (issue 30). No (N, K)
+  matrix is held but the outputs that are one;
 * numba loops for what is not a matrix product. Every numba kernel is compiled with
   ``cache=True`` (a new process does not recompile) and ``nogil=True`` (vladkit's thread
   pools run them on all cores at once).
@@ -24,14 +28,72 @@ _TWO_PI = 2.0 * math.pi
 # -inf for skipped components, and those must compare correctly.
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
-#: Scratch budget of one chunk of an (n, K) distance or likelihood matrix, in elements.
+#: Scratch budget of one chunk of an (n, K) likelihood matrix, in elements.
 CHUNK_ELEMENTS = 1 << 22
+
+#: Products per block of rows of the blocked kernels (256 KB in float32: a block's
+#: (rows, K) products stay in the cache of the core that made them).
+BLOCK_ELEMENTS = 1 << 16
 
 
 def _chunks(n_rows, n_words):
     step = max(64, CHUNK_ELEMENTS // max(n_words, 1))
     for start in range(0, n_rows, step):
         yield slice(start, min(start + step, n_rows))
+
+
+def _rows_and_words(X, centers):
+    """X and the words' (D, K) transpose, C-contiguous and of one dtype (numpy's
+    promotion of the two, as ``X @ centers.T`` would compute): the blocked kernels'
+    operands."""
+    dtype = np.result_type(X.dtype, centers.dtype)
+    return np.ascontiguousarray(X, dtype=dtype), np.ascontiguousarray(centers.T, dtype=dtype)
+
+
+def block_rows(n_words):
+    """Rows per block for products with ``n_words`` columns: ``BLOCK_ELEMENTS / K``,
+    between 64 (a BLAS call must amortise packing the words) and 1024."""
+    return int(min(1024, max(64, BLOCK_ELEMENTS // max(n_words, 1))))
+
+
+@njit(cache=True, nogil=True)
+def _block(index, block, n):
+    """(first row, end row) of block number ``index`` of ``block`` rows among n."""
+    start = index * block
+    return start, min(start + block, n)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_blocks(X, W, out, block):
+    n = X.shape[0]
+    for b in prange((n + block - 1) // block):
+        start, end = _block(b, block, n)
+        np.dot(X[start:end], W, out[start:end])
+
+
+def matmul(X, W):
+    """``X @ W`` on numba's threads: a BLAS product per block of rows, in the thread that
+    owns the block (BLAS single-threaded: see the module's docstring).
+
+    Parameters
+    ----------
+    X : (n, D) float32 or float64
+    W : (D, M), cast to X's dtype
+
+    Returns
+    -------
+    (n, M) X's dtype
+    """
+    X = np.ascontiguousarray(X)
+    W = np.ascontiguousarray(W, dtype=X.dtype)
+    out = np.empty((X.shape[0], W.shape[1]), dtype=X.dtype)
+    if not out.size:
+        return out
+    if not X.shape[1]:
+        out[:] = 0
+        return out
+    _matmul_blocks(X, W, out, block_rows(W.shape[1]))
+    return out
 
 
 # ------------------------------------------------------------- descriptor-to-word work
@@ -51,7 +113,7 @@ def nearest_words(X, centers, centers_sqnorm=None, with_distances=True):
     shape it is given, so at a near tie an image encoded whole and in pieces could get
     different words: a row where another word comes within what rounding in any order can
     move (:func:`_rounding_bound`) is decided again in float64 among those words
-    (:func:`_argmin_rows`, :func:`_decide_again`). Every row thus gets the float64 nearest
+    (:func:`nearest_word`). Every row thus gets the float64 nearest
     word, in any chunk or piece. The cost is one more read of each row and of its K values
     (measured here, 2 loaded cores: 4-20% of this function's time, K = 64 to 1000, most of
     it the extra pass over the K values); on dense RootSIFT of
@@ -75,24 +137,16 @@ def nearest_words(X, centers, centers_sqnorm=None, with_distances=True):
     n, dim = X.shape
     if centers_sqnorm is None:
         centers_sqnorm = squared_norms(centers)
-    centers64 = centers.astype(np.float64)
-    radius = math.sqrt(float(squared_norms(centers64).max())) if len(centers) else 0.0
-    unit, tiny = _rounding_constants(X.dtype, dim)
-    unit64, tiny64 = _rounding_constants(np.float64, dim)
     labels = np.empty(n, dtype=np.int64)
     best = np.empty(n, dtype=X.dtype)
     exact = np.empty(n)  # float64 squared distances, of the doubtful rows only
-    constants = np.array([radius, unit, tiny, unit64, tiny64])
-    reach = np.empty(n)
     doubtful = np.empty(n, dtype=np.bool_)
-    for rows in _chunks(n, centers.shape[0]):
-        products = X[rows] @ centers.T
-        _argmin_rows(X[rows], products, centers_sqnorm, constants, labels[rows], best[rows], reach[rows],
-                     doubtful[rows])
-        again = np.flatnonzero(doubtful[rows])
-        if len(again):
-            _decide_again(X[rows], products, centers_sqnorm, centers64, again, reach[rows], labels[rows],
-                          exact[rows])
+    if n:
+        centers64 = centers.astype(np.float64)
+        X, centers_t = _rows_and_words(X, centers)
+        _nearest_blocks(X, centers_t, centers_sqnorm, centers64,
+                        nearest_constants(X.dtype, centers64), block_rows(len(centers)), labels, best, doubtful,
+                        exact)
     if not with_distances:
         return labels, None
     distances = best + squared_norms(X)
@@ -100,7 +154,28 @@ def nearest_words(X, centers, centers_sqnorm=None, with_distances=True):
     return labels, np.maximum(distances, 0)
 
 
-def _rounding_constants(dtype, dim):
+def nearest_constants(dtype, centers64):
+    """The ``constants`` of :func:`nearest_word` for rows of ``dtype`` and these words:
+    (max ||c||, gamma and tiny of the dtype, gamma and tiny of float64)."""
+    dim = centers64.shape[1]
+    radius = math.sqrt(float(squared_norms(centers64).max())) if len(centers64) else 0.0
+    return np.array([radius, *rounding_constants(dtype, dim), *rounding_constants(np.float64, dim)])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _nearest_blocks(X, centers_t, centers_sqnorm, centers64, constants, block, labels, best, doubtful, exact):
+    """:func:`nearest_word` of every row, a block of rows per task: one BLAS product
+    X_block C^T, then the rows of the block."""
+    n = X.shape[0]
+    for b in prange((n + block - 1) // block):
+        start, end = _block(b, block, n)
+        products = np.dot(X[start:end], centers_t)
+        for i in range(start, end):
+            labels[i], best[i], doubtful[i], exact[i] = nearest_word(X[i], products[i - start], centers_sqnorm,
+                                                                     centers64, constants)
+
+
+def rounding_constants(dtype, dim):
     """(gamma_{D+2}, tiny) of a dtype for :func:`_rounding_bound`, rounded up by 1%."""
     info = np.finfo(dtype)
     u = float(info.eps) / 2  # unit round-off: 2^-24 (float32), 2^-53 (float64)
@@ -125,68 +200,59 @@ def _rounding_bound(norm, radius, unit, tiny, dim):
     for both. Underflow is not a relative error: results, products and inputs flushed to
     0 (denormals-are-zero) add at most ``tiny`` each, (D + 2) tiny (2 + ||x|| + ||c||) over
     the two dot products. ``unit`` and ``tiny`` come rounded up by 1%
-    (:func:`_rounding_constants`), which covers this bound's own rounding and that of the
+    (:func:`rounding_constants`), which covers this bound's own rounding and that of the
     float64 norms it is given.
     """
     return unit * radius * (radius + 2.0 * norm) + (dim + 2) * tiny * (2.0 + norm + radius)
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def _argmin_rows(X, products, centers_sqnorm, constants, labels, best, reach, doubtful):
-    """labels[i] = argmin_k (||c_k||^2 - 2 products[i, k]) and best[i] = that minimum;
-    doubtful[i] = whether another word's value is within reach[i] of it, where the float64
-    argmin may be another word (:func:`_decide_again`).
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def nearest_word(x, products, centers_sqnorm, centers64, constants):
+    """The float64 nearest word of one row x, from its products x.c (in x's dtype).
 
-    Let s_k be the exact ||c_k||^2 - 2 x.c_k, s~_k these products' value, E the bound on
-    |s~_k - s_k| (:func:`_rounding_bound`) and E' that of the float64 scores r_k. If every
-    other word has s~_k - s~_b > 2 E + 2 E', then s_k - s_b > 2 E' and r_k > r_b: b is the
-    float64 argmin, as these products in any other summation order would find it. Else
-    the float64 argmin k* has r_k* <= r_b, so s_k* <= s_b + 2 E' and s~_k* <= s~_b + 2 E +
-    2 E' = reach[i] (whichever rounding of s~ is compared): it is among the words that
-    near. A row with NaN is doubtful, every word near.
+    Returns (label, s~_b, decided again, exact): b = argmin_k s~_k, s~_k = ||c_k||^2 -
+    2 x.c_k from ``products``; if another word's s~_k is within reach of s~_b, where the
+    float64 argmin may be another word, the label is decided again in float64 among those
+    words (:func:`_nearest_in_float64`), and ``exact`` is its float64 squared distance
+    (0.0 otherwise).
 
-    ``constants`` = (max ||c||, gamma and tiny of X's dtype, gamma and tiny of float64).
+    Let s_k be the exact ||c_k||^2 - 2 x.c_k, E the bound on |s~_k - s_k|
+    (:func:`_rounding_bound`) and E' that of the float64 scores r_k. If every other word
+    has s~_k - s~_b > 2 E + 2 E', then s_k - s_b > 2 E' and r_k > r_b: b is the float64
+    argmin, as these products in any other summation order would find it. Else the
+    float64 argmin k* has r_k* <= r_b, so s_k* <= s_b + 2 E' and s~_k* <= s~_b + 2 E + 2 E'
+    (whichever rounding of s~ is compared): it is among the words that near. A row with
+    NaN is decided again, every word near.
+
+    ``constants``: :func:`nearest_constants`.
     """
-    n, n_words = products.shape
-    dim = X.shape[1]
+    n_words = products.shape[0]
+    dim = x.shape[0]
+    arg = 0
+    low = centers_sqnorm[0] - 2 * products[0]
+    for k in range(1, n_words):
+        value = centers_sqnorm[k] - 2 * products[k]
+        if value < low:
+            low = value
+            arg = k
+    total = 0.0
+    for d in range(dim):
+        value = np.float64(x[d])
+        total += value * value
+    norm = math.sqrt(total)
     radius = constants[0]
-    for i in prange(n):
-        arg = 0
-        low = centers_sqnorm[0] - 2 * products[i, 0]
-        for k in range(1, n_words):
-            value = centers_sqnorm[k] - 2 * products[i, k]
-            if value < low:
-                low = value
-                arg = k
-        labels[i] = arg
-        best[i] = low
-        total = 0.0
-        for d in range(dim):
-            value = np.float64(X[i, d])
-            total += value * value
-        norm = math.sqrt(total)
-        margin = 2.0 * (_rounding_bound(norm, radius, constants[1], constants[2], dim)
-                        + _rounding_bound(norm, radius, constants[3], constants[4], dim))
-        # s~_k <= s~_b + margin, compared in float64 (a float32 s~_k converts exactly);
-        # 2^-52 |s~_b| more covers the rounding of this sum itself
-        top = np.float64(low) + (margin + 2.220446049250313e-16 * abs(np.float64(low)))
-        near = 0
-        for k in range(n_words):
-            near += not (np.float64(centers_sqnorm[k] - 2 * products[i, k]) > top)
-        reach[i] = top
-        doubtful[i] = near > 1  # (the argmin itself is always near)
-
-
-@njit(cache=True, nogil=True)
-def _decide_again(X, products, centers_sqnorm, centers64, rows, reach, labels, exact):
-    """For each doubtful row i in ``rows`` (:func:`_argmin_rows`): labels[i] and exact[i]
-    from :func:`_nearest_in_float64` among its words within reach[i].
-
-    One thread: a few rows in 1,000 with a few words each take microseconds, less than
-    waking numba's thread pool (measured 0.6-3.8 ms per call with prange)."""
-    for j in range(rows.shape[0]):
-        i = rows[j]
-        labels[i], exact[i] = _nearest_in_float64(X[i], products[i], centers_sqnorm, centers64, reach[i])
+    margin = 2.0 * (_rounding_bound(norm, radius, constants[1], constants[2], dim)
+                    + _rounding_bound(norm, radius, constants[3], constants[4], dim))
+    # s~_k <= s~_b + margin, compared in float64 (a float32 s~_k converts exactly);
+    # 2^-52 |s~_b| more covers the rounding of this sum itself
+    top = np.float64(low) + (margin + 2.220446049250313e-16 * abs(np.float64(low)))
+    near = 0  # (a count, not a branch per word: LLVM vectorises it)
+    for k in range(n_words):
+        near += not (np.float64(centers_sqnorm[k] - 2 * products[k]) > top)
+    if near > 1:  # (the argmin itself is always near)
+        label, exact = _nearest_in_float64(x, products, centers_sqnorm, centers64, top)
+        return label, low, True, exact
+    return arg, low, False, 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -219,7 +285,7 @@ def squared_distances(X, centers, centers_sqnorm=None):
     """(n, K) squared Euclidean distances, by BLAS, clamped at 0 against round-off."""
     if centers_sqnorm is None:
         centers_sqnorm = squared_norms(centers)
-    out = X @ centers.T
+    out = matmul(X, centers.T)
     out *= -2
     out += centers_sqnorm
     out += squared_norms(X)[:, None]
@@ -248,27 +314,31 @@ def two_nearest_squared_distances(X, centers, centers_sqnorm=None):
     if centers_sqnorm is None:
         centers_sqnorm = squared_norms(centers)
     out = np.empty((X.shape[0], 2), dtype=X.dtype)
-    for rows in _chunks(X.shape[0], centers.shape[0]):
-        _two_smallest_rows(X[rows] @ centers.T, centers_sqnorm, out[rows])
+    if len(X):
+        _two_smallest_blocks(*_rows_and_words(X, centers), centers_sqnorm, block_rows(len(centers)), out)
     out += squared_norms(X)[:, None]
     return np.maximum(out, 0, out=out)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def _two_smallest_rows(products, centers_sqnorm, out):
-    """out[i] = the two smallest values of ||c_k||^2 - 2 products[i, k], ascending."""
-    for i in prange(products.shape[0]):
-        first = np.inf
-        second = np.inf
-        for k in range(products.shape[1]):
-            value = centers_sqnorm[k] - 2 * products[i, k]
-            if value < first:
-                second = first
-                first = value
-            elif value < second:
-                second = value
-        out[i, 0] = first
-        out[i, 1] = second
+def _two_smallest_blocks(X, centers_t, centers_sqnorm, block, out):
+    """out[i] = the two smallest values of ||c_k||^2 - 2 x_i.c_k, ascending."""
+    n = X.shape[0]
+    for b in prange((n + block - 1) // block):
+        start, end = _block(b, block, n)
+        products = np.dot(X[start:end], centers_t)
+        for i in range(start, end):
+            first = np.inf
+            second = np.inf
+            for k in range(products.shape[1]):
+                value = centers_sqnorm[k] - 2 * products[i - start, k]
+                if value < first:
+                    second = first
+                    first = value
+                elif value < second:
+                    second = value
+            out[i, 0] = first
+            out[i, 1] = second
 
 
 def nearest_k_words(X, centers, k, centers_sqnorm=None):
@@ -296,34 +366,44 @@ def nearest_k_words(X, centers, k, centers_sqnorm=None):
         centers_sqnorm = squared_norms(centers)
     k = min(k, centers.shape[0])
     out = np.empty((X.shape[0], k), dtype=np.int64)
-    for rows in _chunks(X.shape[0], centers.shape[0]):
-        _k_smallest_rows(X[rows] @ centers.T, centers_sqnorm, out[rows])
+    if len(X) and k:
+        _k_smallest_blocks(*_rows_and_words(X, centers), centers_sqnorm, block_rows(len(centers)), out)
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def _k_smallest_rows(products, centers_sqnorm, out):
-    """out[i] = the indices of the out.shape[1] smallest ||c_k||^2 - 2 products[i, k],
-    ascending: insertion into a sorted list of k, which most words skip at one compare."""
-    n, n_words = products.shape
-    k = out.shape[1]
-    for i in prange(n):
-        values = np.empty(k, dtype=products.dtype)
-        filled = 0
-        for word in range(n_words):
-            value = centers_sqnorm[word] - 2 * products[i, word]
-            if filled == k and not value < values[k - 1]:
-                continue
-            # strict comparisons: a word ties behind the lower indices already there
-            j = filled if filled < k else k - 1
-            while j > 0 and value < values[j - 1]:
-                values[j] = values[j - 1]
-                out[i, j] = out[i, j - 1]
-                j -= 1
-            values[j] = value
-            out[i, j] = word
-            if filled < k:
-                filled += 1
+@njit(cache=True, nogil=True, parallel=True)
+def _k_smallest_blocks(X, centers_t, centers_sqnorm, block, out):
+    """out[i] = the indices of the out.shape[1] smallest ||c_k||^2 - 2 x_i.c_k, ascending."""
+    n = X.shape[0]
+    for b in prange((n + block - 1) // block):
+        start, end = _block(b, block, n)
+        products = np.dot(X[start:end], centers_t)
+        values = np.empty(out.shape[1], dtype=products.dtype)
+        for i in range(start, end):
+            _k_smallest(products[i - start], centers_sqnorm, values, out[i])
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _k_smallest(products, centers_sqnorm, values, out):
+    """out = the indices of the len(out) smallest ||c_k||^2 - 2 products[k], ascending
+    (``values``: scratch of out's length): insertion into a sorted list of k, which most
+    words skip at one compare."""
+    k = out.shape[0]
+    filled = 0
+    for word in range(products.shape[0]):
+        value = centers_sqnorm[word] - 2 * products[word]
+        if filled == k and not value < values[k - 1]:
+            continue
+        # strict comparisons: a word ties behind the lower indices already there
+        j = filled if filled < k else k - 1
+        while j > 0 and value < values[j - 1]:
+            values[j] = values[j - 1]
+            out[j] = out[j - 1]
+            j -= 1
+        values[j] = value
+        out[j] = word
+        if filled < k:
+            filled += 1
 
 
 #: Candidates ranked again exactly per row beyond the k wanted (:func:`exact_nearest`): a
@@ -423,24 +503,10 @@ def gaussian_features(X):
     return features
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def centred_gaussian_features(X, centre):
-    """(n, 2D) float64 ``[y^2, y]``, y = x - ``centre``: :func:`gaussian_features` of the
-    centred rows in float64, in one parallel pass over X (float32 or float64)."""
-    n, dim = X.shape
-    out = np.empty((n, 2 * dim), dtype=np.float64)
-    for i in prange(n):
-        for d in range(dim):
-            y = np.float64(X[i, d]) - centre[d]
-            out[i, d] = y * y
-            out[i, dim + d] = y
-    return out
-
-
 def gaussian_log_densities(X, coefficients, constants=None):
     """(n, K) log(pi_k N(x_i; mu_k, s2_k)) from :func:`diagonal_gaussian_terms`, in X's
     dtype; without ``constants``, the part that depends on x only (add c_k later)."""
-    out = gaussian_features(X) @ coefficients.astype(X.dtype, copy=False)
+    out = matmul(gaussian_features(X), coefficients)
     if constants is not None:
         out += constants.astype(X.dtype, copy=False)
     return out
@@ -627,7 +693,7 @@ def _shifted_distances(X, centers, centers_sqnorm=None):
     """
     if centers_sqnorm is None:
         centers_sqnorm = squared_norms(centers)
-    out = X @ centers.T
+    out = matmul(X, centers.T)
     out *= -2
     out += centers_sqnorm
     return out
@@ -648,6 +714,61 @@ def softmax_weights(X, centers, alpha, centers_sqnorm=None):
 # array of (image, first row, end row) within the chunk, and accumulate task t into row t
 # of their output arrays, so tasks run in parallel without sharing an accumulator; the
 # caller adds the rows of each image's tasks together (see encoders._base.split_tasks).
+
+
+def all_finite(X):
+    """Whether every value of the 2-D array X is finite: numpy's ``isfinite`` without its
+    boolean temporary, in one parallel pass."""
+    if not X.size or X.dtype.kind in "iub":
+        return True
+    return not _count_non_finite(X)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _count_non_finite(X):
+    n = X.shape[0]
+    block = 1024
+    total = 0
+    for b in prange((n + block - 1) // block):
+        start, end = _block(b, block, n)
+        count = 0
+        for i in range(start, end):
+            for d in range(X.shape[1]):
+                value = X[i, d]
+                count += (value - value) != 0  # NaN for NaN and +-inf; a count LLVM vectorises
+        total += count
+    return total
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def task_products(A, B, tasks, out):
+    """out[t] += A[rows]^T B[rows] for the rows (first, end) of each task t, by BLAS in the
+    task's thread: per-image sums sum_i a_i b_i^T on numba's threads.
+    A : (n, K); B : (n, D), A's dtype; tasks : (T, 3) int64; out : (T, K, D)."""
+    for t in prange(tasks.shape[0]):
+        start, end = tasks[t, 1], tasks[t, 2]
+        out[t] += np.dot(A[start:end].T, B[start:end])
+
+
+@njit(cache=True, nogil=True)
+def add_task_rows(target, images, values):
+    """target[images[t]] += values[t] for every task t, the values of consecutive tasks of
+    one image summed first (in task order), then added. One thread: a few tasks' sums are
+    less work than waking the pool. target : (n_images, M); images : (T,) int64;
+    values : (T, M)."""
+    n_tasks, width = values.shape
+    t = 0
+    while t < n_tasks:
+        last = t
+        while last + 1 < n_tasks and images[last + 1] == images[t]:
+            last += 1
+        row = target[images[t]]
+        for j in range(width):
+            total = values[t, j]
+            for u in range(t + 1, last + 1):
+                total += values[u, j]
+            row[j] += total
+        t = last + 1
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
@@ -704,7 +825,7 @@ def softmax_rows(scores, offsets=None):
     """In place: each row of ``scores`` (+ ``offsets``, if given) becomes its softmax.
 
     Every weight is kept, however small: soft VLAD's mass normalisation divides by them.
-    (Fisher vectors' thresholded posteriors are :func:`fisher_posteriors`'.)
+    (Fisher vectors' thresholded posteriors are ``encoding_kernels._posteriors``'.)
     """
     n, k = scores.shape
     for i in prange(n):
@@ -724,50 +845,6 @@ def softmax_rows(scores, offsets=None):
         inverse = 1.0 / total
         for j in range(k):
             row[j] *= inverse
-
-
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
-def fisher_posteriors(log_densities, threshold, margin, fast, skip):
-    """In place: GMM log-densities become VLFeat's sparse posteriors (zeros elsewhere).
-
-    ``log_densities`` (n, K) are log(pi_k N(x_i; mu_k, sigma_k^2)), float64 (-inf where
-    ``skip``). q_ik = their softmax over k; words more than log(K) + ``margin`` below the
-    row's best are left out (their posteriors, below exp(-margin) / K, are dropped by the
-    threshold anyway, and the denominator changes by less than exp(-margin) relative);
-    q_ik < ``threshold`` becomes 0 (not renormalised, as VLFeat); with ``fast``, q is
-    one-hot at the first largest (VLFeat's FAST). A row whose components are all skipped
-    becomes zeros.
-    """
-    n, n_words = log_densities.shape
-    cutoff = math.log(n_words) + margin
-    for i in prange(n):
-        row = log_densities[i]
-        top = -math.inf
-        arg = -1
-        for k in range(n_words):
-            if not skip[k] and row[k] > top:
-                top = row[k]
-                arg = k
-        if arg < 0 or fast:
-            for k in range(n_words):
-                row[k] = 0.0
-            if arg >= 0:
-                row[arg] = 1.0
-            continue
-        total = 0.0
-        for k in range(n_words):
-            # (not row[k] > top - cutoff: for |top| > ~1e17 that floor rounds to top and
-            # every score, the maximum included, would be dropped)
-            if not skip[k] and row[k] - top > -cutoff:
-                e = math.exp(row[k] - top)
-                row[k] = e
-                total += e
-            else:
-                row[k] = 0.0
-        inverse = 1.0 / total
-        for k in range(n_words):
-            q = row[k] * inverse
-            row[k] = q if q >= threshold else 0.0
 
 
 # ------------------------------------------------------------------ LLC (locality-constrained)

@@ -10,7 +10,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from .._threads import limit_threads
+from .._threads import kernel_threads, single_threaded_blas
+from ..kernels import add_task_rows, all_finite
 from ..vocabulary import _Vocabulary, load_vocabulary
 
 #: Rows (descriptors) per chunk: bounds the (rows, K) distance / posterior scratch.
@@ -95,7 +96,7 @@ class Accumulation:
         while start < len(descriptors):
             take = min(len(descriptors) - start, self._max_rows - self._rows)
             part = descriptors[start:start + take]
-            if not np.all(np.isfinite(part)):
+            if not all_finite(part):
                 raise ValueError(f"image {image}: descriptors contain NaN or inf")
             self._parts.append(part)
             if self._segments and self._segments[-1][0] == image:
@@ -113,7 +114,10 @@ class Accumulation:
             return
         chunk, segments = _pack(self._parts, self._dtype), np.array(self._segments, dtype=np.int64)
         self._parts, self._segments, self._rows = [], [], 0
-        self.encoder._add(self.encoder._project(chunk), segments, self.sums)
+        # (already so inside the encoder's _thread_limits; a caller that did not enter
+        # them still gets one BLAS thread per kernel thread, and the same vectors)
+        with single_threaded_blas():
+            self.encoder._add(self.encoder._project(chunk), segments, self.sums)
 
     def finish(self, dtype=np.float32):
         """The (n_images, n_features_out_) vectors, float32 (``transform``'s output) unless
@@ -141,9 +145,15 @@ def add_tasks(target, tasks, values):
     """target[image] += sum of the values of that image's tasks. Consecutive tasks of an
     image are summed first; an image may come back later in the chunk (the pieces of an
     image, each cut into pyramid cells), hence the unbuffered ``np.add.at``."""
-    images = tasks[:, 0]
-    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
-    np.add.at(target, images[starts], np.add.reduceat(values, starts, axis=0).astype(target.dtype, copy=False))
+    if not len(tasks):
+        return
+    if not target.flags.c_contiguous:  # (every encoder's sums are; a view could not be written through)
+        for (image, _, _), value in zip(tasks.tolist(), values):
+            target[image] += value
+        return
+    width = int(np.prod(target.shape[1:], dtype=np.int64))
+    add_task_rows(target.reshape(len(target), width), np.ascontiguousarray(tasks[:, 0]),
+                  values.reshape(len(values), width).astype(target.dtype, copy=False))
 
 
 def max_tasks(target, tasks, values):
@@ -336,9 +346,10 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
         return self.vocabulary_._project(chunk)
 
     def _thread_limits(self):
-        """BLAS, OpenMP and numba threads bounded to ``n_jobs`` inside the block (when
-        set; safe when several threads encode at once, see :func:`limit_threads`)."""
-        return limit_threads(self.n_jobs)
+        """numba's threads bounded to ``n_jobs`` inside the block (when set), BLAS on one
+        thread: the kernels make their matrix products block by block on numba's threads
+        (safe when several threads encode at once, see :func:`~vladkit._threads.kernel_threads`)."""
+        return kernel_threads(self.n_jobs)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns, e.g. ``vlad_w3_d17`` (word 3, dimension 17)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from ..kernels import diagonal_gaussian_terms, centred_gaussian_features, fisher_posteriors
+from ..encoding_kernels import fisher_statistics
+from ..kernels import block_rows, diagonal_gaussian_terms
 from ..normalize import l2_normalize, power_normalize
 from ..vocabulary import GMMVocabulary
-from ._base import BaseEncoder, check_params
+from ._base import BaseEncoder, add_tasks, check_params, split_tasks
 
 #: pca="auto": descriptors of more dimensions than this are reduced to it (defined in
 #: ``_defaults``, which the command line's parser reads).
@@ -115,34 +118,41 @@ class FisherEncoder(BaseEncoder):
         vocabulary = self.vocabulary_
         weights = vocabulary.weights_.astype(np.float64)
         skip = weights < POSTERIOR_THRESHOLD
-        # Everything runs in float64 on descriptors centred on the mean of the means, y = x - c:
-        # the log-densities are one BLAS product of [y^2, y] with the GMM's coefficients
-        # (in float32 that expansion cancels badly when variances are small next to the
-        # values, as RootSIFT's are: errors 20-35x VLFeat float's), and the Fisher
-        # statistics another, of the posteriors with the same [y^2, y] (see _finish).
-        centre = vocabulary.means_.astype(np.float64).mean(axis=0)
-        coefficients, constants = diagonal_gaussian_terms(
-            vocabulary.means_.astype(np.float64) - centre, vocabulary.covariances_, np.where(skip, 0.0, weights))
+        means = vocabulary.means_.astype(np.float64)
+        # Descriptors are centred on the mean of the means, y = x - c, in float64: the
+        # log-densities are one float64 BLAS product of [y^2, y] with the GMM's
+        # coefficients, and the sums of [y^2, y] hold the Fisher statistics (see _finish).
+        centre = means.mean(axis=0)
+        coefficients, constants = diagonal_gaussian_terms(means - centre, vocabulary.covariances_,
+                                                          np.where(skip, 0.0, weights))
+        if vocabulary.pca_components_ is None:
+            pca_mean, pca_t = np.zeros(0, dtype), np.zeros((0, 0), dtype)
+        else:
+            pca_mean = vocabulary.pca_mean_.astype(dtype)
+            pca_t = np.ascontiguousarray(vocabulary.pca_components_.T, dtype=dtype)
         shape = (n_images, vocabulary.n_words_, 2 * vocabulary.dim_)
         return {
-            "centre": centre, "coefficients": coefficients, "constants": constants, "skip": skip,
+            "kernel": (pca_mean, pca_t, centre, coefficients, constants, skip, POSTERIOR_THRESHOLD,
+                       math.log(vocabulary.n_words_) + MARGIN[np.dtype(dtype).type], bool(self.fast)),
+            "skip": skip, "centre": centre,
             # sum_i q_ik [y_i^2, y_i] and sum_i q_ik per image, in float64: independent of
             # the order of addition (see VLADEncoder._start).
             "moments": np.zeros(shape, dtype=np.float64),
             "mass": np.zeros(shape[:2], dtype=np.float64),
         }
 
+    def _project(self, chunk):
+        # The projection is made block by block inside fisher_statistics.
+        return chunk
+
     def _add(self, X, segments, acc):
-        features = centred_gaussian_features(X, acc["centre"])
-        posteriors = features @ acc["coefficients"]  # log-densities, until fisher_posteriors
-        posteriors += acc["constants"]
-        fisher_posteriors(posteriors, POSTERIOR_THRESHOLD, MARGIN[X.dtype.type], self.fast, acc["skip"])
-        # Dense products: on real descriptors 10-17 components per descriptor keep a
-        # posterior, and BLAS over the zeros beats a sparse loop over those.
-        for image, start, end in segments.tolist():
-            q = posteriors[start:end]
-            acc["moments"][image] += q.T @ features[start:end]
-            acc["mass"][image] += np.ones(end - start) @ q  # (a BLAS product: 2x faster than q.sum(0))
+        tasks = split_tasks(segments)
+        moments = np.zeros((len(tasks),) + acc["moments"].shape[1:])
+        mass = np.zeros((len(tasks), acc["mass"].shape[1]))
+        dim = acc["moments"].shape[2] // 2
+        fisher_statistics(X, *acc["kernel"], tasks, block_rows(max(acc["mass"].shape[1], 2 * dim)), moments, mass)
+        add_tasks(acc["moments"], tasks, moments)
+        add_tasks(acc["mass"], tasks, mass)
 
     def _finish(self, acc, counts):
         vocabulary = self.vocabulary_

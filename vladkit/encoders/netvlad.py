@@ -28,8 +28,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from .. import __version__
 from .._io import write_npz_atomically
-from ..kernels import normalize_rows, softmax_rows, squared_norms, two_nearest_squared_distances
-from ._base import Accumulation, BaseEncoder, descriptor_sets, encode_whole, work_dtype
+from ..kernels import (matmul, normalize_rows, softmax_rows, squared_norms, task_products,
+                       two_nearest_squared_distances)
+from ._base import Accumulation, BaseEncoder, add_tasks, descriptor_sets, encode_whole, split_tasks, work_dtype
 
 __all__ = [
     "LAYOUTS",
@@ -637,14 +638,17 @@ class NetVLADEncoder(BaseEncoder):
         if self.params_.normalize_input:
             X = X.copy()  # (a chunk of one image may be the caller's own array: see _pack)
             normalize_rows(X, INPUT_EPS)
-        scores = X @ acc["weight"].T
+        scores = matmul(X, acc["weight"].T)
         # In place: scores + b, then softmax over each row, every weight kept (threshold 0).
         softmax_rows(scores, acc["bias"])
         first, mass = acc["first"], acc["mass"]
+        tasks = split_tasks(segments)
+        a = scores.astype(np.float64, copy=False)
+        task_first = np.zeros((len(tasks),) + first.shape[1:])
+        task_products(a, X.astype(np.float64, copy=False), tasks, task_first)
+        add_tasks(first, tasks, task_first)
         for image, start, end in segments.tolist():
-            a = scores[start:end].astype(np.float64, copy=False)
-            first[image] += a.T @ X[start:end].astype(np.float64, copy=False)
-            mass[image] += a.sum(axis=0)
+            mass[image] += a[start:end].sum(axis=0)
 
     def _finish(self, acc, counts):
         params = self.params_

@@ -8,13 +8,16 @@ import math
 import numpy as np
 from sklearn.utils import check_random_state
 
+from ..encoding_kernels import vlad_hard
 from ..kernels import (
-    accumulate_hard,
     accumulate_sparse,
+    block_rows,
     knn_weights,
+    nearest_constants,
     nearest_words,
     softmax_weights,
     squared_norms,
+    task_products,
     two_nearest_squared_distances,
 )
 from ..normalize import intra_normalize, l2_normalize, power_normalize
@@ -160,6 +163,8 @@ class VLADEncoder(BaseEncoder):
             "centers_sqnorm": squared_norms(centers),
             # the exact words, for the float64 ranking of the nearest ("knn")
             "centers64": vocabulary.centers_.astype(np.float64),
+            "centers_t": np.ascontiguousarray(centers.T),
+            "constants": nearest_constants(dtype, vocabulary.centers_.astype(np.float64)),
             # Sums in float64 whatever the input: each term is rounded as the input is, but
             # the total no longer depends on the order of addition, so an image encoded
             # whole, in pieces or in another batch gives the same vector.
@@ -174,8 +179,8 @@ class VLADEncoder(BaseEncoder):
             task_residuals = np.zeros((len(tasks),) + residuals.shape[1:], dtype=residuals.dtype)
             task_mass = np.zeros((len(tasks), mass.shape[1]), dtype=mass.dtype)
             if self.assignment == "hard":
-                labels = nearest_words(X, centers, acc["centers_sqnorm"], with_distances=False)[0]
-                accumulate_hard(X, labels, centers, tasks, task_residuals, task_mass)
+                vlad_hard(X, centers, acc["centers_t"], acc["centers_sqnorm"], acc["centers64"], acc["constants"],
+                          tasks, block_rows(len(centers)), task_residuals, task_mass)
             else:
                 neighbors, weights = knn_weights(X, centers, self.n_neighbors, self.alpha_, acc["centers_sqnorm"],
                                              acc["centers64"])
@@ -183,15 +188,19 @@ class VLADEncoder(BaseEncoder):
             add_tasks(residuals, tasks, task_residuals)
             add_tasks(mass, tasks, task_mass)
         else:
-            # Dense weights: two BLAS products per image, W^T X - (W^T 1) c, in float64.
-            weights = softmax_weights(X, centers, self.alpha_, acc["centers_sqnorm"])
+            # Dense weights: W^T [X, max|x|, 1] per task, in float64 (exact_soft_residuals).
+            weights = softmax_weights(X, centers, self.alpha_, acc["centers_sqnorm"]).astype(np.float64)
+            x = X.astype(np.float64)
             centers64 = centers.astype(np.float64)
-            for image, start, end in segments:
-                w = weights[start:end].astype(np.float64)
-                x = X[start:end].astype(np.float64)
-                image_mass = w.sum(axis=0)
-                residuals[image] += exact_soft_residuals(w, x, centers64, image_mass)
-                mass[image] += image_mass
+            tasks = split_tasks(segments)
+            sums = np.zeros((len(tasks), len(centers), x.shape[1] + 2))
+            task_products(weights, np.column_stack([x, np.abs(x).max(axis=1), np.ones(len(x))]), tasks, sums)
+            for j, (image, start, end) in enumerate(segments.tolist()):
+                mine = (tasks[:, 0] == image) & (tasks[:, 1] >= start) & (tasks[:, 2] <= end)
+                total = sums[mine].sum(axis=0)
+                residuals[image] += exact_soft_residuals(weights[start:end], x[start:end], centers64, total[:, -1],
+                                                         total[:, :-2], total[:, -2])
+                mass[image] += total[:, -1]
 
     def _finish(self, acc, counts):
         return aggregate_residuals(acc["residuals"], acc["mass"], self.normalize_mass,
@@ -241,18 +250,21 @@ def estimate_alpha(vocabulary, sample, rule):
 _CANCELLATION_MARGIN = 1e8
 
 
-def exact_soft_residuals(w, x, centers, mass):
+def exact_soft_residuals(w, x, centers, mass, weighted=None, weighted_sizes=None):
     """sum_i w_ik (x_i - c_k) for every word k, (K, D), float64.
 
     Two BLAS products, W^T X - (W^T 1) c, except for the words where they cancel: when
     descriptors sit on a word (or its weight is tiny next to its descriptors' size) the
     difference drowns in round-off of order eps * sum_i w_ik |x_i|, which intra-
     normalisation would scale up to a whole block. Those words (rare) are recomputed from
-    the residuals x_i - c_k themselves.
+    the residuals x_i - c_k themselves. ``weighted`` = W^T X and ``weighted_sizes`` =
+    W^T max_d |x_d|, when the caller has them (computed here otherwise).
     """
-    residuals = w.T @ x - mass[:, None] * centers
+    if weighted is None:
+        weighted, weighted_sizes = w.T @ x, w.T @ np.abs(x).max(axis=1)
+    residuals = weighted - mass[:, None] * centers
     eps = np.finfo(np.float64).eps
-    bound = eps * (w.T @ np.abs(x).max(axis=1) + mass * np.abs(centers).max(axis=1)) * x.shape[1]
+    bound = eps * (weighted_sizes + mass * np.abs(centers).max(axis=1)) * x.shape[1]
     for k in np.flatnonzero(np.abs(residuals).max(axis=1) <= _CANCELLATION_MARGIN * bound):
         residuals[k] = w[:, k] @ (x - centers[k])
     return residuals
