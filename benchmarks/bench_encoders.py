@@ -3,7 +3,7 @@ vector, BoF, on real descriptors; optionally the whole ``vladkit encode`` job ag
 extraction alone.
 
     python benchmarks/bench_encoders.py [--data ../shared/data/scene15] [--n 10000]
-        [--threads 2] [--repeats 21] [--settle 0.15] [--cache DIR] [--synthetic]
+        [--threads 2] [--repeats 7] [--burst 5] [--settle 0.15] [--cache DIR] [--synthetic]
         [--no-vladkit-first] [--main-job] [--main-job-repeats 3]
 
 Descriptors: dense RootSIFT (``DenseSIFT(root=True)``, bench_scene15's extractor) of
@@ -35,14 +35,17 @@ Threads: ``--threads`` (2) on every side: numba (``numba.set_num_threads``), BLA
 called with their default ``n_jobs`` (None) inside those limits.
 
 Timing. The contenders of one row group (one encoding, K and PCA) are timed round-robin:
-each call is warmed up once (JIT compilation, caches, thread pools), then each of
-``--repeats`` rounds runs every contender once, in a random order (seeded), so that
-drift on a shared machine hits all alike; a contender's time is the median of its
-rounds. Before every timed call the process sleeps ``--settle`` seconds (not timed), so
-that no call pays for the threads the previous contender left spinning (numpy's OpenBLAS
-workers here, or this process's while the child is timed); what one vladkit call costs
-itself, its BLAS products and numba kernels included, stays in its time. The load
-average is printed before and after, with the date and the CPU model.
+each is warmed up once (JIT compilation, caches, thread pools), then each of
+``--repeats`` rounds runs every contender in turn, in a random order (seeded), so that
+drift on a shared machine hits all alike. A contender's turn is a burst, as a user's
+loop over images calls an encoder: ``--settle`` seconds of sleep, one untimed call,
+then ``--burst`` calls back to back, each timed; its time is the median of all its timed
+calls. The sleep and the untimed call keep a turn from paying for the threads the
+previous contender left spinning (numpy's OpenBLAS workers here, or this process's while
+the child is timed); the calls back to back do pay for what the contender's own previous
+call left behind (its BLAS pool spinning while its numba threads start, say), as they
+would in a user's loop. The load average is printed before and after, with the date and
+the CPU model.
 
 * vladkit: VLADEncoder (hard, signed square root + intra + L2), FisherEncoder (improved,
   on the raw descriptors: its time includes the PCA projection), BoFEncoder (hard, L2;
@@ -71,9 +74,11 @@ average is printed before and after, with the date and the CPU model.
 * floor: the bare BLAS matrix products the encoding cannot avoid (X C^T for VLAD/BoF,
   the PCA projection and [X^2, X] W for Fisher's log-likelihoods, float32), same threads.
 * errors: the largest |difference| of vladkit's vector and of VLFeat float's from VLFeat's
-  double-precision result on the same float32 input (the projected descriptors for FV);
-  for the kernel codebook, which VLFeat lacks, of vladkit's from the numpy formula in
-  float64.
+  double-precision result on the same float32 input (the projected descriptors for FV,
+  vladkit projecting them itself); for the improved Fisher vector measured before its
+  signed square root (on v |v|, as tests/test_fisher_precision.py), whose infinite slope
+  at 0 turns any 1e-12 difference into 1e-6; for the kernel codebook, which VLFeat lacks,
+  of vladkit's from the numpy formula in float64.
 
 Ratios: "x faster" is peer time / vladkit time (vladkit: this process, numpy first);
 "x floor" is vladkit time / floor time.
@@ -182,26 +187,32 @@ class Remote:
     def __init__(self, function):
         self.function = function
 
-    def __call__(self):
-        return self.function()
+    def __call__(self, burst):
+        return self.function(burst)
 
 
-def interleaved(contenders, repeats, settle, rng):
+def interleaved(contenders, repeats, burst, settle, rng):
     """{name: median seconds} of ``contenders`` [(name, function)] timed round-robin:
-    one warm-up call each, then ``repeats`` rounds in which every contender runs once,
-    in a random order; ``settle`` seconds of sleep (untimed) before every timed call."""
+    one warm-up call each, then ``repeats`` rounds in which every contender, in a random
+    order, sleeps ``settle`` seconds, makes one untimed call and ``burst`` timed calls
+    back to back (a :class:`Remote` contender does the same where it runs and returns
+    its ``burst`` times)."""
     for _, function in contenders:
-        function()  # warm-up: JIT compilation, caches, thread pools (the child's too)
+        function(1) if isinstance(function, Remote) else function()  # warm-up (the child's too)
     times = {name: [] for name, _ in contenders}
     for _ in range(repeats):
         for index in rng.permutation(len(contenders)):
             name, function = contenders[index]
             if settle:
                 time.sleep(settle)
-            start = time.perf_counter()
-            measured = function()
-            elapsed = time.perf_counter() - start
-            times[name].append(measured if isinstance(function, Remote) else elapsed)
+            if isinstance(function, Remote):
+                times[name].extend(function(burst))
+                continue
+            function()
+            for _ in range(burst):
+                start = time.perf_counter()
+                function()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -371,10 +382,10 @@ class VladkitFirstChild:
         return json.loads(line)
 
     def timer(self, kind, vocabulary_file, data_file):
-        request = json.dumps({"encoder": kind, "vocabulary": str(vocabulary_file), "data": str(data_file)})
+        request = {"encoder": kind, "vocabulary": str(vocabulary_file), "data": str(data_file)}
 
-        def run():
-            self.process.stdin.write(request + "\n")
+        def run(burst):
+            self.process.stdin.write(json.dumps({**request, "burst": burst}) + "\n")
             self.process.stdin.flush()
             return self._reply()["seconds"]
         return Remote(run)
@@ -387,8 +398,9 @@ class VladkitFirstChild:
 
 def serve_vladkit_first(args):
     """The --vladkit-first child: vladkit was imported before numpy (top of the file).
-    Reads JSON requests {encoder, vocabulary, data} on stdin, one a line; answers each
-    with {"seconds": the time of one ``encoder.transform([X])``} on stdout."""
+    Reads JSON requests {encoder, vocabulary, data, burst} on stdin, one a line; answers
+    each with {"seconds": [the times of ``burst`` calls ``encoder.transform([X])`` back
+    to back, after one untimed]} on stdout."""
     import numba
 
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -409,9 +421,13 @@ def serve_vladkit_first(args):
                 X = data[request["data"]]
                 encoders[key] = (make_encoder(request["encoder"], load_vocabulary(request["vocabulary"]), X), [X])
             encoder, images = encoders[key]
-            start = time.perf_counter()
             encoder.transform(images)
-            protocol.write(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
+            seconds = []
+            for _ in range(request["burst"]):
+                start = time.perf_counter()
+                encoder.transform(images)
+                seconds.append(time.perf_counter() - start)
+            protocol.write(json.dumps({"seconds": seconds}) + "\n")
     return 0
 
 
@@ -434,7 +450,7 @@ class Groups:
         contenders = [("vladkit", ours), ("floor", floor), *peers]
         if self.child is not None:
             contenders.insert(1, (VLADKIT_FIRST, self.child.timer(kind, vocabulary_file, self.data_file)))
-        t = interleaved(contenders, self.args.repeats, self.args.settle, self.rng)
+        t = interleaved(contenders, self.args.repeats, self.args.burst, self.args.settle, self.rng)
         ours_t, floor_t = t["vladkit"], t["floor"]
         self.rows.append((*what, "vladkit (numpy imported first)", ours_t, None, ours_t / floor_t, errors[0], ""))
         if self.child is not None:
@@ -542,7 +558,14 @@ def run_fisher(k, pca, X, gmm, vocabulary_file, groups):
         truth = vl.fisher_encode(P.astype(np.float64), *(a.astype(np.float64) for a in (means, variances, weights)),
                                  vl.FISHER_IMPROVED)
         theirs = vl.fisher_encode(P, means, variances, weights, vl.FISHER_IMPROVED)
-        errors = (largest_error(encoder.transform(images)[0], truth), largest_error(theirs, truth))
+        # Before the signed square root (v |v|), as tests/test_fisher_precision.py: its
+        # infinite slope at 0 turns a 1e-12 difference into 1e-6, whoever computed it.
+        def before_root(v):
+            v = np.asarray(v, np.float64)
+            return v * np.abs(v)
+
+        errors = (largest_error(before_root(encoder.transform(images)[0]), before_root(truth)),
+                  largest_error(before_root(theirs), before_root(truth)))
     peers.append(("numpy", lambda: numpy_fisher(project(), means, variances, weights)))
     try:
         from skimage.feature import fisher_vector
@@ -750,8 +773,9 @@ def header(args, source, X, load_before, load_after, child):
              f"; '{VLADKIT_FIRST}': a child process importing vladkit before numpy "
              f"({', '.join(f'{k}={v}' for k, v in child.hello['env_at_numpy_load'].items())} when numpy loaded; "
              f"numba {child.hello['numba_threads']}, BLAS {'/'.join(map(str, child.hello['blas_threads']))} threads)"))
-    print(f"median of {args.repeats} rounds, contenders of a group interleaved in random order, {args.settle} s "
-          f"settle before each timed call; VLFeat {'found' if vlfeat else 'NOT installed'}")
+    print(f"median of {args.repeats} x {args.burst} calls: {args.repeats} rounds, the contenders of a group in random "
+          f"order, each turn {args.settle} s of sleep, one untimed call and {args.burst} timed calls back to back; "
+          f"VLFeat {'found' if vlfeat else 'NOT installed'}")
 
 
 def main(argv=None):
@@ -760,7 +784,9 @@ def main(argv=None):
                         help="15-Scene folder with train/ and test/ (default: ../shared/data/scene15)")
     parser.add_argument("--n", type=int, default=10_000, help="descriptors in the encoded set (default 10,000)")
     parser.add_argument("--threads", type=int, default=2, help="threads on every side (default 2)")
-    parser.add_argument("--repeats", type=int, default=21, help="timed rounds per row group (default 21)")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds per row group (default 7)")
+    parser.add_argument("--burst", type=int, default=5,
+                        help="timed calls back to back per contender and round, after one untimed (default 5)")
     parser.add_argument("--settle", type=float, default=0.15,
                         help="seconds of sleep before every timed call, for idle thread pools (default 0.15)")
     parser.add_argument("--cache", help="folder to keep the descriptors and vocabularies in, for reruns "

@@ -189,6 +189,31 @@ class _Extractor(TransformerMixin, BaseEstimator):
         with ThreadPoolExecutor(max_workers=min(n_jobs, len(images))) as pool:
             return list(pool.map(self._extract_one, images))
 
+    def _iter_transform(self, X):
+        """:meth:`transform`'s features one image at a time, in order, as they are
+        extracted by ``n_jobs`` threads, which go on with the next images meanwhile (all
+        of X's features may exist at once, as with :meth:`transform`): the consumer's
+        own work on an image (encoding it) overlaps the extraction of the next. An
+        unreadable image yields its :class:`~vladkit.images.ImageReadError` instead of
+        raising it; closing the generator cancels the images not started."""
+        self._check_params()
+        images = _check_images(X)
+        n_jobs = effective_n_jobs(self.n_jobs) or 1
+
+        def extract(image):
+            try:
+                return self._extract_one(image)
+            except ImageReadError as error:
+                return error
+        with ThreadPoolExecutor(max_workers=min(n_jobs, max(len(images), 1))) as pool:
+            futures = [pool.submit(extract, image) for image in images]
+            try:
+                for future in futures:
+                    yield future.result()
+            finally:
+                for future in futures:
+                    future.cancel()
+
     def extract_pieces(self, image, max_bytes=None):
         """The local features of one image as consecutive pieces, each within a memory bound.
 

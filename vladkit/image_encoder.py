@@ -80,9 +80,9 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
         self.max_per_image = max_per_image
         self.random_state = random_state
 
-    def _batches(self, images, encoder=None):
+    def _batches(self, images, encoder=None, streamed=False):
         return iter_batches(self.extractor_, images, max_memory=parse_memory(self.max_memory),
-                            max_images=self.batch_size, encoder=encoder)
+                            max_images=self.batch_size, encoder=encoder, streamed=streamed)
 
     def fit(self, X, y=None):
         """Extract a bounded sample of descriptors from the images and fit the encoder.
@@ -143,7 +143,8 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "encoder_")
         images = _check_images(X)
         out = np.empty((len(images), self.n_features_out_), dtype=np.float32)
-        for indices, vectors in encode_batches(self.encoder_, self._batches(images, self.encoder_)):
+        batches = self._batches(images, self.encoder_, streamed=True)
+        for indices, vectors in encode_batches(self.encoder_, batches):
             out[indices] = vectors
         return out
 
@@ -171,9 +172,10 @@ def encode_batches(encoder, batches):
         The images' indices and their (len(indices), dim) float32 vectors, per batch.
     """
     for batch in batches:
-        indices, vectors = [index for index, _ in batch], _encode_batch(encoder, batch)
+        indices, vectors = _encode_batch(encoder, batch)
         del batch  # not alive while the next batch is extracted
-        yield indices, vectors
+        if indices:  # (a streamed batch whose every image was unreadable has none)
+            yield indices, vectors
 
 
 def _tf_idf_encoder(encoder):
@@ -231,12 +233,16 @@ def _adding(accumulation, position, pieces):
 
 
 def _encode_batch(encoder, batch):
+    """(indices, vectors) of a batch: a list, or a :class:`~vladkit.budget.StreamedBatch`
+    encoded image by image as its images are extracted (which may leave some out)."""
+    indices = []
     with encoder._thread_limits():
         accumulation = encoder._accumulate(len(batch))
-        for position, (_, pieces) in enumerate(batch):
+        for position, (index, pieces) in enumerate(batch):
+            indices.append(index)
             for piece in pieces:
                 accumulation.add(position, piece)
-        return accumulation.finish()
+        return indices, accumulation.finish()[:len(indices)]
 
 
 def sample_features(sampler, index, pieces, extractor):

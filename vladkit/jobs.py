@@ -283,7 +283,8 @@ def _encode_shard(settings, shard, vocabulary, progress=None, on_skipped=None):
     done = 0
     with limit_threads(settings.n_jobs):
         batches = iter_batches(extractor, list(shard.images), max_memory=settings.max_memory,
-                               max_images=settings.batch_size, encoder=encoder, on_unreadable=unreadable)
+                               max_images=settings.batch_size, encoder=encoder, on_unreadable=unreadable,
+                               streamed=True)
         for rows, batch_vectors in encode_batches(encoder, batches):
             vectors[rows], encoded[rows] = batch_vectors, True
             if progress is not None:

@@ -31,9 +31,9 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 #: Scratch budget of one chunk of an (n, K) likelihood matrix, in elements.
 CHUNK_ELEMENTS = 1 << 22
 
-#: Products per block of rows of the blocked kernels (256 KB in float32: a block's
+#: Products per block of rows of the blocked kernels (1 MB in float32: a block's
 #: (rows, K) products stay in the cache of the core that made them).
-BLOCK_ELEMENTS = 1 << 16
+BLOCK_ELEMENTS = 1 << 18
 
 
 def _chunks(n_rows, n_words):

@@ -132,7 +132,7 @@ class FisherEncoder(BaseEncoder):
             pca_t = np.ascontiguousarray(vocabulary.pca_components_.T, dtype=dtype)
         shape = (n_images, vocabulary.n_words_, 2 * vocabulary.dim_)
         return {
-            "kernel": (pca_mean, pca_t, centre, coefficients, constants, skip, POSTERIOR_THRESHOLD,
+            "kernel": (pca_mean, pca_t, centre, coefficients, constants, POSTERIOR_THRESHOLD,
                        math.log(vocabulary.n_words_) + MARGIN[np.dtype(dtype).type], bool(self.fast)),
             "skip": skip, "centre": centre,
             # sum_i q_ik [y_i^2, y_i] and sum_i q_ik per image, in float64: independent of
