@@ -163,3 +163,39 @@ def test_a_streamed_batch_raises_the_unreadable_without_a_handler(tmp_path):
     with pytest.raises(ImageReadError, match="broken"):
         for _ in batch:
             pass
+
+
+_IDLE_BURN = """
+import os, sys, time
+import numpy as np
+X = np.random.default_rng(0).random((2000, 400)).astype(np.float32)
+if sys.argv[1] == "vladkit":
+    import vladkit  # after numpy: its OpenBLAS read no OPENBLAS_THREAD_TIMEOUT when it loaded
+for _ in range(3):
+    product = X @ X.T
+assert np.allclose(product[:5, :5], X[:5].astype(np.float64) @ X[:5].T.astype(np.float64), rtol=1e-4)
+start = time.process_time()
+time.sleep(0.3)
+print(time.process_time() - start)
+"""
+
+
+def test_an_openblas_loaded_before_vladkit_gets_its_thread_timeout():
+    """numpy imported first: after vladkit's import, numpy's OpenBLAS workers sleep after
+    a product instead of spinning ~0.1 s on the cores numba's threads need next."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_THREAD_TIMEOUT"}
+
+    def idle_cpu(mode):
+        run = subprocess.run([sys.executable, "-c", _IDLE_BURN, mode], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        return float(run.stdout.split()[-1])
+
+    spinning = idle_cpu("numpy")
+    if spinning < 0.03:
+        pytest.skip(f"numpy's OpenBLAS does not spin here ({spinning:.3f} s of CPU while idle: one core?)")
+    assert idle_cpu("vladkit") < 0.02

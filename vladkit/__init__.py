@@ -4,14 +4,19 @@ __version__ = "0.1.0"
 
 import os as _os
 
-# vladkit alternates BLAS products (OpenBLAS threads) with numba parallel kernels (OpenMP
-# threads). By default both kinds of thread spin after their work and steal the cores the
-# other one needs next: measured here, a 10k x 256 assignment took 16.6 ms instead of
-# 11.3 ms, and a K=256 Fisher vector 58 ms instead of 41 ms. Sleeping threads cost
-# microseconds to wake. The user's settings win; OpenBLAS reads its variable when it is
-# loaded, so it takes effect when vladkit is imported before numpy.
+# Idle threads sleep rather than spin: vladkit's kernels run on numba's OpenMP threads
+# (BLAS on one thread inside them, vladkit/_threads.py), and a BLAS pool left spinning by
+# the user's own numpy product, or numba's workers spinning while extraction threads
+# work, would steal the cores the other needs next (measured: Fisher vectors and VLAD
+# 1.8x slower in a loop that also calls numpy's @). Sleeping threads cost microseconds to
+# wake. The user's settings win. libgomp reads its variable when numba first loads it,
+# after this; OpenBLAS when it is loaded, so an OpenBLAS that numpy or scipy loaded
+# before vladkit is given the timeout now (_blas.apply_thread_timeout).
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+from . import _blas as _blas_module  # noqa: E402
+
+_blas_module.apply_thread_timeout()
 # faiss's bundled OpenBLAS runs its generic kernel on CPUs newer than itself: vladkit.index
 # loads faiss with the kernel this CPU supports, unless OPENBLAS_CORETYPE is set
 # (vladkit/_blas.py).
