@@ -17,10 +17,12 @@ temporary folder that the child processes share and that is removed at the end).
 
 Import order. This process imports numpy, scipy.linalg and threadpoolctl first, then
 vladkit, as a user's script does. vladkit sets OPENBLAS_THREAD_TIMEOUT=4 and
-OMP_WAIT_POLICY=PASSIVE at import (unless set), which only act on a library loaded after
-that: here numpy's and scipy's OpenBLAS are already loaded (their idle workers then spin
-after each product: 0.11 s of CPU measured on this machine), libgomp (numba, VLFeat) is
-not (the header says which were loaded). The rows "vladkit (vladkit
+OMP_WAIT_POLICY=PASSIVE at import (unless set). libgomp (numba, VLFeat) is not loaded yet
+here and reads its variable later; numpy's and scipy's OpenBLAS are, and read theirs when
+they loaded (their idle workers then spin after each product: 0.11 s of CPU measured on
+this machine), until vladkit's import has them read it again and restarts their workers
+(``vladkit._blas.apply_thread_timeout``; the header says what was loaded before
+vladkit). The rows "vladkit (vladkit
 imported first)" come from a child process, this script rerun with the hidden flag
 ``--vladkit-first``, which imports vladkit before numpy; it loads the same cached
 descriptors and vocabulary files, builds the same encoders under the same thread limits,
