@@ -187,7 +187,11 @@ def test_an_openblas_loaded_before_vladkit_gets_its_thread_timeout():
     import subprocess
     import sys
 
-    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_THREAD_TIMEOUT"}
+    # Two OpenBLAS threads whatever this process was given (Dask's nanny, started by other
+    # tests, sets OPENBLAS_NUM_THREADS=1 and OMP_NUM_THREADS=1 in os.environ).
+    limits = ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS")
+    env = {key: value for key, value in os.environ.items() if key not in limits}
+    env["OPENBLAS_NUM_THREADS"] = "2"
 
     def idle_cpu(mode):
         run = subprocess.run([sys.executable, "-c", _IDLE_BURN, mode], env=env, capture_output=True, text=True,
