@@ -27,8 +27,10 @@ imported first)" come from a child process, this script rerun with the hidden fl
 ``--vladkit-first``, which imports vladkit before numpy; it loads the same cached
 descriptors and vocabulary files, builds the same encoders under the same thread limits,
 and serves timings over a pipe (one JSON line per request), so that its calls are
-interleaved with this process's (below). "numpy-first / vladkit-first" is the ratio of
-the two vladkit medians. Child processes get the environment this script started with
+interleaved with this process's (below). A twin child, ``--numpy-first-child``, imports
+numpy first and is timed the same way: "numpy-first / vladkit-first" is the ratio of the
+two children's medians (a child, idle between its turns, and this process, busy with the
+other contenders, do not time alike: the ratio compares like with like). Child processes get the environment this script started with
 (not the variables vladkit set in it).
 
 Threads: ``--threads`` (2) on every side: numba (``numba.set_num_threads``), BLAS
@@ -178,6 +180,7 @@ from vladkit.kernels import diagonal_gaussian_terms
 
 SCRIPT = str(Path(__file__).resolve())
 VLADKIT_FIRST = "vladkit (vladkit imported first)"
+NUMPY_FIRST_CHILD = "vladkit (numpy imported first, child)"
 
 
 # ------------------------------------------------------------------ timing
@@ -368,10 +371,13 @@ def largest_error(vector, truth):
 
 
 class VladkitFirstChild:
-    """This script rerun with --vladkit-first: it times vladkit's encoders on request."""
+    """This script rerun with --vladkit-first (or ``flag``): it times vladkit's encoders on
+    request. The --numpy-first-child twin imports numpy first, as this process does: the
+    two children compare the import orders symmetrically, both timed the same way in a
+    process that does nothing else."""
 
-    def __init__(self, args):
-        command = [sys.executable, SCRIPT, "--vladkit-first", "--threads", str(args.threads)]
+    def __init__(self, args, flag="--vladkit-first"):
+        command = [sys.executable, SCRIPT, flag, "--threads", str(args.threads)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env=_ORIGINAL_ENV)
         self.hello = self._reply()
@@ -439,8 +445,8 @@ def serve_vladkit_first(args):
 class Groups:
     """What every row group needs: the arguments, the child, the random order, the rows."""
 
-    def __init__(self, args, child, data_file):
-        self.args, self.child, self.data_file = args, child, data_file
+    def __init__(self, args, child, data_file, numpy_child=None):
+        self.args, self.child, self.data_file, self.numpy_child = args, child, data_file, numpy_child
         self.rng = np.random.default_rng(0)
         self.rows, self.ratios = [], []
 
@@ -452,14 +458,22 @@ class Groups:
         contenders = [("vladkit", ours), ("floor", floor), *peers]
         if self.child is not None:
             contenders.insert(1, (VLADKIT_FIRST, self.child.timer(kind, vocabulary_file, self.data_file)))
+        if self.numpy_child is not None:
+            contenders.insert(1, (NUMPY_FIRST_CHILD, self.numpy_child.timer(kind, vocabulary_file, self.data_file)))
         t = interleaved(contenders, self.args.repeats, self.args.burst, self.args.settle, self.rng)
         ours_t, floor_t = t["vladkit"], t["floor"]
         self.rows.append((*what, "vladkit (numpy imported first)", ours_t, None, ours_t / floor_t, errors[0], ""))
         if self.child is not None:
             first_t = t[VLADKIT_FIRST]
-            self.ratios.append((what, ours_t / first_t))
+            if self.numpy_child is not None:
+                twin_t = t[NUMPY_FIRST_CHILD]
+                self.ratios.append((what, twin_t / first_t))
+                self.rows.append((*what, NUMPY_FIRST_CHILD, twin_t, None, twin_t / floor_t, None,
+                                  f"numpy-first / vladkit-first (both children) = {twin_t / first_t:.2f}"))
+            else:
+                self.ratios.append((what, ours_t / first_t))
             self.rows.append((*what, VLADKIT_FIRST, first_t, None, first_t / floor_t, None,
-                              f"numpy-first / vladkit-first = {ours_t / first_t:.2f}"))
+                              f"this process / vladkit-first = {ours_t / first_t:.2f}"))
         self.rows.append((*what, "floor: bare matrix products", floor_t, None, 1.0, None, ""))
         parts = {part for _, names, _ in composites for part in names}
         for name, names, note in composites:
@@ -774,7 +788,8 @@ def header(args, source, X, load_before, load_after, child):
           + ("" if child is None else
              f"; '{VLADKIT_FIRST}': a child process importing vladkit before numpy "
              f"({', '.join(f'{k}={v}' for k, v in child.hello['env_at_numpy_load'].items())} when numpy loaded; "
-             f"numba {child.hello['numba_threads']}, BLAS {'/'.join(map(str, child.hello['blas_threads']))} threads)"))
+             f"numba {child.hello['numba_threads']}, BLAS {'/'.join(map(str, child.hello['blas_threads']))} threads)"
+             f"; '{NUMPY_FIRST_CHILD}': its twin, the same child importing numpy first"))
     print(f"median of {args.repeats} x {args.burst} calls: {args.repeats} rounds, the contenders of a group in random "
           f"order, each turn {args.settle} s of sleep, one untimed call and {args.burst} timed calls back to back; "
           f"VLFeat {'found' if vlfeat else 'NOT installed'}")
@@ -801,12 +816,13 @@ def main(argv=None):
                         help="also time 'vladkit encode' of 15-Scene train/ against extraction alone (minutes)")
     parser.add_argument("--main-job-repeats", type=int, default=3, help="runs of each main job (default 3)")
     parser.add_argument("--vladkit-first", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--numpy-first-child", action="store_true", help=argparse.SUPPRESS)
     if argv is None:
         argv = sys.argv[1:]
     if "--extract-only" in argv:
         return extract_only(argv[argv.index("--extract-only") + 1:])
     args = parser.parse_args(argv)
-    if args.vladkit_first:
+    if args.vladkit_first or args.numpy_first_child:
         return serve_vladkit_first(args)
     if args.main_job and args.synthetic:
         parser.error("--main-job encodes 15-Scene with its vocabularies: leave out --synthetic")
@@ -820,7 +836,7 @@ def main(argv=None):
     if temporary:
         args.cache = tempfile.mkdtemp(prefix="bench_encoders-")
     Path(args.cache).mkdir(parents=True, exist_ok=True)
-    child = None
+    child = numpy_child = None
     try:
         load_before = os.getloadavg()
         if args.synthetic:
@@ -833,7 +849,8 @@ def main(argv=None):
             source = f"dense RootSIFT of 15-Scene test/ images (vocabularies from {len(sample):,} train/ descriptors)"
         if not args.no_vladkit_first:
             child = VladkitFirstChild(args)
-        groups = Groups(args, child, data_file)
+            numpy_child = VladkitFirstChild(args, "--numpy-first-child")
+        groups = Groups(args, child, data_file, numpy_child)
         vocabularies = {}
         with threadpool_limits(limits=args.threads):
             if args.synthetic:
@@ -853,8 +870,9 @@ def main(argv=None):
                 for k in (1000, 4000):
                     kmeans, kmeans_file = vocabulary("kmeans", k, None, sample, args)
                     run_kcb(k, X, kmeans, kmeans_file, groups)
-        if child is not None:
-            child.close()
+        for process in (child, numpy_child):
+            if process is not None:
+                process.close()
         load_after = os.getloadavg()
         header(args, source, X, load_before, load_after, child)
         print("| encoding | K | PCA | implementation | ms | vladkit is x faster | x floor | largest error vs double "
@@ -865,16 +883,17 @@ def main(argv=None):
                   f"{'' if faster is None else f'{faster:.1f}'} | {'' if floor is None else f'{floor:.2f}'} | "
                   f"{'' if error is None else f'{error:.1e}'} | {note} |")
         if groups.ratios:
-            print("numpy-first / vladkit-first (vladkit's median in this process over the child's; > 1: importing "
-                  "vladkit first is faster): "
+            print("numpy-first / vladkit-first (the median of the child importing numpy first over the child "
+                  "importing vladkit first, timed alike; > 1: importing vladkit first is faster): "
                   + "; ".join(f"{encoding.split(' (')[0]} K={k}{'' if pca == '-' else ' ' + pca}: {ratio:.2f}"
                               for (encoding, k, pca), ratio in groups.ratios))
         if args.main_job:
             main_job(args, vocabularies)
     finally:
-        if child is not None and child.process.poll() is None:
-            child.process.kill()
-            child.process.wait()
+        for process in (child, numpy_child):
+            if process is not None and process.process.poll() is None:
+                process.process.kill()
+                process.process.wait()
         if temporary:
             shutil.rmtree(args.cache, ignore_errors=True)
     return 0
