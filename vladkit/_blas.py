@@ -1,4 +1,6 @@
-"""Load faiss with an OpenBLAS kernel this CPU supports (issue 14).
+"""OpenBLAS as vladkit needs it: faiss loaded with a kernel this CPU supports (issue 14),
+and an OpenBLAS loaded before vladkit given its thread timeout (issue 30,
+:func:`apply_thread_timeout`).
 
 faiss-cpu's wheels bundle their own OpenBLAS (0.3.15 in faiss-cpu 1.15.1). It picks its
 kernels from a table of CPU models, and on a model newer than its table (e.g. the Xeon
@@ -27,7 +29,8 @@ import os
 import platform
 import sys
 
-__all__ = ["choose_coretype", "cpu_vendor_and_flags", "faiss_coretype", "load_faiss"]
+__all__ = ["apply_thread_timeout", "choose_coretype", "cpu_vendor_and_flags", "faiss_coretype", "load_faiss",
+           "loaded_openblas"]
 
 VARIABLE = "OPENBLAS_CORETYPE"
 
@@ -158,8 +161,8 @@ def apply_thread_timeout(paths=None):
     applied = []
     for path in loaded_openblas() if paths is None else paths:
         try:
-            library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL) if hasattr(os, "RTLD_NOLOAD") \
-                else ctypes.CDLL(path)
+            # (RTLD_NOLOAD: a handle on the library already loaded, never a second copy)
+            library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
             read_env, timeout = library.openblas_read_env, library.openblas_thread_timeout
             shutdown = library.blas_thread_shutdown_
             parallel = getattr(library, "openblas_get_parallel", None)
