@@ -1,6 +1,6 @@
 """vladkit: classical local-feature encodings (BoF, VLAD, Fisher vectors) for images."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401 (set in _version.py, a leaf other modules import)
 
 import os as _os
 

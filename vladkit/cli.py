@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from . import __version__
+from ._version import __version__
 from ._defaults import (
     AUTO_PCA,
     DEFAULT_MAX_MEMORY,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from ._io import write_npz_atomically
 from .encoders import (BoFEncoder, FisherEncoder, LLCEncoder, NetVLADEncoder, SpatialPyramid,
                        SuperVectorEncoder, VLADEncoder)

@@ -46,7 +46,7 @@ from sklearn.base import (
 from sklearn.decomposition import PCA
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import __version__
+from ._version import __version__
 from ._io import default_folder_mode, json_dumps, write_npz_atomically
 from .normalize import l2_normalize, power_normalize
 from .vocabulary import _check_positive_int, _jsonable

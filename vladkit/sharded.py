@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from ._io import atomic_output, json_dumps
 from ._locking import LOCK_FILE
 from .encodings import EncodingsFileError, Recipe, file_sha256, sample_rows

@@ -27,7 +27,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import __version__
+from ._version import __version__
 from ._io import write_npz_atomically
 from ._threads import limit_threads
 from .kernels import diagonal_gaussian_terms, log_posteriors, nearest_words, squared_distances

@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from .. import __version__
+from .._version import __version__
 from .._io import write_npz_atomically
 from ..kernels import (matmul, normalize_rows, softmax_rows, squared_norms, task_products,
                        two_nearest_squared_distances)
