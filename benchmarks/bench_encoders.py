@@ -21,7 +21,7 @@ OMP_WAIT_POLICY=PASSIVE at import (unless set). libgomp (numba, VLFeat) is not l
 here and reads its variable later; numpy's and scipy's OpenBLAS are, and read theirs when
 they loaded (their idle workers then spin after each product: 0.11 s of CPU measured on
 this machine), until vladkit's import has them read it again and restarts their workers
-(``vladkit._blas.apply_thread_timeout``; the header says what was loaded before
+(``vladkit._util.blas.apply_thread_timeout``; the header says what was loaded before
 vladkit). The rows "vladkit (vladkit
 imported first)" come from a child process, this script rerun with the hidden flag
 ``--vladkit-first``, which imports vladkit before numpy; it loads the same cached
@@ -89,7 +89,7 @@ Ratios: "x faster" is peer time / vladkit time (vladkit: this process, numpy fir
 
 Main job (``--main-job``, off by default: minutes). Wall-clock of the whole command, run
 as a subprocess (the ``vladkit`` console script next to this interpreter, else
-``python -m vladkit.cli``, the same ``main``)::
+``python -m vladkit.app.cli``, the same ``main``)::
 
     vladkit encode DATA/train --vocab V -o TMP/out-R.npz -j THREADS -q --features dense --root
 
@@ -104,9 +104,9 @@ path, deleted after the run (a rerun into a finished output would resume, instan
 Against it, "extraction alone": this script rerun with the hidden flag
 ``--extract-only`` followed by the same encode arguments (with the VLAD vocabulary),
 also timed wall-clock as a subprocess. It imports vladkit first and
-``vladkit._commands``, as the command does, parses the arguments with vladkit's own
-parser (``vladkit.cli.build_parser``), lists the images and builds the recipe as the
-command does (``_recipe_from_args``), then, shard by shard as ``vladkit.jobs`` does:
+``vladkit.app.commands``, as the command does, parses the arguments with vladkit's own
+parser (``vladkit.app.cli.build_parser``), lists the images and builds the recipe as the
+command does (``_recipe_from_args``), then, shard by shard as ``vladkit.pipeline.jobs`` does:
 ``Recipe.build(vocab, n_jobs)``, the extractor's ``max_pixels`` set, and under
 ``limit_threads(n_jobs)`` it consumes ``iter_batches(extractor, shard, max_memory,
 max_images=batch_size, encoder=encoder)``: the same images read and extracted in the
@@ -175,8 +175,8 @@ from vladkit import (
     VLADEncoder,
     load_vocabulary,
 )
-from vladkit import _vlfeat as vl
-from vladkit.kernels import diagonal_gaussian_terms
+from vladkit._util import vlfeat as vl
+from vladkit.kernels.gaussian import diagonal_gaussian_terms
 
 SCRIPT = str(Path(__file__).resolve())
 VLADKIT_FIRST = "vladkit (vladkit imported first)"
@@ -617,12 +617,12 @@ def run_synthetic(k, X, args, groups):
 def extract_only(cli_args):
     """The --extract-only child: what ``vladkit encode`` does with the same arguments,
     less the encoding and the output (see the module docstring). Prints one JSON line."""
-    import vladkit._commands as commands
-    from vladkit._threads import limit_threads
-    from vladkit.budget import iter_batches
-    from vladkit.cli import build_parser
-    from vladkit.encodings import Recipe, load_vocabulary_file
-    from vladkit.images import list_images
+    import vladkit.app.commands.encode as commands
+    from vladkit._util.threads import limit_threads
+    from vladkit.pipeline.budget import iter_batches
+    from vladkit.app.cli import build_parser
+    from vladkit.pipeline.recipe import Recipe, load_vocabulary_file
+    from vladkit.features.images import list_images
 
     args = build_parser().parse_args(cli_args)
     start = time.perf_counter()
@@ -666,15 +666,15 @@ def wall_clock(command):
 
 def vladkit_command():
     """The ``vladkit`` console script of this interpreter's environment, else
-    ``python -m vladkit.cli`` (the same ``main``)."""
+    ``python -m vladkit.app.cli`` (the same ``main``)."""
     script = Path(sys.executable).with_name("vladkit")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "vladkit.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "vladkit"]
 
 
 def main_job(args, vocabularies):
     """The --main-job table: ``vladkit encode`` of train/ per vocabulary, and extraction
     alone, wall-clock, interleaved."""
-    from vladkit.images import list_images
+    from vladkit.features.images import list_images
 
     train = Path(args.data) / "train"
     paths = list_images(train, recursive=True)

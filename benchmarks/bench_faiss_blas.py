@@ -5,7 +5,7 @@
 
 faiss-cpu's wheel bundles OpenBLAS 0.3.15, which runs its generic "Prescott" kernel on
 CPU models newer than its table; ``import vladkit`` loads faiss with the kernel the CPU
-supports (vladkit/_blas.py, issue 14). Every run is a fresh subprocess, without
+supports (vladkit/_util/blas.py, issue 14). Every run is a fresh subprocess, without
 OPENBLAS_CORETYPE in its environment, in one of two configurations:
 
 * before: ``import faiss`` first (faiss's own detection);

@@ -87,7 +87,7 @@ def main(argv=None):
             per_image = statistics.median(counts)
             rows.append((name, n_jobs, len(paths), len(paths) / seconds, 1000 * seconds / len(paths), per_image))
 
-    from vladkit import _vlfeat as vl
+    from vladkit._util import vlfeat as vl
 
     if vl.load() is not None:
         # VLFeat's PHOW dense SIFT in C (vl_imsmooth + vl_dsift per size), same grid and

@@ -68,8 +68,8 @@ from vladkit import (
     read_image,
     recall_at_k,
 )
-from vladkit.datasets import demo_photos, near_duplicate_set
-from vladkit.demo import SAMPLE
+from vladkit.datasets.near_duplicates import demo_photos, near_duplicate_set
+from vladkit.app.demo import SAMPLE
 
 SCENE_SIDES = (96, 128, 160, None)
 PHOTO_SIDES = (480, 640, 800, 1024, 1600, None)

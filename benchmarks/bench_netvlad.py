@@ -22,7 +22,7 @@ descriptors, signed square root + intra + L2). "NetVLAD init" is the untrained l
    built from ``test/`` images only (``--near-duplicates`` of them, the same number from
    each class) by :func:`vladkit.datasets.near_duplicate_set`: the originals and 3
    mirrored-crop distractors each are the database, the 7 attacks of each original the
-   queries. mAP and recall@1 (vladkit.evaluation), uncompressed (exact inner-product
+   queries. mAP and recall@1 (vladkit.retrieval.metrics), uncompressed (exact inner-product
    search) and at 64 bytes per image (PCA-whitening to 256 dimensions with exponent 0.25,
    then PQ 64x8: ``vladkit demo``'s settings), whitening and quantizer learnt on the
    vectors of the ``train/`` images and their attacked copies.
@@ -63,10 +63,11 @@ from vladkit import (
     labelled_images,
     read_image,
 )
-from vladkit.datasets import near_duplicate_set
-from vladkit.demo import PCA_DIM, WHITEN
-from vladkit.encoders.netvlad import NetVLADEncoder, save_netvlad
-from vladkit.evaluation import mean_average_precision, recall_at_k
+from vladkit.datasets.near_duplicates import near_duplicate_set
+from vladkit.app.demo import PCA_DIM, WHITEN
+from vladkit.encoders.netvlad import NetVLADEncoder
+from vladkit.encoders.netvlad_params import save_netvlad
+from vladkit.retrieval.metrics import mean_average_precision, recall_at_k
 
 PQ_CODE = "64x8"  # 64 bytes per image
 

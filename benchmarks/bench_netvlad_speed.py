@@ -31,7 +31,7 @@ import vladkit  # noqa: F401  (first: it sets the BLAS / OpenMP thread waits bef
 import numpy as np
 
 from vladkit import DenseSIFT, KMeansVocabulary, NetVLADEncoder, VLADEncoder, init_netvlad
-from vladkit._threads import limit_threads
+from vladkit._util.threads import limit_threads
 
 SCENE15 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "scene15")
 

@@ -7,7 +7,7 @@ Every row is one fresh process run under ``/usr/bin/time -v``; the table gives i
 resident memory ("Maximum resident set size"), its wall-clock time ("Elapsed (wall
 clock)"; interpreter start and imports included) and images per second (images given to
 the command / wall seconds). The commands are what a user types, with the defaults a user
-gets (the CLI is run as ``python -m vladkit.cli``, the same ``main`` as the ``vladkit``
+gets (the CLI is run as ``python -m vladkit``, the same ``main`` as the ``vladkit``
 console script):
 
 * ``python -c "import vladkit"``: the floor, what every row pays before any image.
@@ -74,7 +74,7 @@ SMALL_BUDGET = "300MB"
 PANO_SEED, PANO_WIDTH, PANO_HEIGHT = 1000, 10000, 5000
 TIME = "/usr/bin/time"
 ROW_TIMEOUT = 3 * 3600  # seconds: a hung row is reported, not waited for forever
-CLI = [sys.executable, "-m", "vladkit.cli"]
+CLI = [sys.executable, "-m", "vladkit"]
 
 IMAGE_ENCODER_CODE = """\
 import vladkit, json, time
@@ -209,7 +209,7 @@ def _stop(process):
 
 
 def show_command(argv):
-    """argv as a shell line, ``python -m vladkit.cli`` shown as ``vladkit``."""
+    """argv as a shell line, ``python -m vladkit`` shown as ``vladkit``."""
     if argv[:3] == CLI:
         return "vladkit " + shlex.join(argv[3:])
     if argv[:2] == [sys.executable, "-c"]:
@@ -398,7 +398,7 @@ def markdown(machine, setup, rows, results, out_dir, finished, total_s):
     if checks:
         lines += ["", "## Same results under both budgets", ""] + checks
     lines += ["", "## Commands", "",
-              "`$OUT` is the temporary output folder; the CLI ran as `python -m vladkit.cli` "
+              "`$OUT` is the temporary output folder; the CLI ran as `python -m vladkit` "
               "(shown as `vladkit`); each under `/usr/bin/time -v`.", ""]
     for i, row in enumerate(rows):
         if i >= len(results):

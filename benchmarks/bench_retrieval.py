@@ -30,7 +30,7 @@ originals and 69 mirrored-crop distractors in the database, the 7 attacks of eac
 as queries, PNG files; and its 736 grey learning crops in ``learning/``, on which the
 vocabularies, PCA and quantizers are then learnt, as the demo does).
 
-**The protocol**: every step is a ``python -m vladkit.cli`` command run in the cache folder,
+**The protocol**: every step is a ``python -m vladkit.app.cli`` command run in the cache folder,
 as a user would type it. For each configuration: ``vocab build database`` (the
 vocabulary is learnt on the database photos -- the queries' originals, never the attacked
 queries -- ``--max-descriptors 200000 --seed 0``),
@@ -114,8 +114,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from vladkit.encodings import describe_extractor
-from vladkit.rerank import default_rerank_extractor
+from vladkit.pipeline.recipe import describe_extractor
+from vladkit.retrieval.rerank import default_rerank_extractor
 
 SET_VERSION = 1
 STEPS = "steps"
@@ -263,7 +263,7 @@ def demo_set(seed):
     """vladkit demo's near-duplicate set, as files: PNG originals and distractors in the
     database, PNG queries (the "jpeg q=8" attack's artefacts are in its pixels), and the
     demo's learning images (grey PNG crops of the photos upside down)."""
-    from vladkit.datasets import demo_photos, near_duplicate_set
+    from vladkit.datasets.near_duplicates import demo_photos, near_duplicate_set
 
     data = near_duplicate_set(demo_photos(), learning_per_photo=32, seed=seed)  # as run_demo
 
@@ -379,7 +379,7 @@ def step(root, name, command, log):
 
 
 def cli(*arguments):
-    return [sys.executable, "-m", "vladkit.cli", *arguments]
+    return [sys.executable, "-m", "vladkit", *arguments]
 
 
 def evaluate(config, root, fingerprint, truth, args, log):

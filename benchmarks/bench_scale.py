@@ -59,7 +59,7 @@ def run(command, **options):
 
 
 def vladkit_cli(*args):
-    return [PYTHON, "-m", "vladkit.cli", *map(str, args)]
+    return [PYTHON, "-m", "vladkit", *map(str, args)]
 
 
 def time_cli(*args):
@@ -106,7 +106,7 @@ def child_local(folder, output, vocabulary):
 def child_write_vectors(folder, n, dim, vocabulary):
     """n synthetic unit vectors (64 clusters) as a sharded encodings folder, shard by shard."""
     from vladkit import DenseSIFT, Recipe
-    from vladkit.sharded import write_images, write_manifest, write_shard
+    from vladkit.pipeline.sharded import write_images, write_manifest, write_shard
 
     shard = 100_000
     rng = np.random.default_rng(0)
@@ -130,7 +130,7 @@ def child_index(encodings, output):
     """Build the IVF-PQ index out of core in this process (the CLI's code path); print its
     peak RSS and a search's first result."""
     from vladkit import VectorIndex, load_encodings
-    from vladkit.cli import main
+    from vladkit.app.cli import main
 
     code = main(["index", "build", str(encodings), "--pq", "64x8", "--nlist", "1024", "-o", str(output)])
     assert code == 0

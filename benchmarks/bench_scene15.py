@@ -99,9 +99,9 @@ from vladkit import (
     labelled_images,
     load_vocabulary,
 )
-from vladkit.images import read_image
-from vladkit.spatial_augmentation import N_POSITION_DIMS, augment_positions
-from vladkit.normalize import l2_normalize
+from vladkit.features.images import read_image
+from vladkit.features.spatial_augmentation import N_POSITION_DIMS, augment_positions
+from vladkit.encoders.normalize import l2_normalize
 
 LEVELS = ((1, 1), (2, 2), (1, 3))
 #: Super-vector coding's constant s (Zhou et al. leave it free): 0.1, so that on unit-norm

@@ -19,7 +19,7 @@ from pathlib import Path
 from bench_scene15 import choose_c_and_score
 
 from vladkit import DenseSIFT, FisherEncoder, ImageEncoder, SpatialPyramid, labelled_images
-from vladkit.normalize import l2_normalize
+from vladkit.encoders.normalize import l2_normalize
 
 
 def main(argv=None):

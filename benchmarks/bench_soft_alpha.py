@@ -21,7 +21,7 @@ the rule near the best fixed alpha?), on three tasks:
   cross-validation, its ``choose_c_and_score``) and, as in the review that asked for this
   (issue 12, finding 14), scikit-learn's ``LinearSVC(C=1)``;
 * 15-Scene retrieval: every test image queries the other test images, the positives being
-  its class (``vladkit.evaluation.folder_ground_truth``), mAP over the full rankings;
+  its class (``vladkit.retrieval.ground_truth.folder_ground_truth``), mAP over the full rankings;
 * near-duplicate retrieval: ``vladkit.datasets.near_duplicate_set`` on the demo photos
   (``vladkit demo``'s benchmark), sparse RootSIFT, mAP.
 
@@ -58,8 +58,9 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.svm import LinearSVC
 
 from vladkit import SIFT, DenseSIFT, DescriptorSampler, KMeansVocabulary, VLADEncoder, labelled_images
-from vladkit.datasets import demo_photos, near_duplicate_set
-from vladkit.evaluation import folder_ground_truth, mean_average_precision
+from vladkit.datasets.near_duplicates import demo_photos, near_duplicate_set
+from vladkit.retrieval.ground_truth import folder_ground_truth
+from vladkit.retrieval.metrics import mean_average_precision
 
 #: Multiples of the "netvlad" alpha tried besides the two rules.
 FACTORS = (0.25, 0.5, 2.0, 4.0)

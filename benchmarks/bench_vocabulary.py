@@ -32,7 +32,7 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_info
 
 from vladkit import DenseSIFT, DescriptorSampler, GMMVocabulary, KMeansVocabulary, list_images
-from vladkit.kernels import nearest_words
+from vladkit.kernels.nearest import nearest_words
 
 
 def load_descriptors(folder, n, seed):

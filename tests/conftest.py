@@ -38,7 +38,7 @@ def make_textured():
 def cli(*args):
     """Run ``vladkit ARGS`` in-process: (exit code, stdout, stderr). Usage errors, which
     argparse reports by raising SystemExit, give their exit code too."""
-    from vladkit.cli import main
+    from vladkit.app.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):

@@ -1,4 +1,4 @@
-"""The OpenBLAS kernel vladkit loads faiss with (vladkit/_blas.py, issue 14).
+"""The OpenBLAS kernel vladkit loads faiss with (vladkit/_util/blas.py, issue 14).
 
 The decision tests need neither faiss nor this CPU: they feed flags and environments in.
 The subprocess tests check the real thing where faiss is installed and this CPU supports
@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from vladkit import _blas
-from vladkit._blas import choose_coretype, cpu_vendor_and_flags, faiss_coretype
+from vladkit._util import blas as _blas
+from vladkit._util.blas import choose_coretype, cpu_vendor_and_flags, faiss_coretype
 
 AVX512 = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl"
 AVX2 = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma"
@@ -189,7 +189,7 @@ def test_faiss_gets_the_kernel_the_cpu_supports():
     plain = _run(_KERNELS.format(first="import numpy, faiss"))
     if "faiss" not in plain["arch"]:
         pytest.skip("this faiss does not load an OpenBLAS that threadpoolctl reports")
-    result = _run(_KERNELS.format(first="import vladkit.index"))
+    result = _run(_KERNELS.format(first="import vladkit.retrieval.index"))
     assert result["arch"]["faiss"].lower() == _EXPECTED.lower()
     assert result["arch"]["faiss"] != "Prescott"
     assert result["variable"] is None  # removed again: children and later libraries unaffected
@@ -199,7 +199,7 @@ def test_faiss_gets_the_kernel_the_cpu_supports():
 
 def test_faiss_keeps_the_users_kernel():
     _needs_a_better_kernel()
-    result = _run(_KERNELS.format(first="import vladkit.index"), OPENBLAS_CORETYPE="Prescott")
+    result = _run(_KERNELS.format(first="import vladkit.retrieval.index"), OPENBLAS_CORETYPE="Prescott")
     if "faiss" not in result["arch"]:
         pytest.skip("this faiss does not load an OpenBLAS that threadpoolctl reports")
     assert result["arch"]["faiss"] == "Prescott"
@@ -225,7 +225,7 @@ def test_search_results_do_not_depend_on_the_kernel():
     float32 round-off (BLAS search: 300 queries >= faiss's threshold of 20)."""
     _needs_a_better_kernel()
     generic = _run(_SEARCH.format(first=""), OPENBLAS_CORETYPE="Prescott")
-    chosen = _run(_SEARCH.format(first="import vladkit.index"))
+    chosen = _run(_SEARCH.format(first="import vladkit.retrieval.index"))
     assert generic["I"] == chosen["I"]
     D0, D1 = np.array(generic["D"]), np.array(chosen["D"])
     np.testing.assert_allclose(D1, D0, rtol=1e-5, atol=1e-5 * np.abs(D0).max())

@@ -25,9 +25,9 @@ from vladkit import (
     SpatialPyramid,
     VLADEncoder,
 )
-from vladkit.budget import encoder_memory, iter_batches, parse_memory, plan_batches
-from vladkit.dsift import dense_sift, dense_sift_pieces
-from vladkit.images import read_image, read_size
+from vladkit.pipeline.budget import encoder_memory, iter_batches, parse_memory, plan_batches
+from vladkit.features.dsift import dense_sift, dense_sift_pieces
+from vladkit.features.images import read_image, read_size
 
 
 def photo(seed, height, width):
@@ -47,7 +47,7 @@ def big():
 @pytest.fixture
 def low_floor(monkeypatch):
     """Budgets below the 256 MB floor, so that pieces are tested on small images (fast)."""
-    monkeypatch.setattr("vladkit._defaults.MIN_MAX_MEMORY", 1)
+    monkeypatch.setattr("vladkit._util.defaults.MIN_MAX_MEMORY", 1)
 
 
 # --------------------------------------------------------------------------- parsing

@@ -9,9 +9,9 @@ import cv2
 import pytest
 
 from vladkit import load_vocabulary
-from vladkit.cli import main
+from vladkit.app.cli import main
 
-CLI = [sys.executable, "-m", "vladkit.cli"]
+CLI = [sys.executable, "-m", "vladkit"]
 
 
 def run(*args, **kwargs):

@@ -17,11 +17,11 @@ import pytest
 
 from conftest import cli
 from vladkit import load_vocabulary
-from vladkit.cli import main
-from vladkit.encodings import load_encodings
-from vladkit.features import DenseSIFT
+from vladkit.app.cli import main
+from vladkit.pipeline.encodings import load_encodings
+from vladkit.features.extractors import DenseSIFT
 
-CLI = [sys.executable, "-m", "vladkit.cli"]
+CLI = [sys.executable, "-m", "vladkit"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

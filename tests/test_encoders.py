@@ -9,7 +9,7 @@ from sklearn.exceptions import NotFittedError
 import reference as ref
 from vladkit import (BoFEncoder, FisherEncoder, GMMVocabulary, KMeansVocabulary, LLCEncoder, SuperVectorEncoder,
                      VLADEncoder)
-from vladkit import _vlfeat as vl
+from vladkit._util import vlfeat as vl
 from vladkit import LocalFeatures, SpatialPyramid
 from vladkit.encoders.pyramid import cell_masks
 
@@ -441,7 +441,8 @@ def test_knn_weights_rank_near_ties_in_float64():
     its candidates again in float64: float32 descriptors get the float64 neighbours and
     weights (on real data, 1 descriptor in 10,000 at K=1000 had its 5th and 6th words
     2.9e-9 apart; bench_encoders)."""
-    from vladkit.kernels import knn_weights, nearest_k_words
+    from vladkit.kernels.soft import knn_weights
+    from vladkit.kernels.nearest import nearest_k_words
 
     rng = np.random.default_rng(0)
     words = rng.standard_normal((20, 16)).astype(np.float32)
@@ -468,7 +469,7 @@ def test_hard_assignment_gives_exact_ties_to_the_first_word():
     """Descriptors exactly as near to two or more words (integer coordinates: every
     product and distance is exact in float32 too) go to the lowest-numbered one, as
     numpy's argmin in the reference; word 5 repeats word 1, so it never gets a member."""
-    from vladkit.kernels import nearest_words
+    from vladkit.kernels.nearest import nearest_words
 
     centers = np.array([[0, 0, 0, 0], [2, 0, 0, 0], [0, 2, 0, 0], [2, 2, 0, 0], [0, 0, 4, 0], [2, 0, 0, 0]])
     X = np.array([[1, 0, 0, 0],   # words 0, 1, 5 at 1

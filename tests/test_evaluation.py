@@ -3,16 +3,9 @@ from pathlib import Path, PurePath
 import numpy as np
 import pytest
 
-from vladkit.evaluation import (
-    GroundTruth,
-    average_precision,
-    folder_ground_truth,
-    folder_roots,
-    holidays_ground_truth,
-    mean_average_precision,
-    recall_at_k,
-    retrieval_ground_truth,
-)
+from vladkit.retrieval.ground_truth import (GroundTruth, folder_ground_truth, folder_roots, holidays_ground_truth,
+    retrieval_ground_truth)
+from vladkit.retrieval.metrics import average_precision, mean_average_precision, recall_at_k
 
 trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import reference as ref
-from vladkit.kernels import nearest_words, squared_norms
+from vladkit.kernels.nearest import nearest_words
+from vladkit.kernels.products import squared_norms
 
 
 def twinned(seed=0, n=4000, n_words=24, dim=16, dtype=np.float32):
@@ -85,7 +86,7 @@ def test_every_summation_order_gives_the_float64_word(dtype):
     """The bound behind the second look: from products summed in any order (coordinates
     permuted or reversed, numpy's pairwise sum, one row at a time, one coordinate after
     another), the row pass gives every row the float64 word, deciding the near ties again."""
-    from vladkit.kernels import nearest_constants, nearest_word
+    from vladkit.kernels.nearest import nearest_constants, nearest_word
 
     X, centers = (a.astype(dtype) for a in twinned(seed=4))
     truth = float64_truth(X, centers)[0]

@@ -7,7 +7,7 @@ from sklearn.base import clone
 from sklearn.pipeline import make_pipeline
 
 from vladkit import SIFT, DenseSIFT, ImageReadError, LocalFeatures, read_image, root_sift
-from vladkit.dsift import dense_sift
+from vladkit.features.dsift import dense_sift
 
 
 def _check_inside(features, shape):
@@ -221,12 +221,12 @@ def test_local_features_validates_shapes():
                       np.zeros(3, np.float32), (10, 10))
 
 
-@pytest.mark.skipif(__import__("vladkit._vlfeat", fromlist=["load"]).load() is None,
+@pytest.mark.skipif(__import__("vladkit._util.vlfeat", fromlist=["load"]).load() is None,
                     reason="VLFeat's libvl is not installed (apt-get install libvlfeat-dev)")
 @pytest.mark.parametrize("shape", [(200, 200), (157, 233)])
 def test_dense_matches_vlfeat_phow(china_path, shape):
     """The same grid, smoothing and window as VLFeat's vl_phow -> vl_dsift, in C."""
-    from vladkit import _vlfeat as vl
+    from vladkit._util import vlfeat as vl
 
     grey = cv2.resize(read_image(china_path), shape[::-1], interpolation=cv2.INTER_AREA)
     theirs, frames = vl.phow_dsift(grey.astype(np.float32) / 255)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from vladkit import DenseSIFT, FisherEncoder, GMMVocabulary, fisher_encode
-from vladkit import _vlfeat as vl
+from vladkit._util import vlfeat as vl
 
 SCENE15 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scene15")
 

@@ -19,7 +19,7 @@ from vladkit import (
     load_vocabulary,
     vlad_encode,
 )
-from vladkit import _vlfeat as vl
+from vladkit._util import vlfeat as vl
 
 needs_vlfeat = pytest.mark.skipif(
     vl.load() is None, reason="VLFeat's libvl is not installed (apt-get install libvlfeat-dev)")

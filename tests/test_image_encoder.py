@@ -17,7 +17,7 @@ from vladkit import (
     SpatialPyramid,
     VLADEncoder,
 )
-from vladkit.normalize import l2_normalize
+from vladkit.encoders.normalize import l2_normalize
 
 
 @pytest.fixture(scope="module")

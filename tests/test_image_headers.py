@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 
 import vladkit
-from vladkit.images import ImageReadError, read_image, read_size
+from vladkit.features.images import ImageReadError, read_image, read_size
 
 
 def read_header(data):
     # Imported here rather than at the top, so that the tests of read_image also run (and
     # fail on their merits) against a vladkit without this module.
-    from vladkit.image_header import read_header
+    from vladkit.features.image_header import read_header
 
     return read_header(data)
 
@@ -181,7 +181,7 @@ def test_format_is_found_as_opencv_finds_it(tmp_path):
     jpeg = _encode(".jpg", _image())
     polyglot = jpeg[:4] + b"ftypavif" + jpeg[12:]
     assert cv2.imdecode(np.frombuffer(polyglot, np.uint8), cv2.IMREAD_COLOR) is None
-    from vladkit.image_header import HeaderError
+    from vladkit.features.image_header import HeaderError
 
     with pytest.raises(HeaderError) as info:
         read_header(polyglot)
@@ -295,7 +295,7 @@ def _png_chunk_bomb():
 
 
 def test_png_chunk_past_the_end_is_refused_whatever_the_limit(no_decoding):
-    from vladkit.image_header import CorruptImageError
+    from vladkit.features.image_header import CorruptImageError
 
     with pytest.raises(CorruptImageError):
         read_header(_png_chunk_bomb())
@@ -365,7 +365,7 @@ def test_cli_skips_the_hdr_bomb_without_allocating_it(tmp_path, hdr_bomb):
     # rusage of a child also counts the RSS of the process it was forked from (Linux keeps
     # the pre-exec high-water mark), which after a long test session is over 1 GB.
     command = ("import atexit, sys\n"
-               "from vladkit.cli import main\n"
+               "from vladkit.app.cli import main\n"
                "def record():\n"
                "    with open('/proc/self/status') as status, open(sys.argv[1], 'w') as out:\n"
                "        out.write(next(line for line in status if line.startswith('VmHWM:')))\n"

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from vladkit.images import ImageReadError, list_images, read_image
+from vladkit.features.images import ImageReadError, list_images, read_image
 
 
 def _gradient(h=60, w=80):

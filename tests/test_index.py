@@ -7,8 +7,10 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from threadpoolctl import threadpool_limits
 
-import vladkit.index as index_module
-from vladkit.index import IndexFileError, PCAWhitening, VectorIndex
+import vladkit.retrieval.index as index_module
+from vladkit.retrieval.index_files import IndexFileError
+from vladkit.retrieval.whitening import PCAWhitening
+from vladkit.retrieval.index import VectorIndex
 
 faiss = index_module.faiss
 

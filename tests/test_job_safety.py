@@ -25,9 +25,9 @@ import pytest
 
 from conftest import cli, textured_image
 from vladkit import FolderLockedError, Recipe, ShardedEncodings, encode_images, load_encodings
-from vladkit.encodings import EncodingsFileError
+from vladkit.pipeline.recipe import EncodingsFileError
 
-CLI = [sys.executable, "-m", "vladkit.cli"]
+CLI = [sys.executable, "-m", "vladkit"]
 
 
 def _images(folder, n, size=(96, 128), first_seed=500):
@@ -173,7 +173,7 @@ def test_readers_check_each_shard_against_its_checksum(project, clean_runs, tmp_
 def test_a_shard_is_hashed_in_the_pass_that_reads_it(clean_runs, tmp_path, monkeypatch):
     """No second read of the data: each shard file is opened once, by the read that
     hashes it, and never hashed separately."""
-    import vladkit.sharded as sharded
+    import vladkit.pipeline.sharded as sharded
 
     folder = tmp_path / "enc"
     folder.mkdir()

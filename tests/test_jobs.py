@@ -1,4 +1,4 @@
-"""Encoding jobs (vladkit.jobs) and the sharded encodings format (vladkit.sharded):
+"""Encoding jobs (vladkit.pipeline.jobs) and the sharded encodings format (vladkit.pipeline.sharded):
 resumable, out of core, and the same bytes locally and on a Dask cluster."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from conftest import textured_image
 from vladkit import (DenseSIFT, EncodedImages, ImageEncoder, ImageReadError, KMeansVocabulary, Recipe,
                      ShardedEncodings, encode_images, load_encodings)
-from vladkit.encodings import EncodingsFileError
+from vladkit.pipeline.recipe import EncodingsFileError
 
 EXTRACTOR = DenseSIFT(step=8, sizes=(4, 8), root=True)
 
@@ -213,7 +213,7 @@ def test_cli_workers_same_bytes_and_a_killed_client_resumes(tmp_path):
     folder = tmp_path / "photos"
     _images(folder, 100, size=(160, 200), broken=(31,))
     vocabulary = tmp_path / "words.npz"
-    base = [sys.executable, "-m", "vladkit.cli"]
+    base = [sys.executable, "-m", "vladkit"]
     subprocess.run(base + ["vocab", "build", str(folder), "-k", "8", "--step", "8", "--sizes", "4", "8",
                            "-o", str(vocabulary), "-q"], check=True, capture_output=True)
 

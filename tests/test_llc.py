@@ -17,7 +17,7 @@ import reference as ref
 from conftest import cli, scene15_rootsift, textured_image, word_sets
 from vladkit import KMeansVocabulary, LLCEncoder, LocalFeatures, SpatialPyramid, load_vocabulary
 from vladkit.encoders.pyramid import cell_masks
-from vladkit.encodings import load_encodings
+from vladkit.pipeline.encodings import load_encodings
 
 D, K = 16, 8
 ATOL = 1e-5

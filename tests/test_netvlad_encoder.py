@@ -40,12 +40,13 @@ from vladkit import (
     load_vocabulary,
     save_netvlad,
 )
-from vladkit._io import write_npz_atomically
-from vladkit.budget import encoder_memory, plan_batches
+from vladkit._util.io import write_npz_atomically
+from vladkit.pipeline.budget import encoder_memory, plan_batches
 from vladkit.encoders._base import CHUNK_ROWS
-from vladkit.encoders.netvlad import NetVLADFileError, netvlad_alpha, sample_descriptors
+from vladkit.encoders.netvlad_params import NetVLADFileError, netvlad_alpha, sample_descriptors
 from vladkit.encoders.pyramid import cell_masks
-from vladkit.encodings import Recipe, load_encodings
+from vladkit.pipeline.recipe import Recipe
+from vladkit.pipeline.encodings import load_encodings
 
 SCENE15 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scene15")
 OPTIONS = ("normalize_input", "intra_norm", "l2")
@@ -412,7 +413,7 @@ def photo(seed, height, width):
 
 @pytest.mark.parametrize("pyramid", [False, True], ids=["plain", "pyramid"])
 def test_image_encoder_in_pieces_under_a_small_budget_equals_whole(pyramid, monkeypatch):
-    monkeypatch.setattr("vladkit._defaults.MIN_MAX_MEMORY", 1)
+    monkeypatch.setattr("vladkit._util.defaults.MIN_MAX_MEMORY", 1)
     images = [photo(1, 900, 1100), textured_image(2, (120, 160)), textured_image(3, (150, 100))]
     extractor = DenseSIFT(step=4, sizes=(4, 8), root=True, max_side=None, n_jobs=2)
     sample = extractor.transform(images[1:])

@@ -21,11 +21,7 @@ torch = pytest.importorskip(
 from torch.autograd import gradcheck  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
-from vladkit.encoders.netvlad import (  # noqa: E402
-    NetVLADParams,
-    load_netvlad,
-    save_netvlad,
-)
+from vladkit.encoders.netvlad_params import NetVLADParams, load_netvlad, save_netvlad  # noqa: E402
 from vladkit.netvlad import NetVLAD  # noqa: E402
 from vladkit.netvlad import layer as layer_module  # noqa: E402
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 # vladkit before torch (its thread-wait settings must reach the OpenMP runtime torch loads).
-from vladkit.encoders.netvlad import NetVLADEncoder, NetVLADParams, init_netvlad, load_netvlad
+from vladkit.encoders.netvlad import NetVLADEncoder
+from vladkit.encoders.netvlad_params import NetVLADParams, init_netvlad, load_netvlad
 
 torch = pytest.importorskip(
     "torch", reason="torch is not installed (optional: pip install torch==2.13.0, then "
                     "pip install '.[torch]')")
 
-from vladkit.cli import main  # noqa: E402
+from vladkit.app.cli import main  # noqa: E402
 from vladkit.netvlad.training import (  # noqa: E402
     _split_validation,
     attacked_copies,
@@ -57,7 +58,7 @@ def synthetic_groups(n_groups=8, per_group=4, n=120, seed=0):
 
 def retrieval_map(params, sets, groups):
     """mAP of each set searching the others (positives: its group), torch-free encoder."""
-    from vladkit.evaluation import mean_average_precision
+    from vladkit.retrieval.metrics import mean_average_precision
 
     vectors = NetVLADEncoder(params).fit(sets).transform(sets)
     scores = vectors @ vectors.T
@@ -95,7 +96,7 @@ def test_training_reduces_the_loss_and_improves_held_out_map(init):
 
 
 def test_result_is_a_netvlad_file_with_its_training_summary(trained, tmp_path):
-    from vladkit.encoders.netvlad import save_netvlad
+    from vladkit.encoders.netvlad_params import save_netvlad
 
     sets, _, _, params, initial = trained
     assert isinstance(params, NetVLADParams) and params.n_clusters == 4 and params.dim == 6
@@ -232,7 +233,7 @@ def test_cli_train_writes_a_loadable_file_and_encode_uses_it(folders, tmp_path, 
     again = tmp_path / "again.npz"
     assert main(["netvlad", "train", str(folders), *FAST, "--root", "--validation", "0", "-o", str(again)]) == 0
     assert np.array_equal(load_netvlad(again).weight, params.weight)  # same seed, same threads
-    from vladkit.cli import build_parser
+    from vladkit.app.cli import build_parser
 
     encode_choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["encode"]._actions
                           if a.dest == "encoder").choices
@@ -240,7 +241,7 @@ def test_cli_train_writes_a_loadable_file_and_encode_uses_it(folders, tmp_path, 
         pytest.skip("vladkit encode has no netvlad encoder yet")
     encodings = tmp_path / "enc.npz"
     assert main(["encode", str(folders), "--vocab", str(out), "-q", "-o", str(encodings)]) == 0
-    from vladkit.encodings import load_encodings
+    from vladkit.pipeline.encodings import load_encodings
 
     encoded = load_encodings(encodings)
     assert encoded.vectors.shape == (6, 4 * 128) and encoded.recipe.encoder == "netvlad"
@@ -330,7 +331,7 @@ TINY = ["-k", "4", "--epochs", "2", "--descriptors-per-image", "150", "--descrip
 
 
 def _vladkit(*args):
-    return subprocess.run([sys.executable, "-m", "vladkit.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vladkit", *map(str, args)], capture_output=True,
                           text=True, timeout=300)
 
 
@@ -365,7 +366,7 @@ def test_cli_refuses_a_validation_it_cannot_hold_out(tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys, contextlib, io; from vladkit.cli import main\n"
+    code = ("import sys, contextlib, io; from vladkit.app.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try: main(['netvlad', 'train', '--help'])\n"
             "    except SystemExit: pass\n"

@@ -1,10 +1,10 @@
-"""The normalisations of encoded vectors (vladkit.normalize), against the formulas written
+"""The normalisations of encoded vectors (vladkit.encoders.normalize), against the formulas written
 out in numpy, one row and one element at a time."""
 
 import numpy as np
 import pytest
 
-from vladkit.normalize import NORM_FLOOR, intra_normalize, l1_normalize, l2_normalize, power_normalize
+from vladkit.encoders.normalize import NORM_FLOOR, intra_normalize, l1_normalize, l2_normalize, power_normalize
 
 
 def _rows(dtype, seed=0):

@@ -14,11 +14,12 @@ from threadpoolctl import threadpool_info
 
 from conftest import textured_image
 from vladkit import DenseSIFT, FisherEncoder, GMMVocabulary, VLADEncoder
-from vladkit._threads import single_threaded_blas
-from vladkit.budget import StreamedBatch, iter_batches
-from vladkit.encoding_kernels import _exp_rows
-from vladkit.image_encoder import encode_batches
-from vladkit.kernels import add_task_rows, all_finite, matmul
+from vladkit._util.threads import single_threaded_blas
+from vladkit.pipeline.budget import StreamedBatch, iter_batches
+from vladkit.kernels.encoding import _exp_rows
+from vladkit.pipeline.image_encoder import encode_batches
+from vladkit.kernels.accumulate import add_task_rows, all_finite
+from vladkit.kernels.products import matmul
 
 
 def _blas_threads():
@@ -155,7 +156,7 @@ def test_a_streamed_batch_gives_the_images_as_a_list_does_and_skips_the_unreadab
 
 
 def test_a_streamed_batch_raises_the_unreadable_without_a_handler(tmp_path):
-    from vladkit.images import ImageReadError
+    from vladkit.features.images import ImageReadError
 
     paths = _images(tmp_path)
     extractor = DenseSIFT(step=8, sizes=(8,), n_jobs=2)

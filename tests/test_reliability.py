@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import textured_image
 from test_images import _png_claiming_size
-from vladkit.cli import main
+from vladkit.app.cli import main
 
 
 def _good_images(folder, n, size=(96, 128)):
@@ -110,7 +110,7 @@ def test_on_error_raise_fails_and_writes_nothing(tmp_path, vocabulary, capsys):
 
 
 def _encode_command(folder, vocabulary, output):
-    return [sys.executable, "-m", "vladkit.cli", "encode", str(folder), "--vocab", str(vocabulary),
+    return [sys.executable, "-m", "vladkit", "encode", str(folder), "--vocab", str(vocabulary),
             "-o", str(output), "-q", "--shard-size", "4", "--batch-size", "2", "--jobs", "1"]
 
 

@@ -1,4 +1,4 @@
-"""Spatial re-ranking (vladkit.rerank): the feature store, the re-ranked order, the CLI."""
+"""Spatial re-ranking (vladkit.retrieval.rerank): the feature store, the re-ranked order, the CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from vladkit import SIFT, LocalFeatures
-from vladkit.cli import main
-from vladkit.rerank import FeatureStore, quantize, rerank, write_feature_store
+from vladkit.app.cli import main
+from vladkit.retrieval.rerank import FeatureStore, quantize, rerank, write_feature_store
 
 
 SCENE15 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scene15")

@@ -13,19 +13,16 @@ import pytest
 
 from conftest import cli
 from vladkit import load_vocabulary
-from vladkit.cli import main
-from vladkit.datasets import ATTACKS, demo_photos, near_duplicate_set
-from vladkit.demo import DemoResult, format_table, write_report
+from vladkit.app.cli import main
+from vladkit.datasets.near_duplicates import ATTACKS, demo_photos, near_duplicate_set
+from vladkit.app.demo import DemoResult, format_table, write_report
 from vladkit.encoders import BoFEncoder, SpatialPyramid, VLADEncoder
-from vladkit.encodings import (
-    EncodedImages,
-    file_sha256,
-    load_encodings,
-    parse_extractor,
-)
-from vladkit.evaluation import folder_ground_truth, mean_average_precision, recall_at_k
-from vladkit.features import SIFT
-from vladkit.index import VectorIndex
+from vladkit.pipeline.encodings import EncodedImages, load_encodings
+from vladkit.pipeline.recipe import file_sha256, parse_extractor
+from vladkit.retrieval.ground_truth import folder_ground_truth
+from vladkit.retrieval.metrics import mean_average_precision, recall_at_k
+from vladkit.features.extractors import SIFT
+from vladkit.retrieval.index import VectorIndex
 
 K, D = 8, 128
 GROUPS = 3
@@ -559,16 +556,16 @@ def test_index_build_refuses_a_changed_vocabulary(chain, tmp_path):
 
 def test_index_build_failing_while_copying_the_vocabulary_leaves_nothing(chain, tmp_path, monkeypatch):
     # The recipe and vocabulary are written inside the index's own atomic save.
-    import vladkit.index
+    import vladkit.retrieval.index
 
-    write_file = vladkit.index._write_file
+    write_file = vladkit.retrieval.index._write_file
 
     def disk_full(path, data):
         if path.endswith("vocabulary.npz"):
             raise OSError(28, "No space left on device")
         write_file(path, data)
 
-    monkeypatch.setattr(vladkit.index, "_write_file", disk_full)
+    monkeypatch.setattr(vladkit.retrieval.index, "_write_file", disk_full)
     code, _, err = cli("index", "build", chain["enc"], "-o", tmp_path / "idx")
     assert code == 1 and "No space left" in err
     assert list(tmp_path.iterdir()) == []
@@ -757,7 +754,7 @@ def test_demo_command(tmp_path, capsys):
 
 def test_extractor_description_round_trips_numpy_parameters():
     from vladkit import DenseSIFT
-    from vladkit.encodings import describe_extractor, parse_extractor
+    from vladkit.pipeline.recipe import describe_extractor, parse_extractor
 
     text = describe_extractor(DenseSIFT(step=np.int64(6), sizes=[np.int64(4), 8], root=True, on_error="skip"))
     assert "on_error" not in text and "np." not in text

@@ -1,4 +1,4 @@
-"""`vladkit serve` (vladkit.serve): a real uvicorn server on a free localhost port, asked
+"""`vladkit serve` (vladkit.app.serve.web): a real uvicorn server on a free localhost port, asked
 over HTTP with the standard library. Search by upload and by id, thumbnails, every kind
 of bad request (the server must answer it with a 4xx and a reason, never a traceback, and
 keep serving), traversal and symbolic links, time limits, concurrency, idle and slow
@@ -41,16 +41,10 @@ from _serve_support import (  # noqa: E402
     other_client,
 )
 from conftest import cli  # noqa: E402
-from vladkit.index import IndexFileError  # noqa: E402
-from vladkit.serve import (  # noqa: E402
-    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-    LOOPBACK_HOSTS,
-    RECOMMENDED_RERANK,
-    THUMBNAIL_SIDE,
-    allowed_hosts_for,
-    create_app,
-    serve_in_thread,
-)
+from vladkit.retrieval.index_files import IndexFileError  # noqa: E402
+from vladkit.app.serve.server import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, serve_in_thread  # noqa: E402
+from vladkit.app.serve.service import THUMBNAIL_SIDE  # noqa: E402
+from vladkit.app.serve.web import LOOPBACK_HOSTS, RECOMMENDED_RERANK, allowed_hosts_for, create_app  # noqa: E402
 
 MAX_UPLOAD = 1_000_000
 MAX_PIXELS = 250_000  # 15-Scene photos are 200 x 200 (40,000 pixels)
@@ -518,7 +512,7 @@ def test_internal_errors_are_short_500s(slow, server, caplog):
 
     original, service._search_bytes = service._search_bytes, broken
     try:
-        with caplog.at_level("ERROR", logger="vladkit.serve"):
+        with caplog.at_level("ERROR", logger="vladkit.app.serve.web"):
             answer = client.request("/api/search", data)
     finally:
         service._search_bytes = original
@@ -533,7 +527,8 @@ def test_ids_with_bytes_that_are_not_utf8_round_trip():
     server builds as its bytes, and comes back as the same id."""
     from types import SimpleNamespace
 
-    from vladkit.serve import _query, _quote
+    from vladkit.app.serve.web import _query
+    from vladkit.app.serve.service import _quote
 
     for name in (os.fsdecode(b"/photos/caf\xe9 \xff.jpg"), "/photos/été & co?.jpg", "a+b=c%d#e"):
         request = SimpleNamespace(scope={"query_string": f"id={_quote(name)}&top=3".encode()})
@@ -731,7 +726,7 @@ def test_foreign_host_headers_400(server):
 
 def test_connections_count_against_an_address_or_an_ipv6_64():
     """One IPv6 client usually has a /64 to pick addresses from: it counts as one."""
-    from vladkit.serve import _client_key
+    from vladkit.app.serve.server import _client_key
 
     assert _client_key("10.1.2.3") == "10.1.2.3" != _client_key("10.1.2.4")
     assert _client_key("2001:db8:1:2::1") == _client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
@@ -804,7 +799,7 @@ def _free_port():
 
 def test_cli_serve_answers_and_stops_on_ctrl_c(built):
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "vladkit.cli", "serve", str(built["index"]), "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "vladkit", "serve", str(built["index"]), "--port", str(port),
                                 "--max-upload-mb", "0.5", "--timeout", "20"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -836,7 +831,7 @@ def test_cli_serve_answers_and_stops_on_ctrl_c(built):
 def _launch(arguments, port, cwd=None):
     """`vladkit serve ARGUMENTS --port PORT` in a subprocess (this checkout's vladkit, from
     any ``cwd``)."""
-    return subprocess.Popen([sys.executable, "-m", "vladkit.cli", "serve", *map(str, arguments), "--port",
+    return subprocess.Popen([sys.executable, "-m", "vladkit", "serve", *map(str, arguments), "--port",
                              str(port)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (
                                 str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))})
@@ -913,7 +908,7 @@ def test_cli_serve_on_a_taken_port_exits_1(built):
 
 
 def test_cli_serve_without_the_extra_exits_2(built, monkeypatch):
-    monkeypatch.delitem(sys.modules, "vladkit.serve", raising=False)
+    monkeypatch.delitem(sys.modules, "vladkit.app.serve.server", raising=False)
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
     code, out, err = cli("serve", built["index"])
     assert code == 2 and "serve extra" in err and "pip install 'vladkit[serve]'" in err and "uvicorn" in err

@@ -14,7 +14,8 @@ pytest.importorskip("uvicorn", reason="vladkit serve needs the serve extra (pip 
 pytest.importorskip("selenium", reason="the browser test needs selenium (the test extra)")
 
 from _serve_support import attacked, build_index  # noqa: E402
-from vladkit.serve import create_app, serve_in_thread  # noqa: E402
+from vladkit.app.serve.server import serve_in_thread  # noqa: E402
+from vladkit.app.serve.web import create_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

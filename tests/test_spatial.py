@@ -1,4 +1,4 @@
-"""Geometric verification (vladkit.spatial): matching, robust fits, clean zero results."""
+"""Geometric verification (vladkit.retrieval.spatial): matching, robust fits, clean zero results."""
 
 import glob
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vladkit import SIFT, LocalFeatures
-from vladkit.spatial import Verification, match_descriptors, spatial_score, verify
+from vladkit.retrieval.spatial import Verification, match_descriptors, spatial_score, verify
 
 SCENE15 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scene15", "test")
 

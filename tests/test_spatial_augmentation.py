@@ -33,8 +33,8 @@ from vladkit import (
     load_encodings,
     load_vocabulary,
 )
-from vladkit.encodings import describe_extractor, parse_extractor
-from vladkit.jobs import encode_images
+from vladkit.pipeline.recipe import describe_extractor, parse_extractor
+from vladkit.pipeline.jobs import encode_images
 
 SCENE15 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scene15")
 
@@ -223,7 +223,7 @@ def test_passthrough_is_validated(augmented):
 def test_gmm_falls_back_to_float64_when_float32_em_loses_a_variance(monkeypatch):
     # Measured on 15-Scene's 300,000 spatially augmented RootSIFT (K=64, PCA-64 + 2):
     # scikit-learn's float32 EM stops with "ill-defined empirical covariance".
-    import vladkit.vocabulary as module
+    import vladkit.vocabulary.gmm as module
 
     calls = []
 

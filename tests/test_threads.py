@@ -82,7 +82,7 @@ def test_concurrent_transforms_restore_the_blas_limit(encoder_and_sets):
 
 
 def test_blas_limit_is_the_smallest_n_jobs_inside():
-    from vladkit._threads import limit_threads
+    from vladkit._util.threads import limit_threads
 
     before = _limits()
     shared = _process_wide(before)

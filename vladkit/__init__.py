@@ -5,7 +5,7 @@ from ._version import __version__  # noqa: F401 (set in _version.py, a leaf othe
 import os as _os
 
 # Idle threads sleep rather than spin: vladkit's kernels run on numba's OpenMP threads
-# (BLAS on one thread inside them, vladkit/_threads.py), and a BLAS pool left spinning by
+# (BLAS on one thread inside them, vladkit/_util/threads.py), and a BLAS pool left spinning by
 # the user's own numpy product, or numba's workers spinning while extraction threads
 # work, would steal the cores the other needs next (measured: Fisher vectors and VLAD
 # 1.8x slower in a loop that also calls numpy's @). Sleeping threads cost microseconds to
@@ -14,19 +14,25 @@ import os as _os
 # before vladkit is given the timeout now (_blas.apply_thread_timeout).
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-from . import _blas as _blas_module  # noqa: E402
+from ._util import blas as _blas_module  # noqa: E402
 
 _blas_module.apply_thread_timeout()
-# faiss's bundled OpenBLAS runs its generic kernel on CPUs newer than itself: vladkit.index
-# loads faiss with the kernel this CPU supports, unless OPENBLAS_CORETYPE is set
-# (vladkit/_blas.py).
-import importlib as _importlib  # noqa: E402
+# faiss's bundled OpenBLAS runs its generic kernel on CPUs newer than itself:
+# vladkit.retrieval.index loads faiss with the kernel this CPU supports, unless
+# OPENBLAS_CORETYPE is set (vladkit/_util/blas.py).
+
+# vladkit 0.1's module paths (vladkit.retrieval.index, vladkit.retrieval.rerank, ...) keep working for one
+# release, warning with the new path (vladkit/_moved.py).
+from . import _moved as _moved_module  # noqa: E402
+from ._lazy import lazy_exports as _lazy_exports  # noqa: E402
+
+_moved_module.install()
 
 #: Where each public name lives: ``import vladkit`` loads none of them (numpy,
 #: scikit-learn, numba and faiss load with the first name used), so the ``vladkit``
 #: command answers ``--help`` at once (PEP 562).
 _LOCATIONS = {
-    "labelled_images": "datasets",
+    "labelled_images": "datasets.folders",
     "BoFEncoder": "encoders",
     "FisherEncoder": "encoders",
     "LLCEncoder": "encoders",
@@ -39,64 +45,54 @@ _LOCATIONS = {
     "init_netvlad": "encoders",
     "load_netvlad": "encoders",
     "save_netvlad": "encoders",
-    "EncodedImages": "encodings",
-    "Recipe": "encodings",
-    "load_encodings": "encodings",
-    "GroundTruth": "evaluation",
-    "average_precision": "evaluation",
-    "folder_ground_truth": "evaluation",
-    "holidays_ground_truth": "evaluation",
-    "mean_average_precision": "evaluation",
-    "recall_at_k": "evaluation",
-    "retrieval_ground_truth": "evaluation",
-    "DenseSIFT": "features",
-    "ImageSkippedWarning": "features",
-    "LocalFeatures": "features",
-    "SIFT": "features",
-    "root_sift": "features",
-    "fisher_encode": "functional",
-    "vlad_encode": "functional",
-    "ImageEncoder": "image_encoder",
-    "ImageReadError": "images",
-    "list_images": "images",
-    "read_image": "images",
-    "read_size": "images",
-    "IndexFileError": "index",
-    "PCAWhitening": "index",
-    "VectorIndex": "index",
-    "EncodeResult": "jobs",
-    "FolderLockedError": "_locking",
-    "encode_images": "jobs",
-    "FeatureStore": "rerank",
-    "RerankResult": "rerank",
-    "rerank": "rerank",
-    "write_feature_store": "rerank",
-    "ShardedEncodings": "sharded",
-    "Verification": "spatial",
-    "match_descriptors": "spatial",
-    "spatial_score": "spatial",
-    "verify": "spatial",
-    "SpatialAugmentation": "spatial_augmentation",
-    "augment_positions": "spatial_augmentation",
-    "DescriptorSampler": "vocabulary",
-    "GMMVocabulary": "vocabulary",
-    "KMeansVocabulary": "vocabulary",
-    "VocabularyFileError": "vocabulary",
-    "load_vocabulary": "vocabulary",
+    "EncodedImages": "pipeline.encodings",
+    "Recipe": "pipeline.recipe",
+    "load_encodings": "pipeline.encodings",
+    "GroundTruth": "retrieval.ground_truth",
+    "average_precision": "retrieval.metrics",
+    "folder_ground_truth": "retrieval.ground_truth",
+    "holidays_ground_truth": "retrieval.ground_truth",
+    "mean_average_precision": "retrieval.metrics",
+    "recall_at_k": "retrieval.metrics",
+    "retrieval_ground_truth": "retrieval.ground_truth",
+    "DenseSIFT": "features.extractors",
+    "ImageSkippedWarning": "features.extractors",
+    "LocalFeatures": "features.extractors",
+    "SIFT": "features.extractors",
+    "root_sift": "features.extractors",
+    "fisher_encode": "encoders.functional",
+    "vlad_encode": "encoders.functional",
+    "ImageEncoder": "pipeline.image_encoder",
+    "ImageReadError": "features.images",
+    "list_images": "features.images",
+    "read_image": "features.images",
+    "read_size": "features.images",
+    "IndexFileError": "retrieval.index_files",
+    "PCAWhitening": "retrieval.whitening",
+    "VectorIndex": "retrieval.index",
+    "EncodeResult": "pipeline.jobs",
+    "FolderLockedError": "pipeline.locking",
+    "encode_images": "pipeline.jobs",
+    "FeatureStore": "retrieval.rerank",
+    "RerankResult": "retrieval.rerank",
+    "rerank": "retrieval.rerank",
+    "write_feature_store": "retrieval.rerank",
+    "ShardedEncodings": "pipeline.sharded",
+    "Verification": "retrieval.spatial",
+    "match_descriptors": "retrieval.spatial",
+    "spatial_score": "retrieval.spatial",
+    "verify": "retrieval.spatial",
+    "SpatialAugmentation": "features.spatial_augmentation",
+    "augment_positions": "features.spatial_augmentation",
+    "DescriptorSampler": "vocabulary.sampling",
+    "GMMVocabulary": "vocabulary.gmm",
+    "KMeansVocabulary": "vocabulary.kmeans",
+    "VocabularyFileError": "vocabulary.fileformat",
+    "load_vocabulary": "vocabulary.loading",
 }
 
 
-def __getattr__(name):
-    module = _LOCATIONS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'vladkit' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # once loaded, a plain attribute
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LOCATIONS))
+__getattr__, __dir__ = _lazy_exports(__name__, _LOCATIONS)
 
 
 __all__ = [

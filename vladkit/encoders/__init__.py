@@ -4,7 +4,8 @@ from .bof import BoFEncoder
 from .fisher import FisherEncoder
 from .llc import LLCEncoder
 from .multi import MultiVocabulary
-from .netvlad import NetVLADEncoder, NetVLADParams, init_netvlad, load_netvlad, save_netvlad
+from .netvlad import NetVLADEncoder
+from .netvlad_params import NetVLADParams, init_netvlad, load_netvlad, save_netvlad
 from .pyramid import SpatialPyramid
 from .supervector import SuperVectorEncoder
 from .vlad import VLADEncoder

@@ -10,9 +10,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from .._threads import kernel_threads, single_threaded_blas
-from ..kernels import add_task_rows, all_finite
-from ..vocabulary import _Vocabulary, load_vocabulary
+from .._util.threads import kernel_threads, single_threaded_blas
+from ..kernels.accumulate import add_task_rows, all_finite
+from ..vocabulary.base import _Vocabulary
+from ..vocabulary.loading import load_vocabulary
 
 #: Rows (descriptors) per chunk: bounds the (rows, K) distance / posterior scratch.
 CHUNK_ROWS = 1 << 15
@@ -348,7 +349,7 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
     def _thread_limits(self):
         """numba's threads bounded to ``n_jobs`` inside the block (when set), BLAS on one
         thread: the kernels make their matrix products block by block on numba's threads
-        (safe when several threads encode at once, see :func:`~vladkit._threads.kernel_threads`)."""
+        (safe when several threads encode at once, see :func:`~vladkit._util.threads.kernel_threads`)."""
         return kernel_threads(self.n_jobs)
 
     def get_feature_names_out(self, input_features=None):
@@ -377,7 +378,7 @@ def mean_nearest_squared_distance(vocabulary, sets, max_rows=20_000, seed=0):
     """Mean squared distance of (up to ``max_rows``, sampled image by image with
     :func:`sample_rows`, never a copy of every descriptor) descriptors to their nearest
     word: the natural scale sigma^2 of soft assignment, estimated at fit time."""
-    from ..kernels import nearest_words
+    from ..kernels.nearest import nearest_words
 
     X = vocabulary.project(sample_rows(sets, max_rows, seed))
     centers = vocabulary.centers_.astype(X.dtype, copy=False)

@@ -6,9 +6,12 @@ import os
 
 import numpy as np
 
-from ..kernels import histogram_sparse, knn_weights, nearest_words, squared_norms
-from ..normalize import l1_normalize, l2_normalize, power_normalize
-from ..vocabulary import KMeansVocabulary
+from ..kernels.accumulate import histogram_sparse
+from ..kernels.soft import knn_weights
+from ..kernels.nearest import nearest_words
+from ..kernels.products import squared_norms
+from .normalize import l1_normalize, l2_normalize, power_normalize
+from ..vocabulary.kmeans import KMeansVocabulary
 from ._base import (
     Accumulation,
     BaseEncoder,

@@ -6,15 +6,16 @@ import math
 
 import numpy as np
 
-from ..encoding_kernels import fisher_statistics
-from ..kernels import block_rows, diagonal_gaussian_terms
-from ..normalize import l2_normalize, power_normalize
-from ..vocabulary import GMMVocabulary
+from ..kernels.encoding import fisher_statistics
+from ..kernels.products import block_rows
+from ..kernels.gaussian import diagonal_gaussian_terms
+from .normalize import l2_normalize, power_normalize
+from ..vocabulary.gmm import GMMVocabulary
 from ._base import BaseEncoder, add_tasks, check_params, split_tasks
 
 #: pca="auto": descriptors of more dimensions than this are reduced to it (defined in
 #: ``_defaults``, which the command line's parser reads).
-from .._defaults import AUTO_PCA  # noqa: E402
+from .._util.defaults import AUTO_PCA  # noqa: E402
 
 #: VLFeat drops posteriors below this, and skips components whose prior is below it.
 POSTERIOR_THRESHOLD = 1e-6
@@ -67,7 +68,7 @@ class FisherEncoder(BaseEncoder):
         dimensions stay out of its PCA and are modelled as they are, after the ``pca``
         components (2 for spatially augmented descriptors: the spatial Fisher vector of
         Sanchez, Perronnin & de Campos 2012, 2 K (pca + 2) values; see
-        :mod:`vladkit.spatial_augmentation`). ``pca="auto"`` counts the other dimensions only.
+        :mod:`vladkit.features.spatial_augmentation`). ``pca="auto"`` counts the other dimensions only.
     max_descriptors, random_state, n_jobs
         As for :class:`VLADEncoder`.
 

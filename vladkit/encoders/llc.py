@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import (candidate_count, exact_nearest, llc_codes, max_pool_sparse, nearest_k_words, squared_norms,
-                       sum_pool_sparse)
-from ..normalize import l2_normalize
-from ..vocabulary import KMeansVocabulary
+from ..kernels.nearest import candidate_count, exact_nearest, nearest_k_words
+from ..kernels.soft import llc_codes
+from ..kernels.accumulate import max_pool_sparse, sum_pool_sparse
+from ..kernels.products import squared_norms
+from .normalize import l2_normalize
+from ..vocabulary.kmeans import KMeansVocabulary
 from ._base import BaseEncoder, add_tasks, check_params, max_tasks, split_tasks
 
 POOLINGS = ("max", "sum")

@@ -7,7 +7,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
-from ..normalize import l2_normalize
+from .normalize import l2_normalize
 from ._base import descriptor_sets, encode_whole, work_dtype
 
 #: 1x1 + 2x2 + 3 horizontal bands: the layout of Chatfield et al.'s encoding comparison.

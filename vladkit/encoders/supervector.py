@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import accumulate_hard, accumulate_sparse, knn_weights, nearest_words, squared_norms
-from ..normalize import l2_normalize
-from ..vocabulary import KMeansVocabulary
+from ..kernels.accumulate import accumulate_hard, accumulate_sparse
+from ..kernels.soft import knn_weights
+from ..kernels.nearest import nearest_words
+from ..kernels.products import squared_norms
+from .normalize import l2_normalize
+from ..vocabulary.kmeans import KMeansVocabulary
 from ._base import BaseEncoder, add_tasks, check_params, mean_nearest_squared_distance, split_tasks
 
 ASSIGNMENTS = ("hard", "soft")

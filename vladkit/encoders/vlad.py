@@ -8,20 +8,13 @@ import math
 import numpy as np
 from sklearn.utils import check_random_state
 
-from ..encoding_kernels import vlad_hard
-from ..kernels import (
-    accumulate_sparse,
-    block_rows,
-    knn_weights,
-    nearest_constants,
-    nearest_words,
-    softmax_weights,
-    squared_norms,
-    task_products,
-    two_nearest_squared_distances,
-)
-from ..normalize import intra_normalize, l2_normalize, power_normalize
-from ..vocabulary import KMeansVocabulary
+from ..kernels.encoding import vlad_hard
+from ..kernels.accumulate import accumulate_sparse, task_products
+from ..kernels.products import block_rows, squared_norms
+from ..kernels.soft import knn_weights, softmax_weights
+from ..kernels.nearest import nearest_constants, nearest_words, two_nearest_squared_distances
+from .normalize import intra_normalize, l2_normalize, power_normalize
+from ..vocabulary.kmeans import KMeansVocabulary
 from ._base import BaseEncoder, add_tasks, check_params, sample_rows, split_tasks
 
 ASSIGNMENTS = ("hard", "knn", "soft")

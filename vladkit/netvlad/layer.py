@@ -262,9 +262,9 @@ class NetVLAD(nn.Module):
     # ------------------------------------------------------------------ parameters
     @classmethod
     def from_params(cls, params):
-        """A layer holding a :class:`~vladkit.encoders.netvlad.NetVLADParams`' values
+        """A layer holding a :class:`~vladkit.encoders.netvlad_params.NetVLADParams`' values
         (float32 copies) and options; its metadata is kept in ``metadata``."""
-        from ..encoders.netvlad import NetVLADParams
+        from ..encoders.netvlad_params import NetVLADParams
 
         if not isinstance(params, NetVLADParams):
             raise TypeError(f"params must be a NetVLADParams (vladkit.encoders.netvlad; "
@@ -302,7 +302,7 @@ class NetVLAD(nn.Module):
           assignment is exactly softmax_k(-alpha ||x - c_k||^2), that of
           ``VLADEncoder(assignment="soft", alpha=alpha)``;
 
-        centers = c in both (see :func:`vladkit.encoders.netvlad.init_netvlad`).
+        centers = c in both (see :func:`vladkit.encoders.netvlad_params.init_netvlad`).
 
         Parameters
         ----------
@@ -315,7 +315,7 @@ class NetVLAD(nn.Module):
             The sample alpha is estimated from (input-normalised first if
             ``normalize_input``). A list is sampled as MATLAB's ``getClusters.m`` does:
             ``per_image`` descriptors from each of ceil(n_descriptors / per_image) random
-            images (:func:`vladkit.encoders.netvlad.sample_descriptors`); an array of more
+            images (:func:`vladkit.encoders.netvlad_params.sample_descriptors`); an array of more
             than ``n_descriptors`` rows is subsampled uniformly.
         version : {"v1", "v2"}, default="v1"
         random_state : None, int or RandomState
@@ -339,8 +339,9 @@ class NetVLAD(nn.Module):
         from sklearn.base import clone
         from sklearn.utils import check_random_state
 
-        from ..encoders.netvlad import init_netvlad, input_normalize, sample_descriptors
-        from ..vocabulary import KMeansVocabulary, load_vocabulary
+        from ..encoders.netvlad_params import init_netvlad, input_normalize, sample_descriptors
+        from ..vocabulary.kmeans import KMeansVocabulary
+        from ..vocabulary.loading import load_vocabulary
 
         if version not in ("v1", "v2"):
             raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
@@ -403,13 +404,13 @@ class NetVLAD(nn.Module):
         return layer
 
     def to_params(self, metadata=None):
-        """The values and options as a :class:`~vladkit.encoders.netvlad.NetVLADParams`
+        """The values and options as a :class:`~vladkit.encoders.netvlad_params.NetVLADParams`
         (float32 numpy copies, for ``save_netvlad`` and ``NetVLADEncoder``).
 
         metadata : dict or None
             JSON-able entries added to (and overriding) the layer's ``metadata``.
         """
-        from ..encoders.netvlad import NetVLADParams
+        from ..encoders.netvlad_params import NetVLADParams
 
         def array(tensor):
             return tensor.detach().to(device="cpu", dtype=torch.float32).numpy().copy()

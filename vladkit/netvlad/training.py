@@ -3,7 +3,8 @@ r"""Training NetVLAD on sets of frozen local descriptors, from weak supervision.
 Each image is a *set* of local descriptors (dense RootSIFT, say) that stays fixed; only the
 NetVLAD layer (assignment weights w, biases b, centers c) is learnt. Supervision is weak:
 ``groups`` say which sets show the same thing (same folder or label, or an image and its
-attacked copies), nothing more. See :func:`train_netvlad`.
+attacked copies), nothing more. See :func:`train_netvlad` (its epoch loop, hard-negative
+mining and validation are in :mod:`vladkit.netvlad.trainer`).
 
 References
 ----------
@@ -15,7 +16,6 @@ Douze et al., "Evaluation of GIST descriptors for web-scale image search", CIVR 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -23,13 +23,12 @@ import time
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
-from torch.nn import functional as F
 
-from ..datasets import ATTACKS
-from ..encoders.netvlad import NetVLADParams, sample_descriptors
-from ..evaluation import mean_average_precision
-from ..vocabulary import KMeansVocabulary
-from .layer import INPUT_EPS, NetVLAD
+from ..datasets.near_duplicates import attacked_copies, copy_groups, _positive_int
+from ..encoders.netvlad_params import NetVLADParams, sample_descriptors
+from ..vocabulary.kmeans import KMeansVocabulary
+from .layer import NetVLAD
+from .trainer import _Trainer, _Validation, _deterministic_torch, _state
 
 __all__ = ["LOSSES", "attacked_copies", "copy_groups", "train_netvlad"]
 
@@ -37,64 +36,7 @@ __all__ = ["LOSSES", "attacked_copies", "copy_groups", "train_netvlad"]
 LOSSES = ("triplet", "classification", "triplet+classification")
 
 
-# ----------------------------------------------------------------- unlabelled groups
-
-
-def attacked_copies(image, n_copies=4, *, seed=0, index=0, attacks=None):
-    """Attacked copies of one image: its positives when there are no labels.
-
-    The attacks are those of the demo's near-duplicate benchmark
-    (:data:`vladkit.datasets.ATTACKS`: a 40% crop, JPEG at quality 8, a 12° rotation,
-    scaling by 0.35, a Gaussian blur, a contrast change and a strong combination), each
-    copy a different attack, chosen at random without replacement (every attack once
-    when ``n_copies`` is their number; more copies start another round).
-
-    Parameters
-    ----------
-    image : ndarray (h, w, 3) uint8 (RGB) or (h, w)
-    n_copies : int, default=4
-    seed, index : int
-        The copies are drawn from ``numpy.random.default_rng([seed, 3, index])``: the same
-        for the same image number whatever the order in which images are processed.
-    attacks : dict name -> f(image, rng) -> image, optional
-        Default :data:`vladkit.datasets.ATTACKS`.
-
-    Returns
-    -------
-    list of (attack name, image)
-    """
-    attacks = dict(ATTACKS if attacks is None else attacks)
-    if not attacks:
-        raise ValueError("attacks is empty: no way to make copies")
-    n_copies = _positive_int("n_copies", n_copies)
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be an (h, w, 3) or (h, w) uint8 array, got {image.dtype} "
-                         f"of shape {image.shape}")
-    rng = np.random.default_rng([int(seed), 3, int(index)])
-    names = list(attacks)
-    chosen = []
-    while len(chosen) < n_copies:
-        chosen += [names[i] for i in rng.permutation(len(names))]
-    return [(name, attacks[name](image, rng)) for name in chosen[:n_copies]]
-
-
-def copy_groups(n_images, n_copies):
-    """The groups of ``n_images`` originals each followed by its ``n_copies`` copies
-    (the order :func:`attacked_copies` sets are usually listed in): ``[0] * (n_copies + 1)
-    + [1] * (n_copies + 1) + ...``."""
-    return np.repeat(np.arange(int(n_images)), int(n_copies) + 1)
-
-
 # ------------------------------------------------------------------------ helpers
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _positive_float(name, value, allow_zero=False):
@@ -146,82 +88,6 @@ def _seed(random_state):
     if random_state is None:
         return 0
     return int(check_random_state(random_state).randint(2**31 - 1))
-
-
-@contextlib.contextmanager
-def _deterministic_torch(seed, n_threads):
-    """Seeded, deterministic torch on the CPU with a fixed number of threads; the caller's
-    global settings (generator, deterministic flag, threads) are restored on exit."""
-    previous_threads = torch.get_num_threads()
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
-    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.set_num_threads(n_threads)
-        torch.use_deterministic_algorithms(True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn)
-            torch.set_num_threads(previous_threads)
-
-
-class _Batches:
-    """Padded (B, N, D) float32 batches of random descriptor subsets, with their masks
-    (None when no row is padding).
-
-    With ``normalize`` the rows are input-normalised here, x / sqrt(sum(x^2) + 1e-12) as
-    the layer would (its INPUT_EPS), and the layer runs with ``normalize_input`` off (see
-    :class:`_Trainer`): the descriptors are frozen, so this saves the layer an
-    elementwise pass over (B, N, D) and its bookkeeping at every step."""
-
-    def __init__(self, sets, dim, per_set, normalize):
-        self.sets, self.dim, self.per_set, self.normalize = sets, dim, per_set, normalize
-
-    def rows(self, index, rng):
-        X = self.sets[index]
-        if len(X) > self.per_set:
-            X = X[np.sort(rng.choice(len(X), self.per_set, replace=False))]
-        return X
-
-    def __call__(self, indices, rng=None, fixed=None):
-        """``fixed``: a list of row arrays already drawn (validation), else drawn with rng."""
-        parts = fixed if fixed is not None else [self.rows(i, rng) for i in indices]
-        width = max(1, max(len(p) for p in parts))
-        x = np.zeros((len(parts), width, self.dim), dtype=np.float32)
-        mask = np.zeros((len(parts), width), dtype=bool)
-        for j, part in enumerate(parts):
-            x[j, :len(part)] = part
-            mask[j, :len(part)] = True
-        if self.normalize:
-            x /= np.sqrt(np.einsum("bnd,bnd->bn", x, x) + INPUT_EPS)[..., None]
-        return torch.from_numpy(x), (None if mask.all() else torch.from_numpy(mask))
-
-
-def _encode(layer, batches, indices, rng=None, fixed=None, chunk=64):
-    """Vectors of the sets ``indices`` (no gradient), float32 numpy."""
-    out = np.empty((len(indices), layer.n_features_out), dtype=np.float32)
-    with torch.no_grad():
-        for first in range(0, len(indices), chunk):
-            part = indices[first:first + chunk]
-            x, mask = batches(part, rng, None if fixed is None else fixed[first:first + chunk])
-            out[first:first + len(part)] = layer(x, mask).numpy()
-    return out
-
-
-def _retrieval_map(vectors, group_ids):
-    """mAP of each set searching all the others by inner product (the squared distances'
-    order for unit vectors), positives its group (:func:`vladkit.evaluation.mean_average_precision`,
-    the Holidays/Oxford trapezoid AP). Sets alone in their group are not queries."""
-    scores = vectors @ vectors.T
-    rankings, truth = {}, {}
-    for q in range(len(vectors)):
-        positives = np.flatnonzero(group_ids == group_ids[q])
-        if len(positives) < 2:
-            continue
-        rankings[q] = np.argsort(-scores[q], kind="stable").tolist()
-        truth[q] = [int(p) for p in positives if p != q]
-    return mean_average_precision(rankings, truth) if truth else float("nan")
 
 
 def _split_validation(group_ids, fraction, rng, keep=1):
@@ -575,148 +441,7 @@ def _initial_layer(sets, n_clusters, version, n_descriptors, per_image, kmeans_i
     return NetVLAD.from_vocabulary(vocabulary, sample, version, random_state=seed, n_descriptors=len(sample))
 
 
-class _Validation:
-    """The validation mAP of the layer, on fixed random subsets of the validation sets
-    (input-normalised here when ``normalize``: the trained layer runs without)."""
-
-    def __init__(self, layer, sets, groups, dim, per_step, seed, normalize):
-        self.layer, self.groups = layer, groups
-        self.batches = _Batches(sets, dim, per_step, normalize)
-        rng = np.random.default_rng([seed, 22])
-        self.fixed = [self.batches.rows(i, rng) for i in range(len(sets))]
-
-    def __call__(self):
-        self.layer.eval()
-        vectors = _encode(self.layer, self.batches, np.arange(len(self.fixed)), fixed=self.fixed)
-        self.layer.train()
-        return _retrieval_map(vectors, self.groups)
-
-
-class _Trainer:
-    """One training run's state: the layer, its optimiser, the classification head, the
-    hard-negative memory, and the epoch loop of each loss.
-
-    The layer's input normalisation is done on the batches (:class:`_Batches`), so the
-    layer runs with ``normalize_input`` off until :meth:`finish` (and around callbacks)."""
-
-    def __init__(self, layer, sets, groups, dim, *, loss, lr, head_lr, optimizer, weight_decay,
-                 batch_size, per_step, margin, n_negatives, negative_pool, classification_weight, rng):
-        self.layer, self.loss, self.rng = layer, loss, rng
-        self.batch_size, self.margin = batch_size, margin
-        self.n_negatives, self.negative_pool = n_negatives, negative_pool
-        self.classification_weight = classification_weight
-        self.normalize = layer.normalize_input
-        self.batches = _Batches(sets, dim, per_step, self.normalize)
-        layer.normalize_input = False
-        layer.train()
-        self.groups = groups
-        self.members = {g: np.flatnonzero(groups == g) for g in np.unique(groups)}
-        self.hard = {}  # query -> its hard negatives of the last epoch
-        params = [{"params": list(layer.parameters()), "lr": lr}]
-        self.head = None
-        if "classification" in loss:
-            _, labels = np.unique(groups, return_inverse=True)
-            self.labels = torch.from_numpy(labels.astype(np.int64))
-            self.head = torch.nn.Linear(layer.n_features_out, int(labels.max()) + 1)
-            with torch.no_grad():
-                self.head.weight.zero_()
-                self.head.bias.zero_()
-            params.append({"params": list(self.head.parameters()), "lr": head_lr})
-        if optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, weight_decay=weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(params, momentum=0.9, weight_decay=weight_decay)
-
-    def epoch(self, n_queries, bar):
-        """One pass: (mean loss, queries with a violated margin or None)."""
-        total = count = active = 0
-        if "triplet" in self.loss:  # the cache of vectors hard negatives are mined from
-            self.layer.eval()
-            self.cache = _encode(self.layer, self.batches, np.arange(len(self.groups)), self.rng)
-            self.layer.train()
-            self.squared = np.einsum("ij,ij->i", self.cache, self.cache)
-        order = self.rng.permutation(len(self.groups))[:n_queries]
-        for first in range(0, len(order), self.batch_size):
-            queries = order[first:first + self.batch_size]
-            if "triplet" in self.loss:
-                value, violated = self._triplet(queries)
-                active += violated
-            else:
-                x, mask = self.batches(queries, self.rng)
-                value = F.cross_entropy(self.head(self.layer(x, mask)),
-                                        self.labels[torch.from_numpy(queries)])
-            if value is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                self.optimizer.step()
-                total += float(value.detach()) * len(queries)
-                count += len(queries)
-            bar.update(1)
-        return (total / count if count else 0.0), (active if "triplet" in self.loss else None)
-
-    def _triplet(self, queries):
-        tuples = _mine(queries, self.cache, self.squared, self.members, self.groups, self.hard,
-                       self.n_negatives, self.negative_pool, self.rng)
-        if not tuples:
-            return None, 0
-        x, mask = self.batches(np.concatenate(tuples), self.rng)
-        vectors = self.layer(x, mask).view(len(tuples), 2 + self.n_negatives, -1)
-        d2 = (vectors[:, 1:] - vectors[:, :1]).square().sum(-1)       # (tuples, 1 + n)
-        terms = F.relu(d2[:, :1] + self.margin - d2[:, 1:])
-        value = terms.sum(1).mean()
-        if self.head is not None:
-            first = torch.from_numpy(np.array([t[0] for t in tuples]))
-            value = value + self.classification_weight * F.cross_entropy(self.head(vectors[:, 0]),
-                                                                         self.labels[first])
-        return value, int((terms > 0).any(1).sum())
-
-    def decay(self, factor):
-        for group in self.optimizer.param_groups:
-            group["lr"] *= factor
-
-    def call_back(self, callback, epoch):
-        self.layer.normalize_input = self.normalize  # the layer as the caller knows it
-        try:
-            callback(epoch, self.layer)
-        finally:
-            self.layer.normalize_input = False
-
-    def finish(self):
-        self.layer.normalize_input = self.normalize
-        self.layer.eval()
-
-
 def _write(text):
     from tqdm import tqdm
 
     tqdm.write(text, file=sys.stderr)
-
-
-def _state(layer):
-    return {name: value.detach().clone() for name, value in layer.state_dict().items()}
-
-
-def _mine(queries, cache, squared, group_of, groups, hard, n_negatives, pool, rng):
-    """[q, p*, n_1 .. n_n] (positions) for each query that has a positive and negatives,
-    from the epoch's cache of vectors; updates the hard-negative memory ``hard``."""
-    scores = cache[queries] @ cache.T                                   # (B, n)
-    distances = squared[queries, None] + squared[None, :] - 2 * scores  # d^2 to every set
-    n = len(cache)
-    tuples = []
-    for row, q in enumerate(queries.tolist()):
-        members = group_of[groups[q]]
-        positives = members[members != q]
-        if len(positives) == 0 or len(members) == n:
-            continue
-        positive = positives[np.argmin(distances[row, positives])]
-        # `pool` random negatives (drawn among all sets, then those of q's group dropped),
-        # plus last epoch's hard negatives of q.
-        draw = rng.choice(n, min(n, pool + len(members)), replace=False)
-        draw = draw[groups[draw] != groups[q]][:pool]
-        candidates = np.union1d(draw, hard.get(q, draw[:0]))
-        if len(candidates) < n_negatives:  # few negatives at all: repeat them
-            candidates = np.resize(candidates, n_negatives)
-        nearest = candidates[np.argsort(distances[row, candidates], kind="stable")[:n_negatives]]
-        hard[q] = nearest
-        tuples.append(np.concatenate([[q, positive], nearest]))
-    return tuples
