@@ -89,7 +89,7 @@ Ratios: "x faster" is peer time / vladkit time (vladkit: this process, numpy fir
 
 Main job (``--main-job``, off by default: minutes). Wall-clock of the whole command, run
 as a subprocess (the ``vladkit`` console script next to this interpreter, else
-``python -m vladkit.app.cli``, the same ``main``)::
+``python -m vladkit``, the same ``main``)::
 
     vladkit encode DATA/train --vocab V -o TMP/out-R.npz -j THREADS -q --features dense --root
 
@@ -666,7 +666,7 @@ def wall_clock(command):
 
 def vladkit_command():
     """The ``vladkit`` console script of this interpreter's environment, else
-    ``python -m vladkit.app.cli`` (the same ``main``)."""
+    ``python -m vladkit`` (the same ``main``)."""
     script = Path(sys.executable).with_name("vladkit")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "vladkit"]
 

@@ -30,7 +30,7 @@ originals and 69 mirrored-crop distractors in the database, the 7 attacks of eac
 as queries, PNG files; and its 736 grey learning crops in ``learning/``, on which the
 vocabularies, PCA and quantizers are then learnt, as the demo does).
 
-**The protocol**: every step is a ``python -m vladkit.app.cli`` command run in the cache folder,
+**The protocol**: every step is a ``python -m vladkit`` command run in the cache folder,
 as a user would type it. For each configuration: ``vocab build database`` (the
 vocabulary is learnt on the database photos -- the queries' originals, never the attacked
 queries -- ``--max-descriptors 200000 --seed 0``),

@@ -10,13 +10,13 @@ or (``--idle-attack``) latency with and without 1,000 idle connections held open
 **The index** (built once into ``--cache`` and reused; or ``--index FOLDER``, any index from
 ``vladkit index build``): Fisher vectors K=64 (GMM on PCA-64 sparse RootSIFT) of the 1,498
 ``train/`` photos, PCA-256-whitened and product-quantized to 64 bytes per image, every
-step a ``python -m vladkit.app.cli`` command::
+step a ``python -m vladkit`` command::
 
     vladkit vocab build train --features sift --root -k 64 --kind gmm -o gmm.npz
     vladkit encode train --vocab gmm.npz -o train.npz
     vladkit index build train.npz --pca 256 --pq 64x8 -o train.index   # + --rerank-features with --rerank
 
-**The server** runs as deployed, in its own process: ``python -m vladkit.app.cli serve INDEX
+**The server** runs as deployed, in its own process: ``python -m vladkit serve INDEX
 --port P -q`` (one worker thread per core, one thread per query), and the script waits for
 its ``/api/health``. The queries are ``test/`` photos (200 x 200 JPEGs, never indexed),
 uploaded as the request body over keep-alive HTTP connections on the loopback interface.
@@ -28,7 +28,7 @@ uploaded as the request body over keep-alive HTTP connections on the loopback in
 * **(b) load**: ``--clients`` (8) threads, each sending ``--queries`` (200) queries, each
   client its own photos; any answer but 200 stops the script (exit status 1). Latency
   p50 / p90 / p99 over all queries, and throughput: queries / wall time of the run.
-* **(c) the command line**: the wall time of ``python -m vladkit.app.cli search INDEX
+* **(c) the command line**: the wall time of ``python -m vladkit search INDEX
   IMAGE.jpg`` (median of ``--repeat`` (5) runs): starting Python, importing vladkit, loading
   the index, then one query; the ratio (c) / (a) is what the server saves per query.
 
