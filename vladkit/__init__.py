@@ -5,13 +5,13 @@ from ._version import __version__  # noqa: F401 (set in _version.py, a leaf othe
 import os as _os
 
 # Idle threads sleep rather than spin: vladkit's kernels run on numba's OpenMP threads
-# (BLAS on one thread inside them, vladkit/_util/threads.py), and a BLAS pool left spinning by
-# the user's own numpy product, or numba's workers spinning while extraction threads
+# (BLAS on one thread inside them, vladkit/_util/threads.py), and a BLAS pool left
+# spinning by the user's own numpy product, or numba's workers spinning while extraction threads
 # work, would steal the cores the other needs next (measured: Fisher vectors and VLAD
 # 1.8x slower in a loop that also calls numpy's @). Sleeping threads cost microseconds to
 # wake. The user's settings win. libgomp reads its variable when numba first loads it,
 # after this; OpenBLAS when it is loaded, so an OpenBLAS that numpy or scipy loaded
-# before vladkit is given the timeout now (_blas.apply_thread_timeout).
+# before vladkit is given the timeout now (_util.blas.apply_thread_timeout).
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from ._util import blas as _blas_module  # noqa: E402
@@ -21,7 +21,7 @@ _blas_module.apply_thread_timeout()
 # vladkit.retrieval.index loads faiss with the kernel this CPU supports, unless
 # OPENBLAS_CORETYPE is set (vladkit/_util/blas.py).
 
-# vladkit 0.1's module paths (vladkit.retrieval.index, vladkit.retrieval.rerank, ...) keep working for one
+# vladkit 0.1's module paths (vladkit.index, vladkit.rerank, ...) keep working for one
 # release, warning with the new path (vladkit/_moved.py).
 from . import _moved as _moved_module  # noqa: E402
 from ._lazy import lazy_exports as _lazy_exports  # noqa: E402
