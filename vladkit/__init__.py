@@ -33,6 +33,9 @@ _moved_module.install()
 #: command answers ``--help`` at once (PEP 562).
 _LOCATIONS = {
     "labelled_images": "datasets.folders",
+    "ASMKEncoder": "encoders.asmk",
+    "ASMKIndex": "retrieval.asmk_index",
+    "WordSignatures": "encoders.asmk",
     "BoFEncoder": "encoders",
     "FisherEncoder": "encoders",
     "LLCEncoder": "encoders",
@@ -96,6 +99,9 @@ __getattr__, __dir__ = _lazy_exports(__name__, _LOCATIONS)
 
 
 __all__ = [
+    "ASMKEncoder",
+    "ASMKIndex",
+    "WordSignatures",
     "BoFEncoder",
     "FisherEncoder",
     "ImageEncoder",

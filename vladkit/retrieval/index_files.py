@@ -93,8 +93,10 @@ def _read_json(folder, name):
 # --------------------------------------------------------------- folder helpers
 
 
-def _check_replaceable(target):
-    """Refuse to replace anything but an index folder (or an empty folder)."""
+def _check_replaceable(target, formats=(INDEX_FORMAT,), known_files=_INDEX_FILES):
+    """Refuse to replace anything but an index folder (or an empty folder): one whose
+    metadata names one of ``formats`` and that holds only ``known_files`` and the extra
+    files its metadata lists."""
     if os.path.islink(target) or not os.path.isdir(target):
         raise FileExistsError(f"cannot save the index to {target!r}: it exists and is not a folder "
                               "(or is a symbolic link); remove it or choose another name")
@@ -104,11 +106,11 @@ def _check_replaceable(target):
     try:
         with open(os.path.join(target, METADATA_FILE), "rb") as handle:
             metadata = json.loads(handle.read().decode("utf-8"))
-        is_index = metadata.get("format") == INDEX_FORMAT
+        is_index = metadata.get("format") in formats
         extras = [str(name) for name in metadata.get("extra_files", [])] if is_index else []
     except (OSError, ValueError, AttributeError, TypeError):
         is_index, extras = False, []
-    unexpected = sorted(set(entries) - set(_INDEX_FILES) - set(extras))
+    unexpected = sorted(set(entries) - set(known_files) - set(extras))
     if unexpected or not is_index:
         reason = f"it contains {unexpected[:3]}" if unexpected else f"it has no vladkit {METADATA_FILE}"
         raise FileExistsError(f"refusing to replace {target!r}: it is not a vladkit index folder "
