@@ -27,9 +27,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .._util.threads import kernel_threads
-from ..kernels.asmk import aggregate_image, normalize_signatures, pack_signs
-from ..kernels.nearest import candidate_count, exact_nearest, nearest_k_words
-from ..kernels.products import squared_norms
+from .._util.blas import load_faiss
+from ..kernels.asmk import aggregate_images, normalize_signatures, pack_signs
+from ..kernels.nearest import candidate_count, exact_nearest
 from ..vocabulary.base import _Vocabulary
 from ..vocabulary.kmeans import KMeansVocabulary
 from ..vocabulary.loading import load_vocabulary
@@ -132,7 +132,7 @@ class ASMKEncoder(TransformerMixin, BaseEstimator):
         self.vocabulary_ = vocabulary
         centers = np.ascontiguousarray(vocabulary.centers_)
         self._centers = {np.dtype(np.float32): centers.astype(np.float32), np.dtype(np.float64): centers.astype(np.float64)}
-        self._sqnorms = {dtype: squared_norms(value) for dtype, value in self._centers.items()}
+        self._faiss_words = None
         self.n_words_ = len(centers)
         dim = centers.shape[1]
         self.signature_shape_ = ((dim + 7) // 8,) if self.binary else (dim,)
@@ -169,36 +169,57 @@ class ASMKEncoder(TransformerMixin, BaseEstimator):
             if len(descriptors) and descriptors.shape[1] != expected:
                 raise ValueError(f"image {index}: descriptors have dimension {descriptors.shape[1]}, the "
                                  f"vocabulary expects {expected}")
-        with kernel_threads(self.n_jobs):
-            return [self._encode_image(descriptors, m) for descriptors in sets]
-
-    def _encode_image(self, descriptors, m):
-        dtype = np.dtype(np.float64 if descriptors.dtype == np.float64 else np.float32)
-        X = np.ascontiguousarray(self.vocabulary_._project(descriptors.astype(dtype, copy=False)), dtype=dtype)
-        dim = self._centers[dtype].shape[1]
-        if not len(X):
-            empty = np.zeros((0,) + self.signature_shape_, np.uint8 if self.binary else np.float32)
-            return WordSignatures(np.zeros(0, np.int64), empty)
+        dtype = np.dtype(np.float64 if any(s.dtype == np.float64 for s in sets) else np.float32)
+        offsets = np.zeros(len(sets) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in sets], out=offsets[1:])
+        rows = [s for s in sets if len(s)]
+        X = np.ascontiguousarray(self.vocabulary_._project(np.concatenate(rows).astype(dtype, copy=False))
+                                 if rows else np.zeros((0, expected)), dtype=dtype)
         if not np.isfinite(X).all():
             raise ValueError("descriptors hold NaN or infinite values")
-        assignments = self._assign(X, min(m, self.n_words_))
-        sums = np.empty((assignments.size, dim), dtype=dtype)
-        words = np.empty(assignments.size, dtype=np.int64)
-        count = aggregate_image(X, assignments, self._centers[dtype], sums, words)
-        sums, words = sums[:count], words[:count].copy()
-        if self.binary:
-            signatures = np.empty((count,) + self.signature_shape_, dtype=np.uint8)
-            pack_signs(sums, signatures)
-        else:
-            signatures = np.empty((count, dim), dtype=dtype)
-            normalize_signatures(sums, signatures)
-            signatures = signatures.astype(np.float32)
-        return WordSignatures(words, signatures)
+        m = min(m, self.n_words_)
+        assignments = self._assign(X, m)
+        with kernel_threads(self.n_jobs):
+            sums = np.empty((len(X) * m, X.shape[1]), dtype=dtype)
+            words = np.empty(len(X) * m, dtype=np.int64)
+            counts = np.zeros(len(sets), dtype=np.int64)
+            aggregate_images(X, offsets, assignments, self._centers[dtype], sums, words, counts)
+        out = []
+        for i, count in enumerate(counts.tolist()):
+            first = offsets[i] * m
+            image_sums, image_words = sums[first:first + count], words[first:first + count].copy()
+            if self.binary:
+                signatures = np.empty((count,) + self.signature_shape_, dtype=np.uint8)
+                pack_signs(image_sums, signatures)
+            else:
+                signatures = np.empty_like(image_sums)
+                normalize_signatures(image_sums, signatures)
+                signatures = signatures.astype(np.float32)
+            out.append(WordSignatures(image_words, signatures))
+        return out
 
     def _assign(self, X, m):
-        """The m nearest words of each row, nearest first, ranked in float64."""
-        centers = self._centers[X.dtype]
-        candidates = nearest_k_words(X, centers, candidate_count(m, self.n_words_), self._sqnorms[X.dtype])
+        """The m nearest words of each row, nearest first: ``candidate_count(m)`` candidates
+        by faiss (float32 inner products, BLAS, the whole batch at once), ranked again in
+        float64 (:func:`~vladkit.kernels.nearest.exact_nearest`), so that float32 near ties
+        are settled exactly, as the other encoders' assignments are."""
+        if not len(X):
+            return np.zeros((0, m), dtype=np.int64)
+        if getattr(self, "_faiss_words", None) is None:
+            load_faiss()
+            import faiss
+
+            self._faiss_words = faiss.IndexFlatL2(self._centers[np.dtype(np.float32)].shape[1])
+            self._faiss_words.add(self._centers[np.dtype(np.float32)])
+        _, candidates = self._faiss_words.search(np.ascontiguousarray(X, dtype=np.float32),
+                                                 candidate_count(m, self.n_words_))
         neighbors = np.empty((len(X), m), dtype=np.int64)
-        exact_nearest(X, self._centers[np.dtype(np.float64)], candidates, neighbors, np.empty((len(X), m)))
+        with kernel_threads(self.n_jobs):
+            exact_nearest(X, self._centers[np.dtype(np.float64)], candidates.astype(np.int64), neighbors,
+                          np.empty((len(X), m)))
         return neighbors
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_faiss_words", None)  # a faiss object does not pickle; rebuilt on first use
+        return state

@@ -65,6 +65,18 @@ def aggregate_image(X, assignments, centers, sums, words):
     return count
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def aggregate_images(X, offsets, assignments, centers, sums, words, counts):
+    """:func:`aggregate_image` for every image at once, in parallel over images: image i
+    is rows ``offsets[i]:offsets[i + 1]``; its distinct words and sums are written from row
+    ``offsets[i] * m`` of ``sums`` and ``words``, their number into ``counts[i]``."""
+    m = assignments.shape[1]
+    for i in prange(offsets.shape[0] - 1):
+        first, end = offsets[i], offsets[i + 1]
+        counts[i] = aggregate_image(X[first:end], assignments[first:end], centers, sums[first * m:end * m],
+                                    words[first * m:end * m])
+
+
 @njit(cache=True, nogil=True)
 def pack_signs(V, out):
     """Bit d of row i of ``out`` is [V[i, d] > 0], packed 8 to a byte, most significant
@@ -174,10 +186,74 @@ def _score_one(q_words, q_signatures, word_offsets, entry_images, entry_signatur
     return n_touched, query_norm
 
 
+@njit(cache=True, nogil=True)
+def _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
+                image_scales, n_bits, alpha, threshold, out_scores, out_images):
+    """Query i's top ``out_scores.shape[1]`` images into row i of the outputs (see
+    :func:`score_queries`)."""
+    n_images = image_scales.shape[0]
+    scores = np.zeros(n_images)
+    touched = np.full(n_images, -1, dtype=np.int64)
+    first, end = q_offsets[i], q_offsets[i + 1]
+    n_touched, query_norm = _score_one(q_words[first:end], q_signatures[first:end], word_offsets, entry_images,
+                                       entry_signatures, word_weights, image_scales, n_bits, alpha, threshold,
+                                       scores, touched)
+    query_scale = 1.0 / np.sqrt(query_norm) if query_norm > 0 else 0.0
+    hits = np.empty(n_touched, dtype=np.int64)
+    if n_touched * 8 > n_images:
+        for image in range(n_images):
+            if touched[image] >= 0:
+                hits[touched[image]] = image
+    else:
+        # Few touched images: find them from the entries again rather than by a pass
+        # over every image.
+        for t in range(first, end):
+            word = q_words[t]
+            if word < 0 or word >= word_offsets.shape[0] - 1:
+                continue
+            for j in range(word_offsets[word], word_offsets[word + 1]):
+                image = entry_images[j]
+                hits[touched[image]] = image
+    hits.sort()
+    values = np.empty(n_touched)
+    for h in range(n_touched):
+        values[h] = -scores[hits[h]] * query_scale
+    order = np.argsort(values, kind="mergesort")
+    kk = out_scores.shape[1]
+    filled = 0
+    for h in range(min(kk, n_touched)):
+        out_images[i, filled] = hits[order[h]]
+        out_scores[i, filled] = -values[order[h]]
+        filled += 1
+    image = 0
+    while filled < kk and image < n_images:
+        if touched[image] < 0:
+            out_images[i, filled] = image
+            out_scores[i, filled] = 0.0
+            filled += 1
+        image += 1
+
+
 @njit(cache=True, nogil=True, parallel=True)
+def _score_in_parallel(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
+                       image_scales, n_bits, alpha, threshold, out_scores, out_images):
+    for i in prange(q_offsets.shape[0] - 1):
+        _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
+                    image_scales, n_bits, alpha, threshold, out_scores, out_images)
+
+
+@njit(cache=True, nogil=True)
+def _score_in_order(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
+                    image_scales, n_bits, alpha, threshold, out_scores, out_images):
+    for i in range(q_offsets.shape[0] - 1):
+        _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
+                    image_scales, n_bits, alpha, threshold, out_scores, out_images)
+
+
 def score_queries(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
                   image_scales, n_bits, alpha, threshold, out_scores, out_images):
-    """The top k indexed images of each query, in parallel over queries.
+    """The top k indexed images of each query: in parallel over queries, or in this thread
+    for one query (waking sleeping worker threads costs more than one query's work).
 
     Query i's words are ``q_words[q_offsets[i]:q_offsets[i + 1]]`` with their signatures.
     Its score for image x is
@@ -189,45 +265,6 @@ def score_queries(q_offsets, q_words, q_signatures, word_offsets, entry_images, 
     Out: ``out_scores`` (n, k) float64, decreasing, and ``out_images`` (n, k) int64; ties
     in increasing image order; images the query shares no word with follow, score 0.
     """
-    n_images = image_scales.shape[0]
-    for i in prange(q_offsets.shape[0] - 1):
-        scores = np.zeros(n_images)
-        touched = np.full(n_images, -1, dtype=np.int64)
-        first, end = q_offsets[i], q_offsets[i + 1]
-        n_touched, query_norm = _score_one(q_words[first:end], q_signatures[first:end], word_offsets, entry_images,
-                                           entry_signatures, word_weights, image_scales, n_bits, alpha, threshold,
-                                           scores, touched)
-        query_scale = 1.0 / np.sqrt(query_norm) if query_norm > 0 else 0.0
-        hits = np.empty(n_touched, dtype=np.int64)
-        if n_touched * 8 > n_images:
-            for image in range(n_images):
-                if touched[image] >= 0:
-                    hits[touched[image]] = image
-        else:
-            # Few touched images: find them from the entries again rather than by a pass
-            # over every image.
-            for t in range(first, end):
-                word = q_words[t]
-                if word < 0 or word >= word_offsets.shape[0] - 1:
-                    continue
-                for j in range(word_offsets[word], word_offsets[word + 1]):
-                    image = entry_images[j]
-                    hits[touched[image]] = image
-        hits.sort()
-        values = np.empty(n_touched)
-        for h in range(n_touched):
-            values[h] = -scores[hits[h]] * query_scale
-        order = np.argsort(values, kind="mergesort")
-        kk = out_scores.shape[1]
-        filled = 0
-        for h in range(min(kk, n_touched)):
-            out_images[i, filled] = hits[order[h]]
-            out_scores[i, filled] = -values[order[h]]
-            filled += 1
-        image = 0
-        while filled < kk and image < n_images:
-            if touched[image] < 0:
-                out_images[i, filled] = image
-                out_scores[i, filled] = 0.0
-                filled += 1
-            image += 1
+    kernel = _score_in_order if len(q_offsets) <= 2 else _score_in_parallel
+    kernel(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
+           image_scales, n_bits, alpha, threshold, out_scores, out_images)

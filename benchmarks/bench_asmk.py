@@ -1,0 +1,201 @@
+"""Selective match kernels against the reference package ``asmk``, side by side in one run.
+
+    python benchmarks/bench_asmk.py [--data ../shared/data/scene15] [--cache bench-retrieval-cache]
+        [--words 4096 16384] [--replicas 10] [--out benchmarks/results/asmk.md]
+
+The set is bench_retrieval.py's (the same cache folder and construction: 1,200 15-Scene
+test photos as the database, 80 strongly attacked copies as queries: crops of 50-70 %,
+rotations of +-25 degrees, scales 0.6-1.4, JPEG quality 10-25, half of them blurred).
+Sparse RootSIFT (``vladkit.SIFT(root=True)``) of the database, the queries and the
+15-Scene ``train/`` photos (the codebook's training descriptors), cached in the folder.
+
+For each codebook size, one codebook (faiss k-means, 10 iterations, as the package
+trains it; the package's own training is timed too) serves both sides, and for each of
+ASMK* (binary) and ASMK:
+
+* vladkit: ``ASMKEncoder`` (m = 1 for the database, 5 for queries) and ``ASMKIndex``;
+* the package: ``ASMKMethod.build_ivf`` and ``query_ivf`` with the parameters of
+  ../shared/reference/asmk-semantics.md (alpha 3, tau 0, no idf, m = 1 / 5).
+
+Reported: recall@1/10/100 and mAP over every query (a query the package cannot take,
+having no keypoints, counts as a miss for it), the index's bytes per image, the time to
+build the inverted file from the database's descriptors (quantisation, aggregation and
+the inverted file), and the time per query (quantisation, aggregation, search). With
+``--replicas R`` the database is replicated R times with jittered descriptors (each copy a
+new image) to time both at R x 1,200 images. The threads are as the machine gives them
+(2 cores here); the load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_retrieval import build_set  # noqa: E402 (the same set, built once in the same cache)
+
+from vladkit import SIFT, KMeansVocabulary, list_images  # noqa: E402
+from vladkit.encoders.asmk import ASMKEncoder  # noqa: E402
+from vladkit.retrieval.asmk_index import ASMKIndex  # noqa: E402
+
+
+def descriptors(paths, cache_file):
+    """Sparse RootSIFT of each image (a list of (n_i, 128) float32), cached."""
+    if cache_file.is_file():
+        with np.load(cache_file) as archive:
+            counts, rows = archive["counts"], archive["rows"]
+        return np.split(rows, np.cumsum(counts)[:-1])
+    sets = [f.descriptors for f in SIFT(root=True).transform([str(p) for p in paths])]
+    np.savez(cache_file, counts=np.array([len(s) for s in sets]), rows=np.vstack(sets))
+    return sets
+
+
+def faiss_codebook(train, n_words, seed=0):
+    """k-means as the package trains it: faiss Clustering, 10 iterations."""
+    import faiss
+
+    clustering = faiss.Clustering(train.shape[1], n_words)
+    clustering.niter, clustering.seed, clustering.verbose = 10, seed, False
+    clustering.train(np.ascontiguousarray(train, dtype=np.float32), faiss.IndexFlatL2(train.shape[1]))
+    return faiss.vector_float_to_array(clustering.centroids).reshape(n_words, train.shape[1])
+
+
+def metrics(rankings, positives):
+    """recall@1/10/100 and mAP (one positive per query: AP = 1 / its rank, 0 if absent)."""
+    ranks = []
+    for ranked, positive in zip(rankings, positives):
+        ranks.append(ranked.index(positive) + 1 if positive in ranked else None)
+    recall = {k: np.mean([r is not None and r <= k for r in ranks]) for k in (1, 10, 100)}
+    return recall, float(np.mean([1.0 / r if r else 0.0 for r in ranks]))
+
+
+def run_vladkit(centers, binary, database, queries, ids):
+    encoder = ASMKEncoder(KMeansVocabulary.from_centers(centers), binary=binary).fit()
+    start = time.perf_counter()
+    index = ASMKIndex().add(encoder.transform(database), ids)
+    index._layout()
+    build = time.perf_counter() - start
+    times, rankings = [], []
+    for query in queries:
+        start = time.perf_counter()
+        _, found = index.search(encoder.transform_queries([query]), k=100)
+        times.append(time.perf_counter() - start)
+        rankings.append(found[0])
+    arrays = index._arrays
+    size = sum(np.asarray(arrays[key]).nbytes for key in arrays)
+    return build, times, rankings, size / len(ids)
+
+
+def run_package(centers, binary, database, queries, ids):
+    try:
+        from asmk import asmk_method, codebook as codebook_module, index as index_module
+    except ImportError:
+        return None
+    params = {"index": {"gpu_id": None}, "train_codebook": {"codebook": {"size": len(centers)}},
+              "build_ivf": {"kernel": {"binary": binary}, "ivf": {"use_idf": False},
+                            "quantize": {"multiple_assignment": 1}, "aggregate": {}},
+              "query_ivf": {"quantize": {"multiple_assignment": 5}, "aggregate": {}, "search": {"topk": 100},
+                            "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}}}
+    codebook = codebook_module.Codebook(index_module.initialize_index(None), size=len(centers))
+    codebook.index(np.ascontiguousarray(centers, dtype=np.float32))
+    method = asmk_method.ASMKMethod(params, {}, codebook=codebook)
+    kept = [i for i, s in enumerate(database) if len(s)]
+    start = time.perf_counter()
+    method = method.build_ivf(np.vstack([database[i] for i in kept]),
+                              np.repeat(np.arange(len(kept)), [len(database[i]) for i in kept]))
+    build = time.perf_counter() - start
+    times, rankings = [], []
+    for query in queries:
+        if not len(query):
+            rankings.append([])  # the package cannot take a query without descriptors
+            continue
+        start = time.perf_counter()
+        _, _, ranks, _ = method.query_ivf(query, np.zeros(len(query), dtype=np.int64))
+        times.append(time.perf_counter() - start)
+        rankings.append([ids[kept[j]] for j in ranks[0].tolist()])
+    return build, times, rankings, None
+
+
+def jittered(sets, replicas, seed=0):
+    """The database R times: copy r > 0 of each descriptor set moved by Gaussian noise of
+    1 % of the descriptors' spread (a different image with the same words, mostly)."""
+    rng = np.random.default_rng(seed)
+    spread = float(np.std(np.vstack([s for s in sets if len(s)])))
+    out = list(sets)
+    for _ in range(1, replicas):
+        out += [(s + rng.normal(scale=0.01 * spread, size=s.shape)).astype(np.float32) for s in sets]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "scene15"))
+    parser.add_argument("--cache", default="bench-retrieval-cache")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--database", type=int, default=1200)
+    parser.add_argument("--queries", type=int, default=80)
+    parser.add_argument("--words", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--replicas", type=int, default=0, help="also time R x the database (jittered copies)")
+    parser.add_argument("--out", default=None, help="markdown file for the tables")
+    args = parser.parse_args(argv)
+    args.set = "scene15"
+    root = Path(args.cache) / "scene15"
+    _, truth = build_set(root, args)
+    database_paths = sorted(p for p in (root / "database").rglob("*") if p.is_file())
+    ids = [str(p.relative_to(root)) for p in database_paths]
+    query_names = sorted(truth)
+    positives = [truth[name] for name in query_names]
+    database = descriptors(database_paths, root / "asmk-database-rootsift.npz")
+    queries = descriptors([root / name for name in query_names], root / "asmk-queries-rootsift.npz")
+    train_sets = descriptors(list_images(Path(args.data) / "train", recursive=True), root / "asmk-train-rootsift.npz")
+    train = np.vstack(train_sets)
+    print(f"descriptors: {len(train):,} training, {sum(map(len, database)):,} database ({len(database)} images), "
+          f"{sum(map(len, queries)):,} queries ({len(queries)}; {sum(1 for q in queries if not len(q))} without any)",
+          flush=True)
+    lines = ["| codebook | kernel | implementation | recall@1 | recall@10 | recall@100 | mAP | bytes / image | "
+             "build (s) | query (ms, median) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    timing = []
+    for n_words in args.words:
+        start = time.perf_counter()
+        centers = faiss_codebook(train, n_words, args.seed)
+        timing.append(f"codebook {n_words}: faiss k-means (10 iterations) {time.perf_counter() - start:.0f} s")
+        print(timing[-1], flush=True)
+        for binary in (True, False):
+            kernel = "ASMK*" if binary else "ASMK"
+            for name, runner in (("vladkit", run_vladkit), ("asmk 0.1.1", run_package)):
+                result = runner(centers, binary, database, queries, ids)
+                if result is None:
+                    lines.append(f"| {n_words} | {kernel} | {name} | not installed | | | | | | |")
+                    continue
+                build, times, rankings, size = result
+                recall, average = metrics(rankings, positives)
+                lines.append(f"| {n_words} | {kernel} | {name} | {recall[1]:.3f} | {recall[10]:.3f} | "
+                             f"{recall[100]:.3f} | {average:.3f} | {'' if size is None else f'{size:,.0f}'} | "
+                             f"{build:.2f} | {1000 * np.median(times):.1f} |")
+                print(lines[-1], flush=True)
+            if args.replicas > 1:
+                big = jittered(database, args.replicas)
+                big_ids = [f"{r}/{i}" for r in range(args.replicas) for i in ids]
+                for name, runner in (("vladkit", run_vladkit), ("asmk 0.1.1", run_package)):
+                    result = runner(centers, binary, big, queries[:20], big_ids)
+                    if result is not None:
+                        timing.append(f"{n_words} {kernel} {name}, {len(big):,} images: build {result[0]:.1f} s, "
+                                      f"query {1000 * np.median(result[1]):.1f} ms (median of 20)")
+                        print(timing[-1], flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    text = "\n".join(lines + [""] + timing + ["", f"peak resident memory of the run: {peak:,.0f} MB; "
+                                                  f"load average at the end: {os.getloadavg()[0]:.1f}"])
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
