@@ -10,8 +10,8 @@ Sparse RootSIFT (``vladkit.SIFT(root=True)``) of the database, the queries and t
 15-Scene ``train/`` photos (the codebook's training descriptors), cached in the folder.
 
 For each codebook size, one codebook (faiss k-means, 10 iterations, as the package
-trains it; the package's own training is timed too) serves both sides, and for each of
-ASMK* (binary) and ASMK:
+trains it; cached in the folder, its training time printed when it is trained) serves
+both sides, and for each of ASMK* (binary) and ASMK:
 
 * vladkit: ``ASMKEncoder`` (m = 1 for the database, 5 for queries) and ``ASMKIndex``;
 * the package: ``ASMKMethod.build_ivf`` and ``query_ivf`` with the parameters of
@@ -19,8 +19,10 @@ ASMK* (binary) and ASMK:
 
 Reported: recall@1/10/100 and mAP over every query (a query the package cannot take,
 having no keypoints, counts as a miss for it), the index's bytes per image, the time to
-build the inverted file from the database's descriptors (quantisation, aggregation and
-the inverted file), and the time per query (quantisation, aggregation, search). With
+quantise the database's descriptors (both by faiss's flat L2 search; vladkit then ranks
+the candidates again in float64), the time to build the inverted file from the words
+(aggregation and the lists: the package's ``aggregate`` and ``IVF.add``), and the
+median time per query (quantisation, aggregation and search, one query at a time). With
 ``--replicas R`` the database is replicated R times with jittered descriptors (each copy a
 new image) to time both at R x 1,200 images. The threads are as the machine gives them
 (2 cores here); the load average is printed with the results.
@@ -76,11 +78,19 @@ def metrics(rankings, positives):
 
 
 def run_vladkit(centers, binary, database, queries, ids):
+    """(quantisation s, aggregation + inverted file s, per-query s, rankings, bytes per image)."""
     encoder = ASMKEncoder(KMeansVocabulary.from_centers(centers), binary=binary).fit()
+    rows = np.vstack([s for s in database if len(s)])
+    start = time.perf_counter()
+    assignments = encoder._assign(rows, 1)
+    quantise = time.perf_counter() - start
+    assign = encoder._assign
+    encoder._assign = lambda X, m: assignments  # the database's words, computed above
     start = time.perf_counter()
     index = ASMKIndex().add(encoder.transform(database), ids)
     index._layout()
     build = time.perf_counter() - start
+    encoder._assign = assign
     times, rankings = [], []
     for query in queries:
         start = time.perf_counter()
@@ -89,7 +99,7 @@ def run_vladkit(centers, binary, database, queries, ids):
         rankings.append(found[0])
     arrays = index._arrays
     size = sum(np.asarray(arrays[key]).nbytes for key in arrays)
-    return build, times, rankings, size / len(ids)
+    return quantise, build, times, rankings, size / len(ids)
 
 
 def run_package(centers, binary, database, queries, ids):
@@ -106,10 +116,16 @@ def run_package(centers, binary, database, queries, ids):
     codebook.index(np.ascontiguousarray(centers, dtype=np.float32))
     method = asmk_method.ASMKMethod(params, {}, codebook=codebook)
     kept = [i for i, s in enumerate(database) if len(s)]
+    builder = method.create_ivf_builder()
     start = time.perf_counter()
-    method = method.build_ivf(np.vstack([database[i] for i in kept]),
-                              np.repeat(np.arange(len(kept)), [len(database[i]) for i in kept]))
+    quantized = codebook.quantize(np.vstack([database[i] for i in kept]),
+                                  np.repeat(np.arange(len(kept)), [len(database[i]) for i in kept]),
+                                  **params["build_ivf"]["quantize"])
+    quantise = time.perf_counter() - start
+    start = time.perf_counter()
+    builder.ivf.add(*builder.kernel.aggregate(*quantized, **params["build_ivf"]["aggregate"]))
     build = time.perf_counter() - start
+    method = method.add_ivf_builder(builder)
     times, rankings = [], []
     for query in queries:
         if not len(query):
@@ -119,7 +135,7 @@ def run_package(centers, binary, database, queries, ids):
         _, _, ranks, _ = method.query_ivf(query, np.zeros(len(query), dtype=np.int64))
         times.append(time.perf_counter() - start)
         rankings.append([ids[kept[j]] for j in ranks[0].tolist()])
-    return build, times, rankings, None
+    return quantise, build, times, rankings, None
 
 
 def jittered(sets, replicas, seed=0):
@@ -160,25 +176,31 @@ def main(argv=None):
           f"{sum(map(len, queries)):,} queries ({len(queries)}; {sum(1 for q in queries if not len(q))} without any)",
           flush=True)
     lines = ["| codebook | kernel | implementation | recall@1 | recall@10 | recall@100 | mAP | bytes / image | "
-             "build (s) | query (ms, median) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "quantisation (s) | inverted file from words (s) | query (ms, median) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     timing = []
     for n_words in args.words:
-        start = time.perf_counter()
-        centers = faiss_codebook(train, n_words, args.seed)
-        timing.append(f"codebook {n_words}: faiss k-means (10 iterations) {time.perf_counter() - start:.0f} s")
-        print(timing[-1], flush=True)
+        cached = root / f"asmk-codebook-{n_words}-seed{args.seed}.npy"
+        if cached.is_file():
+            centers = np.load(cached)
+        else:
+            start = time.perf_counter()
+            centers = faiss_codebook(train, n_words, args.seed)
+            np.save(cached, centers)
+            timing.append(f"codebook {n_words}: faiss k-means (10 iterations) {time.perf_counter() - start:.0f} s")
+            print(timing[-1], flush=True)
         for binary in (True, False):
             kernel = "ASMK*" if binary else "ASMK"
             for name, runner in (("vladkit", run_vladkit), ("asmk 0.1.1", run_package)):
                 result = runner(centers, binary, database, queries, ids)
                 if result is None:
-                    lines.append(f"| {n_words} | {kernel} | {name} | not installed | | | | | | |")
+                    lines.append(f"| {n_words} | {kernel} | {name} | not installed | | | | | | | |")
                     continue
-                build, times, rankings, size = result
+                quantise, build, times, rankings, size = result
                 recall, average = metrics(rankings, positives)
                 lines.append(f"| {n_words} | {kernel} | {name} | {recall[1]:.3f} | {recall[10]:.3f} | "
                              f"{recall[100]:.3f} | {average:.3f} | {'' if size is None else f'{size:,.0f}'} | "
-                             f"{build:.2f} | {1000 * np.median(times):.1f} |")
+                             f"{quantise:.2f} | {build:.2f} | {1000 * np.median(times):.1f} |")
                 print(lines[-1], flush=True)
             if args.replicas > 1:
                 big = jittered(database, args.replicas)
@@ -186,8 +208,9 @@ def main(argv=None):
                 for name, runner in (("vladkit", run_vladkit), ("asmk 0.1.1", run_package)):
                     result = runner(centers, binary, big, queries[:20], big_ids)
                     if result is not None:
-                        timing.append(f"{n_words} {kernel} {name}, {len(big):,} images: build {result[0]:.1f} s, "
-                                      f"query {1000 * np.median(result[1]):.1f} ms (median of 20)")
+                        timing.append(f"{n_words} {kernel} {name}, {len(big):,} images: quantisation {result[0]:.1f} s, "
+                                      f"inverted file from words {result[1]:.1f} s, "
+                                      f"query {1000 * np.median(result[2]):.1f} ms (median of 20)")
                         print(timing[-1], flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     text = "\n".join(lines + [""] + timing + ["", f"peak resident memory of the run: {peak:,.0f} MB; "
