@@ -84,8 +84,13 @@ def run_vladkit(centers, binary, database, queries, ids):
     start = time.perf_counter()
     assignments = encoder._assign(rows, 1)
     quantise = time.perf_counter() - start
-    assign = encoder._assign
-    encoder._assign = lambda X, m: assignments  # the database's words, computed above
+    assign, cursor = encoder._assign, [0]
+
+    def computed(X, m):  # the database's words, computed above, group after group
+        cursor[0] += len(X)
+        return assignments[cursor[0] - len(X):cursor[0]]
+
+    encoder._assign = computed
     start = time.perf_counter()
     index = ASMKIndex().add(encoder.transform(database), ids)
     index._layout()

@@ -28,12 +28,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from .._util.threads import kernel_threads
 from .._util.blas import load_faiss
-from ..kernels.asmk import aggregate_images, normalize_signatures, pack_signs
+from ..kernels.asmk import aggregate_images
 from ..kernels.nearest import candidate_count, exact_nearest
 from ..vocabulary.base import _Vocabulary
 from ..vocabulary.kmeans import KMeansVocabulary
 from ..vocabulary.loading import load_vocabulary
-from ._base import check_params, descriptor_sets
+from ._base import CHUNK_ROWS, check_params, descriptor_sets
 
 __all__ = ["ASMKEncoder", "WordSignatures"]
 
@@ -170,33 +170,39 @@ class ASMKEncoder(TransformerMixin, BaseEstimator):
                 raise ValueError(f"image {index}: descriptors have dimension {descriptors.shape[1]}, the "
                                  f"vocabulary expects {expected}")
         dtype = np.dtype(np.float64 if any(s.dtype == np.float64 for s in sets) else np.float32)
+        m = min(m, self.n_words_)
+        out = []
+        # Images in groups of about CHUNK_ROWS descriptors: one faiss search and one
+        # parallel aggregation per group, in buffers of bounded size (reused pages, not
+        # one copy of every descriptor).
+        group, rows = [], 0
+        for descriptors in sets:
+            group.append(descriptors)
+            rows += len(descriptors)
+            if rows >= CHUNK_ROWS:
+                out += self._encode_group(group, m, dtype)
+                group, rows = [], 0
+        if group or not out:
+            out += self._encode_group(group, m, dtype)
+        return out
+
+    def _encode_group(self, sets, m, dtype):
         offsets = np.zeros(len(sets) + 1, dtype=np.int64)
         np.cumsum([len(s) for s in sets], out=offsets[1:])
         rows = [s for s in sets if len(s)]
         X = np.ascontiguousarray(self.vocabulary_._project(np.concatenate(rows).astype(dtype, copy=False))
-                                 if rows else np.zeros((0, expected)), dtype=dtype)
+                                 if rows else np.zeros((0, self.vocabulary_.descriptor_dim_)), dtype=dtype)
         if not np.isfinite(X).all():
             raise ValueError("descriptors hold NaN or infinite values")
-        m = min(m, self.n_words_)
         assignments = self._assign(X, m)
+        signatures = np.empty((len(X) * m,) + self.signature_shape_, dtype=np.uint8 if self.binary else np.float32)
+        words = np.empty(len(X) * m, dtype=np.int64)
+        counts = np.zeros(len(sets), dtype=np.int64)
         with kernel_threads(self.n_jobs):
-            sums = np.empty((len(X) * m, X.shape[1]), dtype=dtype)
-            words = np.empty(len(X) * m, dtype=np.int64)
-            counts = np.zeros(len(sets), dtype=np.int64)
-            aggregate_images(X, offsets, assignments, self._centers[dtype], sums, words, counts)
-        out = []
-        for i, count in enumerate(counts.tolist()):
-            first = offsets[i] * m
-            image_sums, image_words = sums[first:first + count], words[first:first + count].copy()
-            if self.binary:
-                signatures = np.empty((count,) + self.signature_shape_, dtype=np.uint8)
-                pack_signs(image_sums, signatures)
-            else:
-                signatures = np.empty_like(image_sums)
-                normalize_signatures(image_sums, signatures)
-                signatures = signatures.astype(np.float32)
-            out.append(WordSignatures(image_words, signatures))
-        return out
+            aggregate_images(X, offsets, assignments, self._centers[dtype], bool(self.binary), signatures, words,
+                             counts)
+        return [WordSignatures(words[first * m:first * m + count].copy(), signatures[first * m:first * m + count].copy())
+                for first, count in zip(offsets[:-1].tolist(), counts.tolist())]
 
     def _assign(self, X, m):
         """The m nearest words of each row, nearest first: ``candidate_count(m)`` candidates

@@ -5,8 +5,8 @@ it (Tolias, Avrithis & Jégou, ICCV 2013).
 Scoring a query visits, for each of its words c, the inverted list of c: every indexed
 image holding c, with its signature. With binary signatures (ASMK*) the similarity of
 two B-bit signatures is u = 1 - 2 h / B, h their Hamming distance (a popcount of their
-XOR, 8 bits at a time by table); with float signatures (ASMK) u = q . v of the unit
-aggregated residuals. The selectivity sigma_alpha(u) = sign(u) |u|^alpha where u >= tau
+XOR, 64 bits at a time), and sigma_alpha(u) is looked up in a table of its B + 1 values;
+with float signatures (ASMK) u = q . v of the unit aggregated residuals. The selectivity sigma_alpha(u) = sign(u) |u|^alpha where u >= tau
 (else 0), times the word's weight w_c and the image's normaliser gamma, accumulates into
 one dense score per image; the top k come out of the images the query touched only.
 """
@@ -65,18 +65,6 @@ def aggregate_image(X, assignments, centers, sums, words):
     return count
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def aggregate_images(X, offsets, assignments, centers, sums, words, counts):
-    """:func:`aggregate_image` for every image at once, in parallel over images: image i
-    is rows ``offsets[i]:offsets[i + 1]``; its distinct words and sums are written from row
-    ``offsets[i] * m`` of ``sums`` and ``words``, their number into ``counts[i]``."""
-    m = assignments.shape[1]
-    for i in prange(offsets.shape[0] - 1):
-        first, end = offsets[i], offsets[i + 1]
-        counts[i] = aggregate_image(X[first:end], assignments[first:end], centers, sums[first * m:end * m],
-                                    words[first * m:end * m])
-
-
 @njit(cache=True, nogil=True)
 def pack_signs(V, out):
     """Bit d of row i of ``out`` is [V[i, d] > 0], packed 8 to a byte, most significant
@@ -104,6 +92,32 @@ def normalize_signatures(V, out):
         scale = np.sqrt(total) + V.dtype.type(1e-6)
         for d in range(V.shape[1]):
             out[i, d] = V[i, d] / scale
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def aggregate_images(X, offsets, assignments, centers, binary, signatures, words, counts):
+    """Every image's signatures at once, in parallel over images: image i is rows
+    ``offsets[i]:offsets[i + 1]`` of X; its residuals are summed per word
+    (:func:`aggregate_image`, in a scratch of its own) and its signatures written from row
+    ``offsets[i] * m`` of ``signatures`` and ``words``, their number into ``counts[i]``.
+
+    ``binary``: ``signatures`` is (n * m, ceil(D / 8)) uint8, sign bits packed
+    (:func:`pack_signs`); otherwise (n * m, D) float32, unit sums
+    (:func:`normalize_signatures`)."""
+    m = assignments.shape[1]
+    for i in prange(offsets.shape[0] - 1):
+        first, end = offsets[i], offsets[i + 1]
+        sums = np.empty(((end - first) * m, X.shape[1]), dtype=X.dtype)
+        count = aggregate_image(X[first:end], assignments[first:end], centers, sums, words[first * m:end * m])
+        counts[i] = count
+        if binary:
+            pack_signs(sums[:count], signatures[first * m:first * m + count])
+        else:
+            unit = np.empty((count, X.shape[1]), dtype=X.dtype)
+            normalize_signatures(sums[:count], unit)
+            for t in range(count):
+                for d in range(X.shape[1]):
+                    signatures[first * m + t, d] = unit[t, d]
 
 
 @njit(cache=True, nogil=True)
@@ -136,33 +150,57 @@ def _selectivity(u, alpha, threshold):
     return -((-u) ** alpha)
 
 
-def _similarity(query, entries, j, n_bits):
-    """u(query, entries[j]): 1 - 2 h / n_bits for packed bits (uint8), the inner product
-    in float64 for float signatures; chosen by dtype when compiled."""
+@njit(cache=True, nogil=True)
+def _popcount64(value):
+    """Set bits of a uint64 (the SWAR count: pairs, nibbles, bytes, then a multiply)."""
+    value = value - ((value >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    value = (value & np.uint64(0x3333333333333333)) + ((value >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    value = (value + (value >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (value * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+def selectivity_table(n_bits, alpha, threshold):
+    """sigma_alpha(1 - 2 h / n_bits) for every Hamming distance h = 0..n_bits: binary
+    signatures have only these n_bits + 1 similarities, so a search looks them up."""
+    u = 1.0 - 2.0 * np.arange(int(n_bits) + 1) / n_bits
+    return np.where(u >= threshold, np.sign(u) * np.abs(u) ** alpha, 0.0)
+
+
+def _match(query, entries, j, table, alpha, threshold):
+    """sigma_alpha(u(query, entries[j])): looked up by Hamming distance for packed bits
+    (uint8 or, 8 bytes at a time, uint64), computed from the inner product in float64 for
+    float signatures; chosen by dtype when compiled."""
     raise NotImplementedError  # numba's overload below; never called from Python
 
 
-@overload(_similarity, jit_options={"cache": True, "nogil": True})
-def _similarity_by_dtype(query, entries, j, n_bits):
+@overload(_match, jit_options={"cache": True, "nogil": True})
+def _match_by_dtype(query, entries, j, table, alpha, threshold):
+    if query.dtype == types.uint64:
+        def words64(query, entries, j, table, alpha, threshold):
+            h = 0
+            for word in range(query.shape[0]):
+                h += _popcount64(query[word] ^ entries[j, word])
+            return table[h]
+        return words64
     if isinstance(query.dtype, types.Integer):
-        def binary(query, entries, j, n_bits):
+        def bytes8(query, entries, j, table, alpha, threshold):
             h = 0
             for byte in range(query.shape[0]):
                 h += _POPCOUNT[query[byte] ^ entries[j, byte]]
-            return 1.0 - 2.0 * h / n_bits
-        return binary
+            return table[h]
+        return bytes8
 
-    def inner_product(query, entries, j, n_bits):
+    def inner_product(query, entries, j, table, alpha, threshold):
         total = 0.0
         for d in range(query.shape[0]):
             total += np.float64(query[d]) * np.float64(entries[j, d])
-        return total
+        return _selectivity(total, alpha, threshold)
     return inner_product
 
 
 @njit(cache=True, nogil=True)
 def _score_one(q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights, image_scales,
-               n_bits, alpha, threshold, scores, touched):
+               table, alpha, threshold, scores, touched):
     """Accumulate one query's scores; returns (the number of images touched, the query's
     normaliser sum_c w_c over its words)."""
     n_touched = 0
@@ -176,8 +214,7 @@ def _score_one(q_words, q_signatures, word_offsets, entry_images, entry_signatur
         weight = word_weights[word]
         query_norm += weight
         for j in range(word_offsets[word], word_offsets[word + 1]):
-            u = _similarity(q_signatures[t], entry_signatures, j, n_bits)
-            s = _selectivity(u, alpha, threshold)
+            s = _match(q_signatures[t], entry_signatures, j, table, alpha, threshold)
             image = entry_images[j]
             if touched[image] < 0:
                 touched[image] = n_touched
@@ -188,7 +225,7 @@ def _score_one(q_words, q_signatures, word_offsets, entry_images, entry_signatur
 
 @njit(cache=True, nogil=True)
 def _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                image_scales, n_bits, alpha, threshold, out_scores, out_images):
+                image_scales, table, alpha, threshold, out_scores, out_images):
     """Query i's top ``out_scores.shape[1]`` images into row i of the outputs (see
     :func:`score_queries`)."""
     n_images = image_scales.shape[0]
@@ -196,7 +233,7 @@ def _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images,
     touched = np.full(n_images, -1, dtype=np.int64)
     first, end = q_offsets[i], q_offsets[i + 1]
     n_touched, query_norm = _score_one(q_words[first:end], q_signatures[first:end], word_offsets, entry_images,
-                                       entry_signatures, word_weights, image_scales, n_bits, alpha, threshold,
+                                       entry_signatures, word_weights, image_scales, table, alpha, threshold,
                                        scores, touched)
     query_scale = 1.0 / np.sqrt(query_norm) if query_norm > 0 else 0.0
     hits = np.empty(n_touched, dtype=np.int64)
@@ -236,22 +273,22 @@ def _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images,
 
 @njit(cache=True, nogil=True, parallel=True)
 def _score_in_parallel(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                       image_scales, n_bits, alpha, threshold, out_scores, out_images):
+                       image_scales, table, alpha, threshold, out_scores, out_images):
     for i in prange(q_offsets.shape[0] - 1):
         _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                    image_scales, n_bits, alpha, threshold, out_scores, out_images)
+                    image_scales, table, alpha, threshold, out_scores, out_images)
 
 
 @njit(cache=True, nogil=True)
 def _score_in_order(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                    image_scales, n_bits, alpha, threshold, out_scores, out_images):
+                    image_scales, table, alpha, threshold, out_scores, out_images):
     for i in range(q_offsets.shape[0] - 1):
         _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                    image_scales, n_bits, alpha, threshold, out_scores, out_images)
+                    image_scales, table, alpha, threshold, out_scores, out_images)
 
 
 def score_queries(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                  image_scales, n_bits, alpha, threshold, out_scores, out_images):
+                  image_scales, table, alpha, threshold, out_scores, out_images):
     """The top k indexed images of each query: in parallel over queries, or in this thread
     for one query (waking sleeping worker threads costs more than one query's work).
 
@@ -267,4 +304,4 @@ def score_queries(q_offsets, q_words, q_signatures, word_offsets, entry_images, 
     """
     kernel = _score_in_order if len(q_offsets) <= 2 else _score_in_parallel
     kernel(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-           image_scales, n_bits, alpha, threshold, out_scores, out_images)
+           image_scales, table, alpha, threshold, out_scores, out_images)

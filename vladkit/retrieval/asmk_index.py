@@ -31,7 +31,7 @@ import numpy as np
 from .._util.io import default_folder_mode
 from .._version import __version__
 from ..encoders.asmk import WordSignatures
-from ..kernels.asmk import count_words, scatter_entries, score_queries
+from ..kernels.asmk import count_words, scatter_entries, score_queries, selectivity_table
 from .index_files import (_INDEX_FILES, IDS_FILE, INDEX_FORMAT, METADATA_FILE, IndexFileError, _check_replaceable,
                           _fsync_directory, _json_bytes, _move_into_place, _read_json, _write_file)
 
@@ -213,9 +213,12 @@ class ASMKIndex:
         q_signatures = np.concatenate([q.signatures for q in queries])
         scores = np.empty((n, k))
         images = np.empty((n, k), dtype=np.int64)
-        score_queries(q_offsets, q_words, q_signatures, arrays["word_offsets"], arrays["entry_images"],
-                      arrays["entry_signatures"], arrays["word_weights"], arrays["image_scales"],
-                      self._n_bits(), alpha, threshold, scores, images)
+        entries = arrays["entry_signatures"]
+        table = selectivity_table(self._n_bits(), alpha, threshold)
+        if self.binary and entries.shape[1] % 8 == 0:  # 64 bits at a time
+            entries, q_signatures = entries.view(np.uint64), np.ascontiguousarray(q_signatures).view(np.uint64)
+        score_queries(q_offsets, q_words, q_signatures, arrays["word_offsets"], arrays["entry_images"], entries,
+                      arrays["word_weights"], arrays["image_scales"], table, alpha, threshold, scores, images)
         return scores.astype(np.float32), [[self._ids[j] for j in row] for row in images.tolist()]
 
     def _n_bits(self):
