@@ -360,3 +360,126 @@ def test_set_params_refuses_to_change_the_training_of_a_fitted_vocabulary(tmp_pa
     assert vocab.n_jobs == 2 and vocab.descriptor_type == "SIFT"
     # An unfitted vocabulary takes any parameter.
     assert KMeansVocabulary(8).set_params(n_clusters=32).n_clusters == 32
+
+
+# ------------------------------------------------------ faiss: large codebooks (issue 32)
+
+
+@pytest.fixture(scope="module")
+def rootsift():
+    """Dense RootSIFT (step 8) of 8 15-Scene training images, 4 classes x 2."""
+    import glob
+    import os
+
+    from conftest import SCENE15
+    from vladkit import DenseSIFT
+
+    paths = sorted(glob.glob(os.path.join(SCENE15, "train", "*", "*.jpg")))
+    if not paths:
+        pytest.skip(f"15-Scene is not at {os.path.abspath(SCENE15)}")
+    by_class = {}
+    for path in paths:
+        by_class.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
+    chosen = [p for name in sorted(by_class)[:4] for p in by_class[name][:2]]
+    features = DenseSIFT(root=True, step=8, n_jobs=2).transform(chosen)
+    return chosen, np.concatenate([f.descriptors for f in features])
+
+
+def test_faiss_words_are_as_good_as_sklearns(rootsift):
+    from threadpoolctl import threadpool_limits
+
+    X = rootsift[1][:10000]
+    vocab = KMeansVocabulary(32, algorithm="faiss", max_descriptors=len(X), random_state=0).fit(X)
+    assert vocab.algorithm_ == "faiss" and vocab.n_iter_ == 20  # max_iter="auto"
+    assert vocab.centers_.shape == (32, 128) and vocab.centers_.dtype == np.float32
+    assert len(np.unique(vocab.predict(X))) == 32  # every word used
+    np.testing.assert_allclose(vocab.inertia_, -vocab.score(X), rtol=1e-5)
+    with threadpool_limits(1):  # scikit-learn's OpenMP threads crawl on a busy machine
+        theirs = np.median([KMeans(32, n_init=1, max_iter=100, tol=1e-4, random_state=s).fit(X).inertia_
+                            for s in range(3)])
+    assert abs(vocab.inertia_ - theirs) / theirs < 0.03  # measured: +0.6 %
+    # max_iter and n_init are faiss's iterations and restarts; float64 stays float64.
+    longer = KMeansVocabulary(64, algorithm="faiss", max_iter=5, n_init=2, max_descriptors=len(X),
+                              random_state=0).fit(X.astype(np.float64))
+    assert longer.n_iter_ == 5 and longer.centers_.dtype == np.float64
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_faiss_is_reproducible(rootsift, tmp_path, n_jobs):
+    # Same descriptors, seed and threads: the same file. (Another thread count may round
+    # faiss's products otherwise and end elsewhere: the docstring says so.)
+    X = rootsift[1][:6000]
+
+    def train(seed=7):
+        return KMeansVocabulary(32, algorithm="faiss", max_descriptors=len(X), random_state=seed,
+                                n_jobs=n_jobs).fit(X)
+
+    train().save(tmp_path / "a.npz")
+    train().save(tmp_path / "b.npz")
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    assert not np.array_equal(train(seed=8).centers_, load_vocabulary(tmp_path / "a.npz").centers_)
+
+
+def test_auto_uses_faiss_from_the_threshold_on(monkeypatch):
+    from sklearn.cluster import KMeans as SKLearnKMeans
+
+    from vladkit.vocabulary import kmeans
+
+    X = blobs(3000, n_centers=50)
+    monkeypatch.setattr(kmeans, "FAISS_THRESHOLD", 12)
+    assert KMeansVocabulary(12, random_state=0).fit(X).algorithm_ == "faiss"
+    # Below the threshold nothing changed: scikit-learn's KMeans as before, bit for bit.
+    below = KMeansVocabulary(11, max_descriptors=len(X), random_state=0).fit(X)
+    assert below.algorithm_ == "lloyd" and below.max_iter == "auto"
+    twin = SKLearnKMeans(11, n_init=1, max_iter=100, tol=1e-4, random_state=below._seeds()[1]).fit(X)
+    np.testing.assert_array_equal(below.centers_, twin.cluster_centers_.astype(np.float32))
+
+
+def test_faiss_vocabulary_file_records_its_algorithm(tmp_path, saved):
+    X = blobs(3000, n_centers=50)
+    vocab = KMeansVocabulary(16, algorithm="faiss", pca=12, random_state=0).fit(per_image(X))
+    vocab.save(tmp_path / "f.npz")
+    loaded = load_vocabulary(tmp_path / "f.npz")
+    assert loaded.algorithm_ == "faiss" and loaded.metadata_["algorithm"] == "faiss"
+    assert loaded.get_params() == vocab.get_params()
+    np.testing.assert_array_equal(loaded.predict(X), vocab.predict(X))
+    assert load_vocabulary(saved).algorithm_ == "lloyd"
+    # A file written before the field existed still loads.
+    _rewrite(saved, tmp_path / "old.npz", lambda meta: meta.pop("algorithm"))
+    assert load_vocabulary(tmp_path / "old.npz").algorithm_ is None
+    assert KMeansVocabulary.from_centers(vocab.centers_).algorithm_ is None
+
+
+def test_faiss_refuses_what_sklearn_refuses():
+    with pytest.raises(ValueError, match="fewer distinct values than n_clusters=4"):
+        KMeansVocabulary(4, algorithm="faiss", random_state=0).fit(np.ones((500, 8), np.float32))
+    with pytest.raises(ValueError, match="'minibatch' or 'faiss', got 'fast'"):
+        KMeansVocabulary(4, algorithm="fast").fit(blobs(100))
+    with pytest.raises(ValueError, match="max_iter must be a positive integer or 'auto', got 'often'"):
+        KMeansVocabulary(4, max_iter="often").fit(blobs(100))
+
+
+def test_vocab_build_algorithm_option(rootsift, tmp_path):
+    import os
+
+    from conftest import cli
+    from vladkit._util.defaults import FAISS_THRESHOLD
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in rootsift[0][:4]:
+        os.symlink(os.path.abspath(path), folder / os.path.basename(path))
+    out = tmp_path / "v.npz"
+    common = [folder, "--root", "--step", "8", "--max-descriptors", "4000", "-q", "-o", out]
+    code, stdout, stderr = cli("vocab", "build", "-k", "16", "--algorithm", "faiss", *common)
+    assert code == 0, stderr
+    assert load_vocabulary(out).algorithm_ == "faiss"
+    code, stdout, _ = cli("vocab", "info", out)
+    assert code == 0 and "faiss" in stdout
+    code, _, stderr = cli("vocab", "build", "-k", "16", "--algorithm", "sklearn", *common)
+    assert code == 0, stderr
+    assert load_vocabulary(out).algorithm_ == "lloyd"
+    code, _, stderr = cli("vocab", "build", "-k", "4", "--kind", "gmm", "--algorithm", "faiss", *common)
+    assert code == 2 and "--kind kmeans" in stderr
+    code, stdout, _ = cli("vocab", "build", "--help")
+    assert f"auto: faiss from -k {FAISS_THRESHOLD} on" in " ".join(stdout.split())

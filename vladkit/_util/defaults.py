@@ -36,6 +36,16 @@ DENSE_SIZES = (4, 6, 8, 10)
 #: ``FisherEncoder(pca="auto")``: descriptors of more dimensions are reduced to this many.
 AUTO_PCA = 64
 
+#: ``KMeansVocabulary(algorithm="auto")``: faiss from this many words on (below:
+#: scikit-learn, mini-batch above MINIBATCH_THRESHOLD samples); measured in
+#: README, "Vocabularies".
+FAISS_THRESHOLD = 1024
+MINIBATCH_THRESHOLD = 500_000
+#: ``KMeansVocabulary(max_iter="auto")``: Lloyd iterations with scikit-learn (at most;
+#: VLFeat's default) and with faiss (exactly).
+SKLEARN_MAX_ITER = 100
+FAISS_MAX_ITER = 20
+
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 

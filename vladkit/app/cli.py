@@ -20,7 +20,7 @@ import threading
 
 from .._version import __version__
 from .._util.defaults import (AUTO_PCA, DEFAULT_MAX_MEMORY, DEFAULT_MAX_PIXELS, DENSE_MAX_SIDE, DENSE_SIZES,
-    DENSE_STEP, SIFT_MAX_SIDE, parse_memory)
+    DENSE_STEP, FAISS_MAX_ITER, FAISS_THRESHOLD, MINIBATCH_THRESHOLD, SIFT_MAX_SIDE, SKLEARN_MAX_ITER, parse_memory)
 from .errors import EXIT_FAILED, EXIT_USAGE, UsageError
 
 
@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
                             f"(default: {AUTO_PCA} for --kind gmm, as FisherEncoder: a diagonal GMM fits "
                             "decorrelated descriptors better; none for kmeans)")
     build.add_argument("--whiten", action="store_true", help="whiten the PCA components (needs PCA)")
+    build.add_argument("--algorithm", choices=("auto", "sklearn", "faiss"), default="auto",
+                       help=f"how k-means words are trained: scikit-learn's KMeans (k-means++, up to "
+                            f"{SKLEARN_MAX_ITER} Lloyd iterations; MiniBatchKMeans above {MINIBATCH_THRESHOLD:,} "
+                            f"descriptors) or faiss's (random initialisation, {FAISS_MAX_ITER} Lloyd "
+                            f"iterations: several times faster for large K). auto: faiss from -k {FAISS_THRESHOLD} on, scikit-learn below "
+                            "(default auto)")
     build.add_argument("--max-descriptors", type=_positive_int, default=200_000, metavar="N",
                        help="training sample size, spread over the images (default 200,000)")
     build.add_argument("--max-per-image", type=_positive_int, default=None, metavar="N",

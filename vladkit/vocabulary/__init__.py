@@ -13,6 +13,7 @@ from .._lazy import lazy_exports
 
 _LOCATIONS = {
     "DescriptorSampler": "sampling",
+    "FAISS_THRESHOLD": "kmeans",
     "FILE_FORMAT": "fileformat",
     "FILE_FORMAT_VERSION": "fileformat",
     "GMMVocabulary": "gmm",

@@ -4,8 +4,9 @@ saving; its subclasses (:mod:`.kmeans`, :mod:`.gmm`) train the words.
 A vocabulary is trained on a bounded sample of descriptors spread over the images
 (:class:`DescriptorSampler`), optionally after a PCA of the descriptors (Fisher vectors
 want it: VLFeat's presets reduce SIFT to 80 dimensions). Training is scikit-learn's
-(``KMeans``, ``MiniBatchKMeans``, ``GaussianMixture`` with diagonal covariances);
-assignment uses vladkit's BLAS kernels, shared with the encoders.
+(``KMeans``, ``MiniBatchKMeans``, ``GaussianMixture`` with diagonal covariances), or
+faiss's k-means for large codebooks; assignment uses vladkit's BLAS kernels, shared with
+the encoders.
 """
 
 from __future__ import annotations

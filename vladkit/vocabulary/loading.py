@@ -120,5 +120,9 @@ def load_vocabulary(path, *, descriptor_dim=None):
     vocab.descriptor_dim_ = int(stored_dim)
     vocab.n_features_in_ = int(stored_dim)  # as after fit (scikit-learn's name for it)
     vocab.n_training_descriptors_ = int(metadata.get("n_training_descriptors", 0))
+    if kind == "kmeans":
+        # Which algorithm trained the words; None in files written before it was recorded.
+        algorithm = metadata.get("algorithm")
+        vocab.algorithm_ = algorithm if isinstance(algorithm, str) else None
     vocab.metadata_ = metadata
     return vocab

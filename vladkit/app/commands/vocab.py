@@ -8,7 +8,7 @@ from ...features.spatial_augmentation import N_POSITION_DIMS
 from ...features.images import ImageReadError, list_images
 from ...pipeline.jobs import sample_descriptors
 from ...vocabulary.gmm import GMMVocabulary
-from ...vocabulary.kmeans import KMeansVocabulary
+from ...vocabulary.kmeans import MINIBATCH_THRESHOLD, KMeansVocabulary
 from ...vocabulary.loading import load_vocabulary
 from ..errors import EXIT_OK, CommandError, UsageError
 from .common import (_cannot_read, _dask_client, _elapsed, _extractor_from_args, _progress, _report_skipped,
@@ -26,7 +26,13 @@ def _vocabulary_pca(args, dim):
     return AUTO_PCA if args.kind == "gmm" and dim > AUTO_PCA else None
 
 
+def _sklearn_algorithm(n_samples):
+    return "minibatch" if n_samples > MINIBATCH_THRESHOLD else "lloyd"
+
+
 def cmd_vocab_build(args):
+    if args.algorithm != "auto" and args.kind != "kmeans":
+        raise UsageError("--algorithm chooses how k-means words are trained: it needs --kind kmeans")
     no_pca = args.pca == 0 or (args.pca is None and args.kind == "kmeans")
     if args.whiten and no_pca:
         raise UsageError("--whiten whitens the PCA components: give --pca N with it")
@@ -51,6 +57,10 @@ def cmd_vocab_build(args):
         raise CommandError(f"none of the {len(paths)} images has any descriptor")
     cls = KMeansVocabulary if args.kind == "kmeans" else GMMVocabulary
     size = {"n_clusters": args.k} if args.kind == "kmeans" else {"n_components": args.k}
+    if args.kind == "kmeans" and args.algorithm != "auto":
+        # "sklearn": KMeansVocabulary's own choice among scikit-learn's (Lloyd, or mini-batch
+        # for large samples), which is also what "auto" gives below FAISS_THRESHOLD.
+        size["algorithm"] = "faiss" if args.algorithm == "faiss" else _sklearn_algorithm(len(sample))
     vocab = cls(**size, max_descriptors=args.max_descriptors, max_per_image=args.max_per_image,
                 pca=_vocabulary_pca(args, sample.shape[1]), whiten=args.whiten, random_state=args.seed,
                 passthrough_dims=N_POSITION_DIMS if _spatial_scale(args) is not None else 0,
@@ -79,9 +89,17 @@ def cmd_vocab_info(args):
     print(f"word dim:         {meta['dim']} ({meta['dtype']})")
     print(f"descriptors:      {meta['params'].get('descriptor_type') or 'unknown'}")
     print(f"trained on:       {meta['n_training_descriptors']:,} descriptors, seed {meta['params'].get('random_state')}")
+    if meta["kind"] == "kmeans":
+        print(f"k-means:          {_algorithm_name(meta.get('algorithm'))}")
     if meta["kind"] == "gmm":
         weights = vocab.weights_
         print(f"priors:           min {weights.min():.4g}, max {weights.max():.4g}")
         print(f"variances:        min {vocab.covariances_.min():.4g}, max {vocab.covariances_.max():.4g}")
     print(f"format:           {meta['format']} v{meta['format_version']}, written by vladkit {meta['vladkit_version']}")
     return EXIT_OK
+
+
+def _algorithm_name(algorithm):
+    return {"lloyd": "scikit-learn KMeans (Lloyd)", "elkan": "scikit-learn KMeans (Elkan)",
+            "minibatch": "scikit-learn MiniBatchKMeans", "faiss": "faiss Clustering (Lloyd)",
+            None: "not recorded"}.get(algorithm, str(algorithm))
