@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .._util.threads import kernel_threads
+from .._util.threads import numba_threads
 from .._util.blas import load_faiss
 from ..kernels.asmk import aggregate_images
 from ..kernels.nearest import candidate_count, exact_nearest
@@ -198,7 +198,7 @@ class ASMKEncoder(TransformerMixin, BaseEstimator):
         signatures = np.empty((len(X) * m,) + self.signature_shape_, dtype=np.uint8 if self.binary else np.float32)
         words = np.empty(len(X) * m, dtype=np.int64)
         counts = np.zeros(len(sets), dtype=np.int64)
-        with kernel_threads(self.n_jobs):
+        with numba_threads(self.n_jobs):  # (no BLAS inside these kernels: no BLAS limit to set)
             aggregate_images(X, offsets, assignments, self._centers[dtype], bool(self.binary), signatures, words,
                              counts)
         return [WordSignatures(words[first * m:first * m + count].copy(), signatures[first * m:first * m + count].copy())
@@ -220,7 +220,7 @@ class ASMKEncoder(TransformerMixin, BaseEstimator):
         _, candidates = self._faiss_words.search(np.ascontiguousarray(X, dtype=np.float32),
                                                  candidate_count(m, self.n_words_))
         neighbors = np.empty((len(X), m), dtype=np.int64)
-        with kernel_threads(self.n_jobs):
+        with numba_threads(self.n_jobs):  # (no BLAS inside these kernels: no BLAS limit to set)
             exact_nearest(X, self._centers[np.dtype(np.float64)], candidates.astype(np.int64), neighbors,
                           np.empty((len(X), m)))
         return neighbors

@@ -15,6 +15,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from ._flags import _FAST
+
 #: Set bits of each byte value: the popcount of a byte of XOR.
 _POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
 
@@ -173,7 +175,7 @@ def _match(query, entries, j, table, alpha, threshold):
     raise NotImplementedError  # numba's overload below; never called from Python
 
 
-@overload(_match, jit_options={"cache": True, "nogil": True})
+@overload(_match, jit_options={"cache": True, "nogil": True, "fastmath": _FAST})
 def _match_by_dtype(query, entries, j, table, alpha, threshold):
     if query.dtype == types.uint64:
         def words64(query, entries, j, table, alpha, threshold):
@@ -191,10 +193,12 @@ def _match_by_dtype(query, entries, j, table, alpha, threshold):
         return bytes8
 
     def inner_product(query, entries, j, table, alpha, threshold):
-        total = 0.0
+        # In the signatures' dtype, vectorised (fastmath lets the sum be reordered): the
+        # reference computes this product in float32 too, by BLAS.
+        total = entries.dtype.type(0)
         for d in range(query.shape[0]):
-            total += np.float64(query[d]) * np.float64(entries[j, d])
-        return _selectivity(total, alpha, threshold)
+            total += query[d] * entries[j, d]
+        return _selectivity(np.float64(total), alpha, threshold)
     return inner_product
 
 
