@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from .._util.io import default_folder_mode
 from .._version import __version__
 from ..encoders.asmk import WordSignatures
 from ..kernels.asmk import count_words, scatter_entries, score_queries, selectivity_table
-from .index_files import (_INDEX_FILES, IDS_FILE, INDEX_FORMAT, METADATA_FILE, IndexFileError, _check_replaceable,
-                          _fsync_directory, _json_bytes, _move_into_place, _read_json, _write_file)
+from .index_files import (_INDEX_FILES, IDS_FILE, INDEX_FORMAT, METADATA_FILE, IndexFileError, _json_bytes, _read_json,
+                          _write_file, index_folder_writer)
 
 __all__ = ["ASMKIndex"]
 
@@ -259,15 +256,8 @@ class ASMKIndex:
         self._check_params()
         arrays = self._layout()
         extra_files = dict(extra_files or {})
-        target = os.path.abspath(os.fspath(folder))
-        parent, name = os.path.split(target)
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"cannot save the index to {target!r}: the folder {parent!r} does not exist")
-        if os.path.lexists(target):
-            # Either kind of index folder may be replaced by the other, nothing else.
-            _check_replaceable(target, (INDEX_FORMAT, ASMK_FORMAT), set(_INDEX_FILES) | set(ASMK_FILES))
-        temporary = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-        try:
+        # Either kind of index folder may be replaced by this one, nothing else.
+        with index_folder_writer(folder, (INDEX_FORMAT, ASMK_FORMAT), set(_INDEX_FILES) | set(ASMK_FILES)) as temporary:
             for key in ARRAYS:
                 with open(os.path.join(temporary, f"{key}.npy"), "wb") as handle:
                     np.save(handle, np.ascontiguousarray(arrays[key]), allow_pickle=False)
@@ -280,13 +270,6 @@ class ASMKIndex:
             if extra_files:
                 metadata["extra_files"] = sorted(extra_files)
             _write_file(os.path.join(temporary, METADATA_FILE), _json_bytes(metadata))  # last: complete
-            os.chmod(temporary, default_folder_mode())
-            _fsync_directory(temporary)
-            _move_into_place(temporary, target)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
-        _fsync_directory(parent)
 
     @classmethod
     def load(cls, folder, *, mmap=True):

@@ -10,10 +10,6 @@ An index is saved as a folder (metadata.json, index.faiss, ids.json, whitening.n
 written into a temporary sibling folder and renamed into place, so a reader never sees a
 half-written index; the files' names, format and helpers are in
 :mod:`vladkit.retrieval.index_files` (:class:`IndexFileError` is re-exported here).
-
-One module over 600 lines on purpose: it is one concept, the index object (the class is
-~470 lines: building, adding, searching with query expansion, saving and loading); its
-file helpers and the whitening are already in their own modules.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -36,11 +31,11 @@ import faiss  # noqa: E402
 from sklearn.utils.validation import check_is_fitted
 
 from .._version import __version__
-from .._util.io import default_folder_mode, write_npz_atomically
+from .._util.io import write_npz_atomically
 from ..vocabulary.fileformat import _jsonable
 from .index_files import (_INDEX_FILES, _WHITENING_ARRAYS, FAISS_FILE, IDS_FILE, INDEX_FORMAT, INDEX_FORMAT_VERSION,
-                          METADATA_FILE, WHITENING_FILE, IndexFileError, _check_faiss_index, _check_replaceable,
-                          _fsync_directory, _json_bytes, _load_whitening, _move_into_place, _read_json, _write_file)
+                          METADATA_FILE, WHITENING_FILE, IndexFileError, _check_faiss_index, _json_bytes,
+                          _load_whitening, _read_json, _write_file, index_folder_writer)
 from .whitening import PCAWhitening
 
 __all__ = ["IndexFileError", "PCAWhitening", "VectorIndex"]
@@ -503,14 +498,7 @@ class VectorIndex:
             raise ValueError("nothing to save: this index has no dimension yet (train or add vectors first)"
                              if self.kind == "flat" else
                              f"this {self.kind!r} index is not trained: train it before saving")
-        target = os.path.abspath(os.fspath(folder))
-        parent, name = os.path.split(target)
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"cannot save the index to {target!r}: the folder {parent!r} does not exist")
-        if os.path.lexists(target):
-            _check_replaceable(target)
-        temporary = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-        try:
+        with index_folder_writer(folder) as temporary:
             _write_file(os.path.join(temporary, FAISS_FILE),
                         faiss.serialize_index(self._index).tobytes())
             _write_file(os.path.join(temporary, IDS_FILE), _json_bytes(self._ids))
@@ -527,13 +515,6 @@ class VectorIndex:
             if extra_files:
                 metadata["extra_files"] = sorted(extra_files)
             _write_file(os.path.join(temporary, METADATA_FILE), _json_bytes(metadata))
-            os.chmod(temporary, default_folder_mode())  # mkdtemp's is 0o700
-            _fsync_directory(temporary)
-            _move_into_place(temporary, target)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
-        _fsync_directory(parent)
 
     @classmethod
     def load(cls, folder):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -30,7 +32,7 @@ from .._util.blas import load_faiss
 load_faiss()
 import faiss  # noqa: E402
 
-from .._util.io import json_dumps
+from .._util.io import default_folder_mode, json_dumps
 from .whitening import PCAWhitening
 
 __all__ = ["IndexFileError"]
@@ -115,6 +117,31 @@ def _check_replaceable(target, formats=(INDEX_FORMAT,), known_files=_INDEX_FILES
         reason = f"it contains {unexpected[:3]}" if unexpected else f"it has no vladkit {METADATA_FILE}"
         raise FileExistsError(f"refusing to replace {target!r}: it is not a vladkit index folder "
                               f"({reason}); remove it or choose another name")
+
+
+@contextmanager
+def index_folder_writer(folder, formats=(INDEX_FORMAT,), known_files=_INDEX_FILES):
+    """Write an index folder atomically: the block fills the temporary sibling folder it is
+    given (``metadata.json`` last, which marks a folder complete); then that folder
+    replaces ``folder`` (nothing, or an index folder of ``formats`` holding only
+    ``known_files``: anything else is refused before anything is written), or, on any
+    error, Ctrl-C included, is removed."""
+    target = os.path.abspath(os.fspath(folder))
+    parent, name = os.path.split(target)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot save the index to {target!r}: the folder {parent!r} does not exist")
+    if os.path.lexists(target):
+        _check_replaceable(target, formats, known_files)
+    temporary = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        yield temporary
+        os.chmod(temporary, default_folder_mode())  # mkdtemp's is 0o700
+        _fsync_directory(temporary)
+        _move_into_place(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _fsync_directory(parent)
 
 
 def _move_into_place(temporary, target):
