@@ -143,6 +143,47 @@ def scatter_entries(words, images, signatures, cursor, entry_images, entry_signa
 
 
 @njit(cache=True, nogil=True)
+def check_entries(words, images, n_words, n_images):
+    """-1, or the position of the first entry of a shard that breaks its rules: words in
+    0..n_words-1, images in 0..n_images-1, (word, image) strictly increasing."""
+    for j in range(words.shape[0]):
+        word, image = words[j], images[j]
+        if word < 0 or word >= n_words or image < 0 or image >= n_images:
+            return j
+        if j > 0 and (word < words[j - 1] or (word == words[j - 1] and image <= images[j - 1])):
+            return j
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def scatter_range(words, images, signatures, first_image, word_start, cursor, out_images, out_signatures):
+    """One shard's entries of a range of words into the range's buffer: entry j goes to
+    its word's next free slot, ``cursor[words[j] - word_start]`` (advanced), its image
+    numbered globally (``first_image + images[j]``). Shards come in image order, so each
+    word's images stay increasing."""
+    for j in range(words.shape[0]):
+        c = words[j] - word_start
+        slot = cursor[c]
+        cursor[c] = slot + 1
+        out_images[slot] = first_image + images[j]
+        out_signatures[slot, :] = signatures[j, :]
+
+
+@njit(cache=True, nogil=True)
+def accumulate_norms(entry_images, counts, weights, norms):
+    """norms[x] += weights[c] for each entry (of image x) of each word c of a range laid
+    out by word (``counts[c]`` entries each), in that order: the additions of
+    ``np.bincount(entry_images, weights[entry_words])`` over the whole inverted file, so the
+    sums round alike."""
+    j = 0
+    for c in range(counts.shape[0]):
+        weight = weights[c]
+        for _ in range(counts[c]):
+            norms[entry_images[j]] += weight
+            j += 1
+
+
+@njit(cache=True, nogil=True)
 def _selectivity(u, alpha, threshold):
     """sigma_alpha(u) = sign(u) |u|^alpha for u >= threshold, else 0."""
     if u < threshold:
@@ -203,13 +244,20 @@ def _match_by_dtype(query, entries, j, table, alpha, threshold):
 
 
 @njit(cache=True, nogil=True)
-def _score_one(q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights, image_scales,
-               table, alpha, threshold, scores, touched):
-    """Accumulate one query's scores; returns (the number of images touched, the query's
-    normaliser sum_c w_c over its words)."""
+def _accumulate(q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights, image_scales,
+                table, alpha, threshold, scores, touched, hits):
+    """Accumulate one query's scores into ``scores`` (zero where not yet touched), marking
+    each image it touches in ``touched`` and listing it, in order of first touch, in
+    ``hits``.
+
+    Returns (the number of images touched, the query's normaliser sum_c w_c over its
+    words, -1 or the first word whose inverted list is damaged: an image number out of
+    range or not increasing; nothing of such a list is read, and numba checks no bounds).
+    """
     n_touched = 0
     query_norm = 0.0
     n_words = word_offsets.shape[0] - 1
+    n_images = image_scales.shape[0]
     for t in range(q_words.shape[0]):
         word = q_words[t]
         if word < 0 or word >= n_words:
@@ -217,84 +265,136 @@ def _score_one(q_words, q_signatures, word_offsets, entry_images, entry_signatur
             continue
         weight = word_weights[word]
         query_norm += weight
-        for j in range(word_offsets[word], word_offsets[word + 1]):
-            s = _match(q_signatures[t], entry_signatures, j, table, alpha, threshold)
+        first, end = word_offsets[word], word_offsets[word + 1]
+        # Checked as the list is read, not when the index is loaded: a check at load would
+        # read every entry (gigabytes at a million images) to answer the first query.
+        previous = -1
+        for j in range(first, end):
             image = entry_images[j]
-            if touched[image] < 0:
-                touched[image] = n_touched
+            if image <= previous or image >= n_images:
+                return n_touched, query_norm, word
+            previous = image
+        for j in range(first, end):
+            image = entry_images[j]
+            s = _match(q_signatures[t], entry_signatures, j, table, alpha, threshold)
+            if touched[image] == 0:
+                touched[image] = 1
+                hits[n_touched] = image
                 n_touched += 1
             scores[image] += s * weight * image_scales[image]
-    return n_touched, query_norm
+    return n_touched, query_norm, -1
 
 
 @njit(cache=True, nogil=True)
-def _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                image_scales, table, alpha, threshold, out_scores, out_images):
-    """Query i's top ``out_scores.shape[1]`` images into row i of the outputs (see
-    :func:`score_queries`)."""
-    n_images = image_scales.shape[0]
-    scores = np.zeros(n_images)
-    touched = np.full(n_images, -1, dtype=np.int64)
-    first, end = q_offsets[i], q_offsets[i + 1]
-    n_touched, query_norm = _score_one(q_words[first:end], q_signatures[first:end], word_offsets, entry_images,
-                                       entry_signatures, word_weights, image_scales, table, alpha, threshold,
-                                       scores, touched)
-    query_scale = 1.0 / np.sqrt(query_norm) if query_norm > 0 else 0.0
-    hits = np.empty(n_touched, dtype=np.int64)
-    if n_touched * 8 > n_images:
-        for image in range(n_images):
-            if touched[image] >= 0:
-                hits[touched[image]] = image
-    else:
-        # Few touched images: find them from the entries again rather than by a pass
-        # over every image.
-        for t in range(first, end):
-            word = q_words[t]
-            if word < 0 or word >= word_offsets.shape[0] - 1:
-                continue
-            for j in range(word_offsets[word], word_offsets[word + 1]):
-                image = entry_images[j]
-                hits[touched[image]] = image
-    hits.sort()
-    values = np.empty(n_touched)
+def _better(value_a, image_a, value_b, image_b):
+    """Whether (value_a, image_a) ranks before (value_b, image_b): higher score first, ties
+    by increasing image."""
+    return value_a > value_b or (value_a == value_b and image_a < image_b)
+
+
+@njit(cache=True, nogil=True)
+def _sift_down(values, images, size, position):
+    """Restore the heap below ``position``: the root holds the worst-ranked kept image."""
+    while True:
+        worst = position
+        for child in (2 * position + 1, 2 * position + 2):
+            if child < size and _better(values[worst], images[worst], values[child], images[child]):
+                worst = child
+        if worst == position:
+            return
+        values[position], values[worst] = values[worst], values[position]
+        images[position], images[worst] = images[worst], images[position]
+        position = worst
+
+
+@njit(cache=True, nogil=True)
+def _select_top(scores, hits, n_touched, query_scale, out_scores, out_images):
+    """The best ``len(out_scores)`` touched images, by score * query_scale decreasing and
+    then image increasing, into ``out_scores``/``out_images``; returns how many were
+    written (min(k, n_touched)). A heap of k: O(n_touched log k), where sorting every
+    touched image (a query touches most of a million-image index) took longer than the
+    scoring."""
+    size = min(out_scores.shape[0], n_touched)
+    values = np.empty(size)
+    images = np.empty(size, dtype=np.int64)
+    for h in range(size):
+        values[h] = scores[hits[h]] * query_scale
+        images[h] = hits[h]
+    for position in range(size // 2 - 1, -1, -1):
+        _sift_down(values, images, size, position)
+    for h in range(size, n_touched):
+        image = hits[h]
+        value = scores[image] * query_scale
+        if size > 0 and _better(value, image, values[0], images[0]):
+            values[0], images[0] = value, image
+            _sift_down(values, images, size, 0)
+    for last in range(size - 1, -1, -1):  # pop the worst into the last free slot
+        out_scores[last], out_images[last] = values[0], images[0]
+        values[0], images[0] = values[last], images[last]
+        _sift_down(values, images, last, 0)
+    return size
+
+
+@njit(cache=True, nogil=True)
+def _top_images(first, end, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
+                image_scales, table, alpha, threshold, scores, touched, hits, out_scores, out_images):
+    """One query's top ``len(out_scores)`` images (see :func:`score_queries`), with
+    ``scores``/``touched``/``hits`` a scratch of n_images each, zero on entry and left zero
+    (only the touched images are reset: zeroing a million scores per query cost more than
+    a small query's work). Returns -1, or the word whose list is damaged."""
+    n_touched, query_norm, damaged = _accumulate(q_words[first:end], q_signatures[first:end], word_offsets,
+                                                 entry_images, entry_signatures, word_weights, image_scales,
+                                                 table, alpha, threshold, scores, touched, hits)
+    if damaged < 0:
+        query_scale = 1.0 / np.sqrt(query_norm) if query_norm > 0 else 0.0
+        filled = _select_top(scores, hits, n_touched, query_scale, out_scores, out_images)
+        image = 0
+        while filled < out_scores.shape[0] and image < image_scales.shape[0]:
+            if touched[image] == 0:  # images the query shares no word with, score 0
+                out_images[filled] = image
+                out_scores[filled] = 0.0
+                filled += 1
+            image += 1
     for h in range(n_touched):
-        values[h] = -scores[hits[h]] * query_scale
-    order = np.argsort(values, kind="mergesort")
-    kk = out_scores.shape[1]
-    filled = 0
-    for h in range(min(kk, n_touched)):
-        out_images[i, filled] = hits[order[h]]
-        out_scores[i, filled] = -values[order[h]]
-        filled += 1
-    image = 0
-    while filled < kk and image < n_images:
-        if touched[image] < 0:
-            out_images[i, filled] = image
-            out_scores[i, filled] = 0.0
-            filled += 1
-        image += 1
+        scores[hits[h]] = 0.0
+        touched[hits[h]] = 0
+    return damaged
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _score_in_parallel(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                       image_scales, table, alpha, threshold, out_scores, out_images):
-    for i in prange(q_offsets.shape[0] - 1):
-        _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                    image_scales, table, alpha, threshold, out_scores, out_images)
+def _score_blocks(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
+                  image_scales, table, alpha, threshold, scores, touched, hits, out_scores, out_images, damaged):
+    """Queries in ``len(scores)`` contiguous blocks in parallel, block b on scratch row b."""
+    n, blocks = q_offsets.shape[0] - 1, scores.shape[0]
+    for b in prange(blocks):
+        for i in range(b * n // blocks, (b + 1) * n // blocks):
+            damaged[i] = _top_images(q_offsets[i], q_offsets[i + 1], q_words, q_signatures, word_offsets,
+                                     entry_images, entry_signatures, word_weights, image_scales, table, alpha,
+                                     threshold, scores[b], touched[b], hits[b], out_scores[i], out_images[i])
 
 
 @njit(cache=True, nogil=True)
 def _score_in_order(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                    image_scales, table, alpha, threshold, out_scores, out_images):
+                    image_scales, table, alpha, threshold, scores, touched, hits, out_scores, out_images, damaged):
     for i in range(q_offsets.shape[0] - 1):
-        _top_images(i, q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                    image_scales, table, alpha, threshold, out_scores, out_images)
+        damaged[i] = _top_images(q_offsets[i], q_offsets[i + 1], q_words, q_signatures, word_offsets,
+                                 entry_images, entry_signatures, word_weights, image_scales, table, alpha,
+                                 threshold, scores[0], touched[0], hits[0], out_scores[i], out_images[i])
+
+
+def score_scratch(blocks, n_images):
+    """A zeroed scratch for :func:`score_queries`: per block of queries run at once, a
+    score (float64), a mark (uint8) and a hit list (int32) per image. Reused across calls
+    (it is left zeroed), so a query pays for the images it touches, not for all of them."""
+    return (np.zeros((blocks, n_images)), np.zeros((blocks, n_images), dtype=np.uint8),
+            np.zeros((blocks, n_images), dtype=np.int32))
 
 
 def score_queries(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                  image_scales, table, alpha, threshold, out_scores, out_images):
-    """The top k indexed images of each query: in parallel over queries, or in this thread
-    for one query (waking sleeping worker threads costs more than one query's work).
+                  image_scales, table, alpha, threshold, out_scores, out_images, scratch=None):
+    """The top k indexed images of each query: in parallel over blocks of queries (one per
+    row of ``scratch``), or in this thread with a one-row scratch (waking sleeping worker
+    threads costs more than one query's work).
 
     Query i's words are ``q_words[q_offsets[i]:q_offsets[i + 1]]`` with their signatures.
     Its score for image x is
@@ -305,7 +405,21 @@ def score_queries(q_offsets, q_words, q_signatures, word_offsets, entry_images, 
     and gamma(q) likewise over the query's words (0 for an image or query with none).
     Out: ``out_scores`` (n, k) float64, decreasing, and ``out_images`` (n, k) int64; ties
     in increasing image order; images the query shares no word with follow, score 0.
+
+    ``scratch``: from :func:`score_scratch` for ``len(image_scales)`` images (made here if
+    None). Inverted lists must hold increasing image numbers below ``len(image_scales)``.
+
+    Returns
+    -------
+    int: -1, or a word whose inverted list breaks that rule (its list is not read; the
+    caller reports the damaged file).
     """
-    kernel = _score_in_order if len(q_offsets) <= 2 else _score_in_parallel
+    n = len(q_offsets) - 1
+    if scratch is None:
+        scratch = score_scratch(1 if n <= 1 else 2, len(image_scales))
+    damaged = np.full(max(n, 0), -1, dtype=np.int64)
+    kernel = _score_in_order if len(scratch[0]) == 1 or n <= 1 else _score_blocks
     kernel(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-           image_scales, table, alpha, threshold, out_scores, out_images)
+           image_scales, table, alpha, threshold, *scratch, out_scores, out_images, damaged)
+    bad = damaged[damaged >= 0]
+    return int(bad[0]) if len(bad) else -1

@@ -16,26 +16,42 @@ Layout: the inverted lists laid end to end by word (CSR): ``word_offsets`` (n_wo
 then per entry its image (``entry_images``, int32) and signature (``entry_signatures``);
 per image its gamma (``image_scales``); per word its weight (``word_weights``). Saved as
 ``.npy`` files and JSON in a folder, written into a temporary sibling and renamed into
-place; loaded memory-mapped, so a large index costs page cache, not resident memory.
+place; loaded memory-mapped, so a large index costs page cache, not resident memory. The
+ids too: their UTF-8 bytes end to end (``ids.npy``) and where each starts
+(``id_offsets.npy``), decoded only for the results a search returns.
+
+A folder of a million images or more is written without holding the index in memory by
+:func:`vladkit.retrieval.asmk_build.build_asmk_index`, to the same bytes.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
 import os
+import re
+import shutil
+import threading
+from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
 from .._version import __version__
-from ..encoders.asmk import WordSignatures
-from ..kernels.asmk import count_words, scatter_entries, score_queries, selectivity_table
-from .index_files import (_INDEX_FILES, IDS_FILE, INDEX_FORMAT, METADATA_FILE, IndexFileError, _json_bytes, _read_json,
-                          _write_file, index_folder_writer)
+from ..kernels.asmk import count_words, scatter_entries, score_queries, score_scratch, selectivity_table
 
-__all__ = ["ASMKIndex"]
+# Not imported here: ..encoders.asmk and .index_files, which load scikit-learn and faiss
+# (about 100 MB resident together) for the other index kind and the encoder. A process that
+# loads an ASMK index and searches it with word sets it was given needs neither; both are
+# imported on first use (_word_signatures_class, _index_files).
+
+__all__ = ["ASMKIndex", "StoredIds"]
 
 ASMK_FORMAT = "vladkit-asmk-index"
-ASMK_FORMAT_VERSION = 1
+# 2: ids as UTF-8 bytes and offsets (ids.npy, id_offsets.npy) rather than ids.json.
+ASMK_FORMAT_VERSION = 2
+METADATA_FILE = "metadata.json"  # as index_files.METADATA_FILE: the file that marks a folder complete
 #: name -> (dtype, dimensions) of the arrays of a saved index.
 ARRAYS = {
     "word_offsets": ("int64", 1),
@@ -44,7 +60,116 @@ ARRAYS = {
     "image_scales": ("float64", 1),
     "word_weights": ("float64", 1),
 }
-ASMK_FILES = (METADATA_FILE, IDS_FILE, *(f"{name}.npy" for name in ARRAYS))
+#: name -> dtype of the two arrays that hold the ids.
+ID_ARRAYS = {"ids": "uint8", "id_offsets": "int64"}
+ASMK_FILES = (METADATA_FILE, *(f"{name}.npy" for name in (*ID_ARRAYS, *ARRAYS)))
+#: How ids are encoded: UTF-8, lone surrogates (file names that are not UTF-8, as
+#: os.fsdecode gives them) kept as their 3-byte forms, so every str round-trips.
+ID_ENCODING, ID_ERRORS = "utf-8", "surrogatepass"
+
+
+def _index_files():
+    """:mod:`.index_files`, imported on first use (it loads faiss and scikit-learn)."""
+    from . import index_files
+    return index_files
+
+
+def _refuse(message):
+    """Raise :class:`~vladkit.retrieval.index_files.IndexFileError` with ``message``."""
+    raise _index_files().IndexFileError(message)
+
+
+def _word_signatures_class():
+    from ..encoders.asmk import WordSignatures
+    return WordSignatures
+
+
+def encode_ids(ids):
+    """``(data, offsets)``: the ids' encoded bytes end to end (uint8) and where each
+    starts, with the end last (int64, len(ids) + 1)."""
+    encoded = [i.encode(ID_ENCODING, ID_ERRORS) for i in ids]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+class StoredIds(Sequence):
+    """Image ids by position: those of a saved index decoded from their bytes on demand
+    (``data[offsets[i]:offsets[i + 1]]``, memory-mapped), then those added since.
+
+    ``in`` builds a set of every id the first time it is used (only :meth:`ASMKIndex.add`
+    needs it), so loading and searching a large index never holds its ids as objects.
+    """
+
+    def __init__(self, data=None, offsets=None, source=None):
+        self._data = np.zeros(0, dtype=np.uint8) if data is None else data
+        self._offsets = np.zeros(1, dtype=np.int64) if offsets is None else offsets
+        self._source = source     # the file named when a stored id cannot be decoded
+        self._added = []
+        self._set = None
+
+    def __len__(self):
+        return len(self._offsets) - 1 + len(self._added)
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return [self[i] for i in range(*position.indices(len(self)))]
+        position = int(position)
+        stored = len(self._offsets) - 1
+        if position < 0:
+            position += len(self)
+        if not 0 <= position < len(self):
+            raise IndexError(f"id position {position} out of range for {len(self)} ids")
+        if position >= stored:
+            return self._added[position - stored]
+        first, end = int(self._offsets[position]), int(self._offsets[position + 1])
+        try:
+            return self._data[first:end].tobytes().decode(ID_ENCODING, ID_ERRORS)
+        except UnicodeDecodeError as exc:
+            _refuse(f"{self._source}: id {position} is not UTF-8 ({exc}); the file is damaged")
+
+    def __iter__(self):
+        for position in range(len(self)):
+            yield self[position]
+
+    def __contains__(self, value):
+        if self._set is None:
+            self._set = set(self)
+        return value in self._set
+
+    def extend(self, ids):
+        self._added.extend(ids)
+        if self._set is not None:
+            self._set.update(ids)
+
+    def arrays(self):
+        """``(data, offsets)`` of every id, to save."""
+        if not self._added:
+            return self._data, self._offsets
+        data, offsets = encode_ids(self._added)
+        return (np.concatenate([self._data, data]),
+                np.concatenate([self._offsets[:-1], offsets + self._offsets[-1]]))
+
+
+class _ScratchPool:
+    """Zeroed score scratches (:func:`~vladkit.kernels.asmk.score_scratch`) kept between
+    searches: allocating and zeroing 13 bytes per image for each query costs more than
+    scoring a small one. Each search takes its own, so threads may search at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free = []
+
+    def take(self, blocks, n_images):
+        with self._lock:
+            for k, scratch in enumerate(self._free):
+                if scratch[0].shape == (blocks, n_images):
+                    return self._free.pop(k)
+        return score_scratch(blocks, n_images)
+
+    def give(self, scratch):
+        with self._lock:
+            self._free = [s for s in self._free if s[0].shape[1] == scratch[0].shape[1]][-3:] + [scratch]
 
 
 class ASMKIndex:
@@ -67,14 +192,21 @@ class ASMKIndex:
         self.alpha = alpha
         self.threshold = threshold
         self.idf = idf
-        self._ids = []
-        self._id_set = set()
+        self._ids = StoredIds()
+        self._scratch = _ScratchPool()
         self._pending = []          # (words, images, signatures) chunks not yet laid out
+        self._source = None         # the folder a loaded index was read from (named in errors)
         self._arrays = None         # the laid-out inverted file (dict of ARRAYS)
         self._signature = None      # (dtype, shape) of one signature
 
     def __len__(self):
         return len(self._ids)
+
+    @property
+    def ids(self):
+        """The ids by position (a read-only sequence: those of a loaded index are decoded
+        when read)."""
+        return self._ids
 
     @property
     def binary(self):
@@ -101,7 +233,7 @@ class ASMKIndex:
         if not all(isinstance(i, str) for i in ids):
             raise TypeError("ids must be strings (or paths)")
         seen = set()
-        duplicates = [i for i in ids if i in self._id_set or (i in seen or seen.add(i))]
+        duplicates = [i for i in ids if i in self._ids or (i in seen or seen.add(i))]
         if duplicates:
             raise ValueError(f"duplicate ids ({len(duplicates)}, e.g. {duplicates[0]!r}): each id must be unique")
         for index, item in enumerate(sets):
@@ -114,11 +246,10 @@ class ASMKIndex:
                 np.zeros((0,) + self._signature[1], self._signature[0])
             self._pending.append((words, images, signatures))
         self._ids.extend(ids)
-        self._id_set.update(ids)
         return self
 
     def _check_set(self, item, where):
-        if not isinstance(item, WordSignatures):
+        if not isinstance(item, _word_signatures_class()):
             raise TypeError(f"{where}: expected WordSignatures (from ASMKEncoder), got {type(item).__name__}")
         signatures = np.asarray(item.signatures)
         kind = (signatures.dtype, signatures.shape[1:])
@@ -214,8 +345,18 @@ class ASMKIndex:
         table = selectivity_table(self._n_bits(), alpha, threshold)
         if self.binary and entries.shape[1] % 8 == 0:  # 64 bits at a time
             entries, q_signatures = entries.view(np.uint64), np.ascontiguousarray(q_signatures).view(np.uint64)
-        score_queries(q_offsets, q_words, q_signatures, arrays["word_offsets"], arrays["entry_images"], entries,
-                      arrays["word_weights"], arrays["image_scales"], table, alpha, threshold, scores, images)
+        # One query in this thread; more in parallel blocks, one per numba thread.
+        blocks = 1 if n == 1 else max(1, min(n, _numba_threads()))
+        scratch = self._scratch.take(blocks, len(self))
+        try:
+            damaged = score_queries(q_offsets, q_words, q_signatures, arrays["word_offsets"], arrays["entry_images"],
+                                    entries, arrays["word_weights"], arrays["image_scales"], table, alpha, threshold,
+                                    scores, images, scratch)
+        finally:
+            self._scratch.give(scratch)  # left zeroed by the kernel, even for a damaged list
+        if damaged >= 0:
+            _refuse(f"{self._source or 'the index'}: entry_images.npy: the inverted list of word {damaged} holds "
+                    f"image numbers out of 0..{len(self) - 1} or not increasing; the folder is damaged")
         return scores.astype(np.float32), [[self._ids[j] for j in row] for row in images.tolist()]
 
     def _n_bits(self):
@@ -254,65 +395,175 @@ class ASMKIndex:
         if self._signature is None:
             raise ValueError("nothing to save: add images first")
         self._check_params()
-        arrays = self._layout()
-        extra_files = dict(extra_files or {})
-        # Either kind of index folder may be replaced by this one, nothing else.
-        with index_folder_writer(folder, (INDEX_FORMAT, ASMK_FORMAT), set(_INDEX_FILES) | set(ASMK_FILES)) as temporary:
-            for key in ARRAYS:
+        arrays = dict(self._layout())
+        arrays["ids"], arrays["id_offsets"] = self._ids.arrays()
+        with index_writer(folder) as temporary:
+            for key in (*ID_ARRAYS, *ARRAYS):
                 with open(os.path.join(temporary, f"{key}.npy"), "wb") as handle:
                     np.save(handle, np.ascontiguousarray(arrays[key]), allow_pickle=False)
                     handle.flush()
                     os.fsync(handle.fileno())
-            _write_file(os.path.join(temporary, IDS_FILE), _json_bytes(self._ids))
-            for extra, data in sorted(extra_files.items()):
-                _write_file(os.path.join(temporary, extra), bytes(data))
-            metadata = self._metadata()
-            if extra_files:
-                metadata["extra_files"] = sorted(extra_files)
-            _write_file(os.path.join(temporary, METADATA_FILE), _json_bytes(metadata))  # last: complete
+            write_metadata(temporary, self._metadata(), extra_files)
 
     @classmethod
     def load(cls, folder, *, mmap=True):
-        """Read an index written by :meth:`save`; its arrays memory-mapped (``mmap=True``)
-        or read into memory. Anything inconsistent is refused with :class:`IndexFileError`
-        naming the file."""
+        """Read an index written by :meth:`save` (or
+        :func:`~vladkit.retrieval.asmk_build.build_asmk_index`); its arrays memory-mapped
+        (``mmap=True``) or read into memory. Anything inconsistent is refused with
+        :class:`~vladkit.retrieval.index_files.IndexFileError` naming the file.
+
+        Loading reads only the small arrays (per word, per image); the entries' image
+        numbers are checked as a search reads their lists."""
         folder = os.fspath(folder)
-        metadata = _read_json(folder, METADATA_FILE)
-        if not isinstance(metadata, dict) or metadata.get("format") != ASMK_FORMAT:
-            raise IndexFileError(f"{folder!r}: {METADATA_FILE} does not describe a vladkit ASMK index")
-        if metadata.get("format_version") != ASMK_FORMAT_VERSION:
-            raise IndexFileError(f"{folder!r}: ASMK index format version {metadata.get('format_version')!r}; "
-                                 f"this vladkit reads version {ASMK_FORMAT_VERSION}")
+        metadata = _read_metadata(folder)
         try:
             params = metadata["params"]
             index = cls(alpha=float(params["alpha"]), threshold=float(params["threshold"]), idf=bool(params["idf"]))
             n_images, n_words, n_entries = (int(metadata[key]) for key in ("n_images", "n_words", "n_entries"))
             signature = (np.dtype(metadata["signature_dtype"]), tuple(int(v) for v in metadata["signature_shape"]))
         except (KeyError, TypeError, ValueError) as exc:
-            raise IndexFileError(f"{folder!r}: {METADATA_FILE} is incomplete or malformed ({exc})") from None
-        ids = _read_json(folder, IDS_FILE)
-        if not isinstance(ids, list) or len(ids) != n_images or not all(isinstance(i, str) for i in ids):
-            raise IndexFileError(f"{folder!r}: {IDS_FILE} does not hold the {n_images} image ids of {METADATA_FILE}")
+            _refuse(f"{folder!r}: {METADATA_FILE} is incomplete or malformed ({exc})")
+        if signature[0] not in (np.uint8, np.float32) or len(signature[1]) != 1 or min(n_images, n_words,
+                                                                                       n_entries) < 0:
+            _refuse(f"{folder!r}: {METADATA_FILE} describes no ASMK index this vladkit reads")
         expected = {"word_offsets": (n_words + 1,), "entry_images": (n_entries,),
                     "entry_signatures": (n_entries,) + signature[1], "image_scales": (n_images,),
-                    "word_weights": (n_words,)}
+                    "word_weights": (n_words,), "id_offsets": (n_images + 1,)}
         arrays = {}
-        for key, (dtype, _) in ARRAYS.items():
-            path = os.path.join(folder, f"{key}.npy")
-            try:
-                array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise IndexFileError(f"{path}: unreadable ({exc})") from None
-            want = signature[0] if dtype is None else np.dtype(dtype)
-            if array.dtype != want or array.shape != expected[key]:
-                raise IndexFileError(f"{path}: {array.dtype} of shape {array.shape}, expected {want} of shape "
-                                     f"{expected[key]} ({METADATA_FILE}); the folder is damaged or mixed")
-            arrays[key] = array
-        offsets = arrays["word_offsets"]
-        if len(offsets) and (offsets[0] != 0 or offsets[-1] != n_entries or np.any(np.diff(offsets) < 0)):
-            raise IndexFileError(f"{os.path.join(folder, 'word_offsets.npy')}: not the offsets of {n_entries} entries")
-        if n_entries and (int(arrays["entry_images"].min()) < 0 or int(arrays["entry_images"].max()) >= n_images):
-            raise IndexFileError(f"{os.path.join(folder, 'entry_images.npy')}: image numbers outside 0..{n_images - 1}")
-        index._ids, index._id_set = ids, set(ids)
-        index._signature, index._arrays = signature, arrays
+        for key, dtype in [*((key, dtype) for key, (dtype, _) in ARRAYS.items()), *ID_ARRAYS.items()]:
+            arrays[key] = _load_array(folder, key, signature[0] if dtype is None else np.dtype(dtype),
+                                      expected.get(key), mmap)
+        _check_offsets(folder, "word_offsets", arrays["word_offsets"], n_entries)
+        _check_offsets(folder, "id_offsets", arrays["id_offsets"], len(arrays["ids"]))
+        for key in ("image_scales", "word_weights"):
+            if not np.all(np.isfinite(arrays[key])) or np.any(arrays[key] < 0):
+                _refuse(f"{os.path.join(folder, key + '.npy')}: values that are not finite and non-negative")
+        index._ids = StoredIds(arrays.pop("ids"), arrays.pop("id_offsets"), os.path.join(folder, "ids.npy"))
+        index._signature, index._arrays, index._source = signature, arrays, folder
         return index
+
+
+def _numba_threads():
+    import numba  # loaded already, by the kernels
+    return numba.get_num_threads()
+
+
+def _read_metadata(folder):
+    path = os.path.join(folder, METADATA_FILE)
+    try:
+        with open(path, "rb") as handle:
+            metadata = json.loads(handle.read().decode("utf-8"))
+    except FileNotFoundError:
+        _refuse(f"{folder!r} is not a vladkit index folder: {METADATA_FILE} is missing")
+    except (UnicodeDecodeError, ValueError) as exc:
+        _refuse(f"{folder!r}: {METADATA_FILE} is not valid UTF-8 JSON ({exc})")
+    if not isinstance(metadata, dict) or metadata.get("format") != ASMK_FORMAT:
+        _refuse(f"{folder!r}: {METADATA_FILE} does not describe a vladkit ASMK index")
+    if metadata.get("format_version") != ASMK_FORMAT_VERSION:
+        _refuse(f"{folder!r}: ASMK index format version {metadata.get('format_version')!r}; "
+                f"this vladkit reads version {ASMK_FORMAT_VERSION}")
+    return metadata
+
+
+def _load_array(folder, key, dtype, shape, mmap):
+    """``key.npy``, refused unless of ``dtype`` and ``shape`` (any 1-D length if None)."""
+    path = os.path.join(folder, f"{key}.npy")
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as exc:  # missing, truncated (numpy checks the size), not .npy
+        _refuse(f"{path}: unreadable ({exc})")
+    if array.dtype != dtype or (array.shape != shape if shape is not None else array.ndim != 1):
+        _refuse(f"{path}: {array.dtype} of shape {array.shape}, expected {dtype} of shape "
+                f"{shape if shape is not None else '(n,)'} ({METADATA_FILE}); the folder is damaged or mixed")
+    return array
+
+
+def _check_offsets(folder, key, offsets, total):
+    """Offsets of a CSR layout: from 0 to ``total``, never decreasing (read in blocks, so
+    a million offsets need no large temporary)."""
+    ok = len(offsets) > 0 and offsets[0] == 0 and offsets[-1] == total
+    step = 1 << 20
+    for first in range(0, len(offsets) - 1, step) if ok else ():
+        block = np.asarray(offsets[first:first + step + 1])
+        if np.any(block[1:] < block[:-1]):
+            ok = False
+            break
+    if not ok:
+        _refuse(f"{os.path.join(folder, key + '.npy')}: not the offsets of {total} entries; the file is damaged")
+
+
+# -- writing folders -----------------------------------------------------------------
+
+
+def write_metadata(temporary, metadata, extra_files=None):
+    """The extra files (``{name: bytes}``), then ``metadata.json``: last, it marks the
+    folder complete."""
+    files = _index_files()
+    extra_files = dict(extra_files or {})
+    for extra, data in sorted(extra_files.items()):
+        files._write_file(os.path.join(temporary, extra), bytes(data))
+    if extra_files:
+        metadata = {**metadata, "extra_files": sorted(extra_files)}
+    files._write_file(os.path.join(temporary, METADATA_FILE), files._json_bytes(metadata))
+
+
+def _temporary_pattern(name):
+    """Names of the temporary siblings that index_folder_writer makes for ``name``
+    (tempfile.mkdtemp's: prefix, 8 random characters, suffix)."""
+    return re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")
+
+
+def _try_lock(path):
+    """An open descriptor of folder ``path`` holding its exclusive ``flock``, or None when
+    another process holds it. The lock lasts until the descriptor is closed or the process
+    dies (SIGKILL included): the kernel releases it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary siblings of ``folder`` that a killed writer left (a folder
+    whose writer is alive holds its lock, :func:`index_writer`, and is kept). Returns the
+    paths removed."""
+    target = os.path.abspath(os.fspath(folder))
+    parent, name = os.path.split(target)
+    pattern, removed = _temporary_pattern(name), []
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+        path = os.path.join(parent, entry)
+        if not pattern.fullmatch(entry) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        fd = _try_lock(path)
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(path)   # under the lock: no writer can take it meanwhile
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextmanager
+def index_writer(folder):
+    """``with index_writer(folder) as temporary:`` index_folder_writer for an ASMK folder
+    (either kind of index folder may be replaced, nothing else), after removing stale
+    temporary siblings of earlier writers that were killed. The temporary folder is
+    locked (``flock``) until it is renamed into place or removed, so that a concurrent
+    writer's cleanup leaves it alone."""
+    files = _index_files()
+    remove_stale_temporaries(folder)
+    locks = []
+    try:
+        with files.index_folder_writer(folder, (files.INDEX_FORMAT, ASMK_FORMAT),
+                                       set(files._INDEX_FILES) | set(ASMK_FILES)) as temporary:
+            locks.append(_try_lock(temporary))
+            yield temporary
+    finally:  # after the rename: the lock covers the folder until it is in place
+        for fd in locks:
+            if fd is not None:
+                os.close(fd)
