@@ -156,6 +156,24 @@ def check_entries(words, images, n_words, n_images):
 
 
 @njit(cache=True, nogil=True)
+def word_slice(words, word_start, word_end):
+    """``(lo, hi)``: the entries of words ``word_start..word_end-1`` in ``words`` (sorted),
+    by binary search: on a memory-mapped shard this reads a few pages, where
+    ``np.searchsorted`` would first copy the whole strided column."""
+    bounds = np.empty(2, dtype=np.int64)
+    for b, value in enumerate((word_start, word_end)):
+        lo, hi = 0, words.shape[0]
+        while lo < hi:
+            middle = (lo + hi) // 2
+            if words[middle] < value:
+                lo = middle + 1
+            else:
+                hi = middle
+        bounds[b] = lo
+    return bounds[0], bounds[1]
+
+
+@njit(cache=True, nogil=True)
 def scatter_range(words, images, signatures, first_image, word_start, cursor, out_images, out_signatures):
     """One shard's entries of a range of words into the range's buffer: entry j goes to
     its word's next free slot, ``cursor[words[j] - word_start]`` (advanced), its image

@@ -378,13 +378,8 @@ class ASMKIndex:
     # -- files -----------------------------------------------------------------------
 
     def _metadata(self):
-        dtype, shape = self._signature
-        arrays = self._arrays
-        return {"format": ASMK_FORMAT, "format_version": ASMK_FORMAT_VERSION, "vladkit_version": __version__,
-                "params": {"alpha": float(self.alpha), "threshold": float(self.threshold), "idf": bool(self.idf)},
-                "n_images": len(self), "n_words": len(arrays["word_offsets"]) - 1,
-                "n_entries": int(arrays["word_offsets"][-1]), "signature_dtype": np.dtype(dtype).name,
-                "signature_shape": list(shape)}
+        offsets = self._arrays["word_offsets"]
+        return index_metadata(self, len(self), len(offsets) - 1, int(offsets[-1]), self._signature)
 
     def save(self, folder, extra_files=None):
         """Write the index to ``folder``, atomically (a temporary sibling folder renamed
@@ -443,6 +438,16 @@ class ASMKIndex:
         return index
 
 
+def index_metadata(params, n_images, n_words, n_entries, signature):
+    """The ``metadata.json`` of an index: ``params`` an :class:`ASMKIndex` (its alpha,
+    threshold and idf), the sizes, and ``signature`` (dtype, shape)."""
+    dtype, shape = signature
+    return {"format": ASMK_FORMAT, "format_version": ASMK_FORMAT_VERSION, "vladkit_version": __version__,
+            "params": {"alpha": float(params.alpha), "threshold": float(params.threshold), "idf": bool(params.idf)},
+            "n_images": int(n_images), "n_words": int(n_words), "n_entries": int(n_entries),
+            "signature_dtype": np.dtype(dtype).name, "signature_shape": [int(v) for v in shape]}
+
+
 def _numba_threads():
     import numba  # loaded already, by the kernels
     return numba.get_num_threads()
@@ -496,12 +501,16 @@ def _check_offsets(folder, key, offsets, total):
 
 
 def write_metadata(temporary, metadata, extra_files=None):
-    """The extra files (``{name: bytes}``), then ``metadata.json``: last, it marks the
-    folder complete."""
+    """The extra files (``{name: bytes or path of a file}``; a path is moved in, so that
+    large files, the re-ranking features, are not held in memory), then
+    ``metadata.json``: last, it marks the folder complete."""
     files = _index_files()
     extra_files = dict(extra_files or {})
     for extra, data in sorted(extra_files.items()):
-        files._write_file(os.path.join(temporary, extra), bytes(data))
+        if isinstance(data, (str, os.PathLike)):
+            shutil.move(os.fspath(data), os.path.join(temporary, extra))
+        else:
+            files._write_file(os.path.join(temporary, extra), bytes(data))
     if extra_files:
         metadata = {**metadata, "extra_files": sorted(extra_files)}
     files._write_file(os.path.join(temporary, METADATA_FILE), files._json_bytes(metadata))
