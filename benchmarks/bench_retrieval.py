@@ -156,6 +156,16 @@ CONFIGURATIONS = [
 ] + [
     {"name": "sift-fv64-exact-qe2", "vocabs": [[*FEATURES["sift"], *ENCODINGS["fv64"], *VOCAB_SAMPLE]],
      "encode": [], "index": [], "search": ["--qe", "2"]},
+] + [
+    # Selective match kernels over an inverted file: ASMK* (128 sign bits per word) and
+    # ASMK (unit float residuals), large k-means codebooks (faiss's k-means), the whole
+    # sample of the database's sparse RootSIFT.
+    {"name": f"sift-{kind}{words // 1024}k" + ("-rerank100" if rerank else ""),
+     "vocabs": [[*FEATURES["sift"], "-k", str(words), "--max-descriptors", "1000000", "--seed", "0"]],
+     "encode": ["--encoder", "asmk", *([] if kind == "asmk*" else ["--signatures", "float"])],
+     "index": ["--rerank-features"] if rerank else [], "search": ["--rerank", "100"] if rerank else []}
+    for kind, words, rerank in (("asmk*", 4096, False), ("asmk", 4096, False), ("asmk*", 16384, False),
+                                ("asmk", 16384, False), ("asmk*", 16384, True), ("asmk*", 65536, False))
 ]
 
 
@@ -397,12 +407,15 @@ def evaluate(config, root, fingerprint, truth, args, log):
         vocabularies.append(f"{STEPS}/{name}.npz")
     vocab_options = [option for path in vocabularies for option in ("--vocab", path)]
     compressed = "--pca" in config["index"] or "--pq" in config["index"]
+    # ASMK's word sets are a folder of shards, and its queries are encoded by search only.
+    word_sets = "asmk" in config["encode"]
     encodings = {}
-    for folder in ("database", "queries") + (("learning",) if learning and compressed else ()):
+    for folder in ("database",) + (() if word_sets else ("queries",)) + (("learning",) if learning and compressed
+                                                                          else ()):
         name = f"encode-{key(fingerprint, vocabularies, config['encode'])}-{folder}"
-        step(root, name, cli("encode", folder, *vocab_options, *config["encode"], "-o", f"{STEPS}/{name}.npz",
-                             "-q"), log)
-        encodings[folder] = f"{STEPS}/{name}.npz"
+        output = f"{STEPS}/{name}" + (".asmk" if word_sets else ".npz")
+        step(root, name, cli("encode", folder, *vocab_options, *config["encode"], "-o", output, "-q"), log)
+        encodings[folder] = output
     index_options = list(config["index"])
     if "learning" in encodings:
         index_options += ["--train", encodings["learning"]]
@@ -469,7 +482,7 @@ def evaluate(config, root, fingerprint, truth, args, log):
         "index": f"{STEPS}/{index_name}",
         "answers": answers,
     }
-    if not config["index"] and not config["search"]:
+    if not config["index"] and not config["search"] and not word_sets:
         row["check"] = same_first_result(root, encodings, queries, answers)
     return row
 

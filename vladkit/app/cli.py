@@ -258,11 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--vocab", required=True, metavar="FILE",
                         help="vocabulary from 'vladkit vocab build', or NetVLAD parameters from "
                              "'vladkit netvlad train' (told apart by their format)")
-    encode.add_argument("--encoder", choices=("bof", "vlad", "fisher", "netvlad", "llc", "sv"), default=None,
-                        help="llc: locality-constrained linear coding, sv: super-vector coding (both "
-                             "with k-means words, as bof and vlad); default: fisher for a GMM "
-                             "vocabulary, vlad for k-means words, netvlad for a NetVLAD file (which "
-                             "only netvlad can use)")
+    encode.add_argument("--encoder", choices=("bof", "vlad", "fisher", "netvlad", "llc", "sv", "asmk"),
+                        default=None,
+                        help="llc: locality-constrained linear coding, sv: super-vector coding, asmk: "
+                             "(word, signature) sets for the selective match kernels, a folder of shards "
+                             "(all with k-means words); default: fisher for a GMM, vlad for k-means words, "
+                             "netvlad for a NetVLAD file (which only netvlad can use)")
+    asmk = encode.add_argument_group("ASMK (--encoder asmk)")
+    asmk.add_argument("--signatures", choices=("bits", "float"), default=None,
+                      help="bits: the signs of a word's summed residuals (ASMK*, 16 bytes for SIFT; default); "
+                           "float: the unit residual (ASMK, 512 bytes)")
+    asmk.add_argument("--assignment", type=_positive_int, default=None, metavar="M",
+                      help="words per descriptor of indexed images (default 1)")
+    asmk.add_argument("--query-assignment", type=_positive_int, default=None, metavar="M",
+                      help="words per descriptor of queries (default 5)")
+    asmk.add_argument("--queries", action="store_true", help="encode as queries, for 'vladkit evaluate'")
     encode.add_argument("--pyramid", action="store_true",
                         help="spatial pyramid: encode 1x1 + 2x2 + 1x3 cells and concatenate (8x longer)")
     encode.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -283,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     index_commands = index.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
     build_index = index_commands.add_parser(
         "build", help="index the vectors of an encodings file",
-        description="Index the vectors of ENCODINGS (from 'vladkit encode') for inner-product "
-                    "search: exact (default), or compressed with a product quantizer (--pq), "
+        description="Index the vectors of ENCODINGS (from 'vladkit encode') for inner-product search "
+                    "(ASMK word sets: an inverted file): exact (default), or with a product quantizer (--pq), "
                     "optionally with an inverted file (--nlist). --pca first reduces the vectors "
                     "with PCA-whitening (Jegou & Chum 2012), learnt on the vectors themselves or "
                     "on --train. The folder also keeps the recipe and the vocabulary, so that "
@@ -320,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     build_index.add_argument("-j", "--jobs", type=int, default=-1, metavar="N",
                              help="threads for --rerank-features' extraction (default -1: every core)")
     build_index.add_argument("--max-memory", type=_memory, default=DEFAULT_MAX_MEMORY, metavar="SIZE",
-                             help="working-memory budget of that extraction (default 1GB)")
+                             help="working-memory budget of that extraction, and of an ASMK build (default 1GB)")
+    asmk = build_index.add_argument_group("ASMK (ENCODINGS from 'vladkit encode --encoder asmk')")
+    asmk.add_argument("--alpha", type=float, default=None, metavar="A", help="a word pair of similarity u "
+                      "counts u^A (default 3), if u is at least --threshold T, in [-1, 1] (default 0)")
+    asmk.add_argument("--threshold", type=float, default=None, metavar="T", help="(see --alpha)")
+    asmk.add_argument("--idf", action="store_true", help="weigh word c by log(N / n_c)^2 (N images, n_c with c)")
     _add_verify_option(build_index, "ENCODINGS (and --train)")
     build_index.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     build_index.add_argument("-o", "--output", required=True, metavar="FOLDER", help="index folder to write")

@@ -49,6 +49,10 @@ def encoder_memory(encoder):
     """
     if encoder is None:
         return 0, 0
+    from .word_sets import is_word_set_encoder, word_set_memory
+
+    if is_word_set_encoder(encoder):
+        return word_set_memory(encoder)
     from ..encoders._base import CHUNK_ROWS
     from ..encoders.fisher import FisherEncoder
     from ..encoders.netvlad import NetVLADEncoder

@@ -20,7 +20,8 @@ import numpy as np
 from .._version import __version__
 from .._util.io import write_npz_atomically
 from .recipe import EncodingsFileError, Recipe
-from .sharded import ShardedEncodings, sample_rows
+from .sharded import ShardedEncodings, read_manifest, sample_rows
+from .word_sets import ShardedWordSets
 
 __all__ = ["EncodedImages", "load_encodings"]
 
@@ -77,13 +78,17 @@ class EncodedImages:
 
 def load_encodings(path, verify=True):
     """Read ``vladkit encode``'s output: an ``.npz`` file (:meth:`EncodedImages.save`), or
-    a sharded folder (:class:`vladkit.pipeline.sharded.ShardedEncodings`, read block by block).
+    a sharded folder (:class:`vladkit.pipeline.sharded.ShardedEncodings`, read block by block;
+    :class:`vladkit.pipeline.word_sets.ShardedWordSets` for the word sets of ``--encoder asmk``).
 
     ``verify``: check each shard of a folder against the SHA-256 its job recorded, as it
     is first read (False: read unchecked). An ``.npz`` is always checked: zip's CRC-32 of
     each array, as it is read."""
     name = os.fspath(path)
     if os.path.isdir(name):
+        manifest = read_manifest(name)
+        if manifest is not None and "word_sets" in manifest:
+            return ShardedWordSets(name, verify=verify)
         return ShardedEncodings(name, verify=verify)
     try:
         archive = np.load(name, allow_pickle=False)

@@ -3,6 +3,7 @@ in memory as descriptors (dense SIFT on 15-Scene alone is ~18 GB of float32)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from contextlib import contextmanager
 
@@ -11,6 +12,7 @@ from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
+from .word_sets import is_word_set_encoder, word_set_accumulation
 from .budget import DEFAULT_MAX_MEMORY, iter_batches, parse_memory
 from ..encoders import BoFEncoder, SpatialPyramid
 from ..features.extractors import LocalFeatures, _check_images, _empty_features
@@ -236,8 +238,10 @@ def _encode_batch(encoder, batch):
     """(indices, vectors) of a batch: a list, or a :class:`~vladkit.pipeline.budget.StreamedBatch`
     encoded image by image as its images are extracted (which may leave some out)."""
     indices = []
-    with encoder._thread_limits():
-        accumulation = encoder._accumulate(len(batch))
+    word_sets = is_word_set_encoder(encoder)
+    # (an ASMK encoder bounds its own numba threads; it makes no BLAS call of its own)
+    with contextlib.nullcontext() if word_sets else encoder._thread_limits():
+        accumulation = word_set_accumulation(encoder, len(batch)) if word_sets else encoder._accumulate(len(batch))
         for position, (index, pieces) in enumerate(batch):
             indices.append(index)
             for piece in pieces:

@@ -49,6 +49,7 @@ from ..features.extractors import ImageSkippedWarning
 from .image_encoder import encode_batches, sample_features
 from ..features.images import DEFAULT_MAX_PIXELS
 from ..vocabulary.sampling import DescriptorSampler
+from .word_sets import WORD_SET_ENCODERS, QueryEncoding, ShardedWordSets, is_word_set_encoder, pack_entries
 from .sharded import (MANIFEST, SHARDED_FORMAT, SHARDED_FORMAT_VERSION, ShardedEncodings, images_digest, is_job_file,
     job_digest, read_manifest, read_shard, shard_stem, write_images, write_manifest, write_shard)
 
@@ -78,6 +79,7 @@ class _Settings:
     on_error: str
     n_jobs: int | None
     job_sha256: str = ""
+    queries: bool = False   # word sets (ASMK) encoded as queries (query_assignment words a descriptor)
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,11 @@ class _Shard:
 
 def encode_images(images, recipe, output, *, vocabulary=None, shard_size=256, batch_size=64,
                   max_memory=DEFAULT_MAX_MEMORY, max_pixels=DEFAULT_MAX_PIXELS, on_error="skip",
-                  n_jobs=None, client=None, progress=None, on_skipped=None, log=None):
+                  n_jobs=None, client=None, progress=None, on_skipped=None, log=None, queries=False):
     """Encode ``images`` with ``recipe`` into the sharded folder ``output``.
+
+    With the "asmk" encoder the folder holds word-signature sets
+    (:class:`vladkit.pipeline.word_sets.ShardedWordSets`), not vectors.
 
     Parameters
     ----------
@@ -131,6 +136,10 @@ def encode_images(images, recipe, output, *, vocabulary=None, shard_size=256, ba
         told again). Default: an :class:`vladkit.ImageSkippedWarning`.
     log : callable(message), optional
         Told when the folder held another job, which is started over. Default: a warning.
+    queries : bool, default=False
+        Word sets only: encode the images as queries (the encoder's ``query_assignment``
+        words per descriptor, :meth:`vladkit.ASMKEncoder.transform_queries`), not as images
+        to index.
 
     Returns
     -------
@@ -147,14 +156,21 @@ def encode_images(images, recipe, output, *, vocabulary=None, shard_size=256, ba
         vocabulary = load_vocabulary_file(recipe.vocabulary_path)
     shard_size = -(-shard_size // batch_size) * batch_size
     folder = Path(output)
+    word_sets = recipe.encoder in WORD_SET_ENCODERS
+    if queries and not word_sets:
+        raise ValueError(f"queries=True is for word-set encoders ({sorted(WORD_SET_ENCODERS)}): a "
+                         f"{recipe.encoder} vector is the same for a query")
     job = {"recipe": recipe.to_json(), "n_images": len(images), "images_sha256": images_digest(images),
            "batch_size": batch_size, "shard_size": shard_size, "max_pixels": max_pixels,
            "max_memory": max_memory}
+    if word_sets:
+        job["word_sets"] = "queries" if queries else "database"
     digest = job_digest(job)
     with job_folder(folder):
         _prepare_folder(folder, job, images, log)
         settings = _Settings(os.fspath(folder.resolve()), recipe.to_json(), batch_size, max_memory, max_pixels,
-                             on_error, n_jobs if n_jobs is not None else (1 if client is not None else -1), digest)
+                             on_error, n_jobs if n_jobs is not None else (1 if client is not None else -1), digest,
+                             bool(queries))
         shards = [_Shard(number, first, min(first + shard_size, len(images)),
                          tuple(images[first:first + shard_size]))
                   for number, first in enumerate(range(0, len(images), shard_size))]
@@ -182,8 +198,15 @@ def encode_images(images, recipe, output, *, vocabulary=None, shard_size=256, ba
             if read_shard(folder, shard.number, verify=False, job_sha256=digest) is None:
                 raise RuntimeError(f"{os.fspath(folder)!r}: {shard_stem(shard.number)} was replaced by another "
                                    "job while this one ran: run this job again")
-        write_manifest(folder, job, ordered, dim=ordered[0]["dim"])
-        encodings = ShardedEncodings(folder)
+        if word_sets:
+            _, encoder = recipe.build(vocabulary, n_jobs=1)
+            layout = {"n_words": int(encoder.n_words_), "signature_dtype": "uint8" if encoder.binary else "float32",
+                      "signature_shape": list(encoder.signature_shape_), "role": job["word_sets"]}
+            write_manifest(folder, job, ordered, word_sets=layout)
+            encodings = ShardedWordSets(folder)
+        else:
+            write_manifest(folder, job, ordered, dim=ordered[0]["dim"])
+            encodings = ShardedEncodings(folder)
     skipped = [tuple(item) for report in ordered for item in report["skipped"]]
     return EncodeResult(encodings, len(images), skipped, resumed)
 
@@ -277,7 +300,12 @@ def _encode_shard(settings, shard, vocabulary, progress=None, on_skipped=None):
     skipped = []
     unreadable = _unreadable(settings, shard.images, skipped, on_skipped)
 
-    vectors = np.zeros((len(shard.images), encoder.n_features_out_), dtype=np.float32)
+    word_sets = is_word_set_encoder(encoder)
+    if word_sets:
+        vectors = [None] * len(shard.images)
+        encoder = QueryEncoding(encoder) if settings.queries else encoder
+    else:
+        vectors = np.zeros((len(shard.images), encoder.n_features_out_), dtype=np.float32)
     encoded = np.zeros(len(shard.images), dtype=bool)
     done = 0
     with limit_threads(settings.n_jobs):
@@ -285,14 +313,24 @@ def _encode_shard(settings, shard, vocabulary, progress=None, on_skipped=None):
                                max_images=settings.batch_size, encoder=encoder, on_unreadable=unreadable,
                                streamed=True)
         for rows, batch_vectors in encode_batches(encoder, batches):
-            vectors[rows], encoded[rows] = batch_vectors, True
+            encoded[rows] = True
+            if word_sets:
+                for row, item in zip(rows, batch_vectors):
+                    vectors[row] = item
+            else:
+                vectors[rows] = batch_vectors
             if progress is not None:
                 progress(rows[-1] + 1 - done)
                 done = rows[-1] + 1
     if progress is not None and done < len(shard.images):
         progress(len(shard.images) - done)
     ids = [image for image, ok in zip(shard.images, encoded) if ok]
-    return write_shard(settings.folder, shard.number, shard.first, shard.end, vectors[encoded], ids, skipped,
+    if word_sets:
+        payload = pack_entries([item for item, ok in zip(vectors, encoded) if ok],
+                               np.uint8 if encoder.binary else np.float32, encoder.signature_shape_)
+    else:
+        payload = vectors[encoded]
+    return write_shard(settings.folder, shard.number, shard.first, shard.end, payload, ids, skipped,
                        settings.job_sha256)
 
 

@@ -21,9 +21,11 @@ import numpy as np
 
 from ..encoders import (BoFEncoder, FisherEncoder, LLCEncoder, NetVLADEncoder, SpatialPyramid, SuperVectorEncoder,
     VLADEncoder)
+from ..encoders.asmk import ASMKEncoder
 from ..encoders.netvlad_params import NetVLADParams, is_netvlad_file, load_netvlad
 from ..features.extractors import SIFT, DenseSIFT
 from ..vocabulary.gmm import GMMVocabulary
+from ..vocabulary.kmeans import KMeansVocabulary
 from ..vocabulary.fileformat import _jsonable
 from ..vocabulary.base import _Vocabulary
 from ..vocabulary.loading import load_vocabulary
@@ -31,7 +33,7 @@ from ..vocabulary.loading import load_vocabulary
 __all__ = ["EncodingsFileError", "Recipe", "load_vocabulary_file", "locate_vocabulary"]
 
 ENCODERS = {"bof": BoFEncoder, "vlad": VLADEncoder, "fisher": FisherEncoder, "netvlad": NetVLADEncoder,
-            "llc": LLCEncoder, "sv": SuperVectorEncoder}
+            "llc": LLCEncoder, "sv": SuperVectorEncoder, "asmk": ASMKEncoder}
 EXTRACTORS = {"SIFT": SIFT, "DenseSIFT": DenseSIFT}
 
 
@@ -121,8 +123,8 @@ class Recipe:
         how it was trained). NetVLAD's "params" are the file itself."""
         _, encoder = self.build(vocabulary, n_jobs=1)
         inner = encoder.encoder if self.pyramid is not None else encoder
-        unused = {"vocabulary", "params", "n_jobs", inner._size_param, "pca", "passthrough_dims", "max_descriptors",
-                  "random_state"}
+        unused = {"vocabulary", "params", "n_jobs", getattr(inner, "_size_param", None), "n_words", "pca",
+                  "passthrough_dims", "max_descriptors", "random_state"}
         params = {k: v for k, v in inner.get_params(deep=False).items() if k not in unused}
         return dataclasses.replace(self, encoder_params=params)
 
@@ -264,7 +266,7 @@ def check_encoder(kind, vocabulary):
     if kind != "netvlad" and isinstance(vocabulary, NetVLADParams):
         raise ValueError(f"the {kind} encoder needs a vocabulary (from 'vladkit vocab build'), got NetVLAD "
                          "parameters: they encode with the netvlad encoder only")
-    needed = getattr(ENCODERS[kind], "_vocabulary_class", None)
+    needed = getattr(ENCODERS[kind], "_vocabulary_class", None) or (KMeansVocabulary if kind == "asmk" else None)
     if needed is not None and isinstance(vocabulary, _Vocabulary) and not isinstance(vocabulary, needed):
         build = "--kind gmm" if needed is GMMVocabulary else "--kind kmeans"
         raise ValueError(f"the {kind} encoder needs a {needed.__name__} ('vladkit vocab build {build}'), got a "

@@ -92,19 +92,26 @@ def job_digest(job):
 
 def write_shard(folder, number, first, end, vectors, ids, skipped, job_sha256):
     """Write shard ``number`` (input images ``first:end``) of the job ``job_sha256``:
-    vectors, then the report.
+    vectors (or the word-set entries of :mod:`vladkit.pipeline.word_sets`, a structured
+    array), then the report.
 
     Returns the report (what :func:`read_shard` gives back).
     """
     folder = Path(folder)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    word_sets = vectors.dtype.names is not None
+    payload = np.ascontiguousarray(vectors) if word_sets else np.ascontiguousarray(vectors, dtype=np.float32)
     stem = shard_stem(number)
     with atomic_output(folder / f"{stem}.npy") as handle:
         hashing = _HashingWriter(handle)
-        np.lib.format.write_array(hashing, vectors, allow_pickle=False)
-    report = {"number": number, "first": first, "end": end, "rows": len(vectors), "dim": vectors.shape[1],
+        np.lib.format.write_array(hashing, payload, allow_pickle=False)
+    report = {"number": number, "first": first, "end": end, "rows": len(ids),
+              "dim": None if word_sets else payload.shape[1],
               "ids": [str(i) for i in ids], "skipped": [list(item) for item in skipped],
               "sha256": hashing.digest.hexdigest(), "job_sha256": job_sha256}
+    if word_sets:
+        report["entries"] = len(payload)
+    elif len(payload) != len(ids):
+        raise ValueError(f"{len(payload)} vectors for {len(ids)} ids")
     write_json(folder / f"{stem}.json", report)
     return report
 
@@ -124,7 +131,11 @@ def read_shard(folder, number, verify=True, job_sha256=None):
         vectors = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):
         return None
-    if vectors.shape != (report.get("rows"), report.get("dim")) or vectors.dtype != np.float32:
+    if "entries" in report:  # word-set entries (vladkit.pipeline.word_sets)
+        if (vectors.ndim != 1 or vectors.dtype.names != ("word", "image", "signature")
+                or len(vectors) != report["entries"] or len(report.get("ids", ())) != report.get("rows")):
+            return None
+    elif vectors.shape != (report.get("rows"), report.get("dim")) or vectors.dtype != np.float32:
         return None
     if verify and file_sha256(path) != report.get("sha256"):
         return None
@@ -145,16 +156,21 @@ def write_images(folder, images):
         handle.write(_images_text(images))
 
 
-def write_manifest(folder, job, shards=None, dim=None):
+def write_manifest(folder, job, shards=None, dim=None, word_sets=None):
     """The manifest: the ``job`` (recipe, settings, images), and once ``shards`` (their
-    reports, in order) are all written, ``complete`` with each shard's summary."""
+    reports, in order) are all written, ``complete`` with each shard's summary (and for
+    word-set shards, ``word_sets``: the codebook size, the signature's dtype and shape,
+    the role)."""
     manifest = {"format": SHARDED_FORMAT, "format_version": SHARDED_FORMAT_VERSION, "job": job,
                 "complete": shards is not None, "vladkit_version": __version__}
     if shards is not None:
         manifest["dim"] = dim
         manifest["n_vectors"] = sum(report["rows"] for report in shards)
-        manifest["shards"] = [{key: report[key] for key in ("number", "first", "end", "rows", "sha256")}
-                              for report in shards]
+        manifest["shards"] = [{key: report[key] for key in ("number", "first", "end", "rows", "entries", "sha256")
+                               if key in report} for report in shards]
+        if word_sets is not None:
+            manifest["word_sets"] = word_sets
+            manifest["n_entries"] = sum(report["entries"] for report in shards)
     write_json(Path(folder) / MANIFEST, manifest)
     return manifest
 
@@ -260,9 +276,14 @@ class ShardedEncodings:
         if not manifest.get("complete"):
             raise EncodingsFileError(f"{os.fspath(folder)!r} is an unfinished encoding job: rerun the "
                                      "same `vladkit encode` command to finish it")
+        if ("word_sets" in manifest) != self._word_sets:
+            raise EncodingsFileError(
+                f"{os.fspath(folder)!r} holds word-signature sets (ASMK), not vectors: open it with "
+                "load_encodings or ShardedWordSets" if self._word_sets is False else
+                f"{os.fspath(folder)!r} holds vectors, not word-signature sets (encode with --encoder asmk)")
         self.manifest = manifest
         self.recipe = Recipe.from_json(manifest["job"]["recipe"])
-        self.dim = int(manifest["dim"])
+        self.dim = None if self._word_sets else int(manifest["dim"])
         self._shards = manifest["shards"]
         self._starts = np.cumsum([0] + [s["rows"] for s in self._shards])
         self.verify = verify
@@ -279,8 +300,15 @@ class ShardedEncodings:
             self.ids += report["ids"]
             self.skipped += [tuple(item) for item in report["skipped"]]
 
+    #: whether the folder holds word-signature sets (vladkit.pipeline.word_sets) instead of vectors
+    _word_sets = False
+
     def __len__(self):
         return int(self._starts[-1])
+
+    def _check_block(self, summary, array):
+        """Whether a shard's array has the shape and dtype its summary gives."""
+        return array.shape == (summary["rows"], self.dim) and array.dtype == np.float32
 
     def __repr__(self):
         return f"ShardedEncodings({os.fspath(self.folder)!r}: {len(self)} x {self.dim}, {len(self._shards)} shards)"
@@ -293,7 +321,7 @@ class ShardedEncodings:
                 vectors = read_verified(path, summary["sha256"])
             except EncodingsFileError as exc:
                 raise EncodingsFileError(f"{os.fspath(self.folder)!r}: {path.name}: {exc}") from None
-            if vectors.shape != (summary["rows"], self.dim):
+            if not self._check_block(summary, vectors):
                 raise EncodingsFileError(f"{os.fspath(self.folder)!r}: {shard_stem(summary['number'])} does "
                                          "not match the manifest")
             self._verified.add(position)

@@ -64,13 +64,37 @@ def _recipe_from_args(args, vocab):
         check_encoder(encoder_kind, vocab)
     except ValueError as exc:
         raise UsageError(f"--encoder {encoder_kind} with --vocab {args.vocab}: {exc}") from None
-    recipe = Recipe(kind, params, encoder_kind, {}, [list(level) for level in PYRAMID] if args.pyramid else None,
+    recipe = Recipe(kind, params, encoder_kind, _encoder_params(args, encoder_kind),
+                    [list(level) for level in PYRAMID] if args.pyramid else None,
                     str(Path(args.vocab).resolve()), file_sha256(args.vocab))
     return recipe.with_encoder_defaults(vocab)
 
 
+#: --signatures, --assignment, --query-assignment: the ASMK encoder's parameters.
+ASMK_OPTIONS = {"signatures": "binary", "assignment": "multiple_assignment", "query_assignment": "query_assignment"}
+
+
+def _encoder_params(args, encoder_kind):
+    """The encoder parameters the options give (ASMK's; the other encoders take theirs
+    from the vocabulary)."""
+    given = [f"--{name.replace('_', '-')}" for name in (*ASMK_OPTIONS, "queries") if getattr(args, name, None)]
+    if encoder_kind != "asmk":
+        if given:
+            raise UsageError(f"{' and '.join(given)} set the ASMK encoder: give --encoder asmk")
+        return {}
+    params = {ASMK_OPTIONS[name]: getattr(args, name) for name in ASMK_OPTIONS if getattr(args, name) is not None}
+    if "binary" in params:
+        params["binary"] = params["binary"] == "bits"
+    return params
+
+
 def _check_encode_options(args, single_file, folder):
     """What would fail only after the job ran fails now, before any folder is made."""
+    if single_file and args.encoder == "asmk":
+        raise UsageError(f"-o {args.output}: ASMK word sets are written as a folder of shards (their sizes vary "
+                         "from image to image): give a name without .npz, e.g. -o photos.asmk")
+    if args.pyramid and args.encoder == "asmk":
+        raise UsageError("--pyramid concatenates vectors of cells: ASMK gives word sets, not vectors")
     if args.max_pixels < 0:
         raise UsageError(f"--max-pixels must be >= 0 (0 lifts the limit), got {args.max_pixels}")
     if args.jobs == 0:
@@ -118,7 +142,7 @@ def cmd_encode(args):
                         batch_size=args.batch_size, max_memory=args.max_memory,
                         max_pixels=None if args.max_pixels == 0 else args.max_pixels, on_error=args.on_error,
                         n_jobs=None if on_dask and args.jobs == -1 else args.jobs, client=client,
-                        progress=bar.update, on_skipped=_skip_reporter(bar), log=log)
+                        progress=bar.update, on_skipped=_skip_reporter(bar), log=log, queries=args.queries)
                 except ImageReadError as error:  # --on-error raise
                     raise CommandError(_cannot_read(error)) from None
             if result.resumed:
@@ -136,7 +160,10 @@ def cmd_encode(args):
         except BaseException:
             _clean_up_failed_encode(folder, created)
             raise
-    print(f"wrote {args.output}: {len(encodings)} images x {encodings.dim:,} ({recipe.encoder}"
+    shape = (f"{len(encodings)} images, {encodings.manifest['n_entries']:,} word signatures"
+             f"{' (as queries)' if args.queries else ''}" if encodings.dim is None
+             else f"{len(encodings)} images x {encodings.dim:,}")
+    print(f"wrote {args.output}: {shape} ({recipe.encoder}"
           f"{' + spatial pyramid' if recipe.pyramid else ''}, {recipe.extractor})"
           + (f" in {len(encodings.manifest['shards'])} shards" if not single_file else "")
           + (f", {len(result.skipped)} skipped" if result.skipped else ""))

@@ -10,8 +10,9 @@ from ...pipeline.recipe import Recipe
 from ...pipeline.encodings import load_encodings
 from ...retrieval.ground_truth import folder_roots, retrieval_ground_truth
 from ...retrieval.metrics import mean_average_precision, recall_at_k
-from ...retrieval.index import VectorIndex
-from ...retrieval.search_folder import RECIPE_FILE
+from ...pipeline.word_sets import ShardedWordSets
+from ...retrieval.asmk_index import ASMKIndex
+from ...retrieval.search_folder import RECIPE_FILE, load_index
 from ..errors import EXIT_OK, CommandError, UsageError
 from .search import _check_retrieval_options, _rerank_lists
 
@@ -52,6 +53,25 @@ def _check_query_recipe(index_folder, queries, queries_file):
               f"({given['extractor']} against {indexed['extractor']})", file=sys.stderr)
 
 
+def _check_query_kind(args, index, queries):
+    """Word sets for an ASMK index, vectors for a vector index; word sets encoded as
+    database images (one word a descriptor) are searched, with a note that queries are
+    encoded with --queries."""
+    asmk, word_sets = isinstance(index, ASMKIndex), isinstance(queries, ShardedWordSets)
+    if asmk != word_sets:
+        raise CommandError(f"{args.queries!r} holds {'word sets' if word_sets else 'vectors'}, the index "
+                           f"{args.index!r} is {'an ASMK inverted file' if asmk else 'a vector index'}: encode "
+                           "the queries with the index's encoder")
+    if asmk and args.qe:
+        raise UsageError("--qe (query expansion) averages the vectors of the top results: an ASMK index holds "
+                         "word sets, not vectors (use --rerank)")
+    if word_sets and queries.role != "queries":
+        assignment = queries.recipe.encoder_params.get("query_assignment")
+        print(f"vladkit: note: {args.queries} was encoded as images to index; encoded as queries "
+              f"('vladkit encode --encoder asmk --queries': {assignment} words per descriptor) they find more",
+              file=sys.stderr)
+
+
 def _root_option(root, ids):
     """A relative --query-root/--database-root for ids stored as absolute paths is taken
     from the current folder, as a shell user means it."""
@@ -76,9 +96,10 @@ def _no_query_message(args, queries, index, roots):
 def cmd_evaluate(args):
     _check_evaluate_options(args)
     _check_retrieval_options(args)
-    index = VectorIndex.load(args.index)
+    index = load_index(args.index)
     queries = load_encodings(args.queries, verify=not args.no_verify)
     _check_query_recipe(args.index, queries, args.queries)
+    _check_query_kind(args, index, queries)
     roots = None
     if args.ground_truth == "folders":
         roots = folder_roots(queries.ids, index.ids, _root_option(args.query_root, queries.ids),
@@ -97,7 +118,11 @@ def cmd_evaluate(args):
     # One result more than --top: a query that is indexed finds itself, and is left out
     # before its top N are scored (its ground truth ignores at most that one id).
     depth = len(index) if args.top is None else min(args.top + 1, len(index))
-    _, ranked = index.search(queries.take([rows[q] for q in names]), k=depth, expand=args.qe, alpha=args.qe_alpha)
+    chosen = [rows[q] for q in names]
+    if isinstance(index, ASMKIndex):
+        _, ranked = index.search(queries.word_sets(chosen), k=depth)
+    else:
+        _, ranked = index.search(queries.take(chosen), k=depth, expand=args.qe, alpha=args.qe_alpha)
     if args.rerank:
         # The queries' local features come from their images (the ids are their paths).
         ranked, _ = _rerank_lists(args, index, names, ranked)

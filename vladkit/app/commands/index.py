@@ -16,16 +16,32 @@ from ...pipeline.encodings import load_encodings
 from ...retrieval.whitening import PCAWhitening
 from ...retrieval.index import VectorIndex
 from ...retrieval.rerank import STORE_BIN, STORE_JSON, write_feature_store
+from ...pipeline.word_sets import ShardedWordSets
+from ...retrieval.asmk_build import build_asmk_index
+from ...retrieval.asmk_index import ASMKIndex
 from ...retrieval.search_folder import RECIPE_FILE, VOCABULARY_FILE
-from ..errors import EXIT_OK, UsageError
+from ..errors import EXIT_OK, CommandError, UsageError
 from .common import _progress
 
 #: index build adds vectors this many at a time (bounds the whitened copy).
 ADD_ROWS = 65_536
 
 
+#: index build's options for vectors, and those for word sets (ASMK).
+VECTOR_OPTIONS = ("pca", "whiten", "power", "pq", "nlist", "nprobe", "train")
+ASMK_OPTIONS = ("alpha", "threshold", "idf")
+
+
+def _given(args, names):
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
+
+
 def _check_index_options(args):
     """Options that would do nothing in this combination are errors, not silently ignored."""
+    given = _given(args, ASMK_OPTIONS)
+    if given:
+        raise UsageError(f"{' and '.join(given)} set an ASMK inverted file: ENCODINGS must be word sets "
+                         "('vladkit encode --encoder asmk')")
     if args.pca is None:
         given = [option for option, value in (("--whiten", args.whiten), ("--power", args.power))
                  if value is not None]
@@ -42,8 +58,10 @@ def _check_index_options(args):
 
 
 def cmd_index_build(args):
-    _check_index_options(args)
     encoded = load_encodings(args.encodings, verify=not args.no_verify)
+    if isinstance(encoded, ShardedWordSets):
+        return _build_asmk_index(args, encoded)
+    _check_index_options(args)
     # Found first: a missing vocabulary fails before the (long) training, not after.
     vocabulary = locate_vocabulary(encoded.recipe, args.encodings, given=args.vocab)
     if encoded.recipe.extractor == "DenseSIFT" and encoded.recipe.encoder == "fisher":
@@ -80,6 +98,48 @@ def cmd_index_build(args):
     size = index.bytes_per_vector
     print(f"wrote {args.output}: {len(index)} images, {kind} index of dimension {index.index_dim}, "
           f"{size:,} bytes per image")
+    return EXIT_OK
+
+
+def _build_asmk_index(args, word_sets):
+    """An ASMK inverted file from word sets, out of core (within --max-memory), with the
+    recipe and the vocabulary beside it as for a vector index."""
+    given = _given(args, VECTOR_OPTIONS)
+    if given:
+        raise UsageError(f"{' and '.join(given)} act on vectors: {args.encodings!r} holds ASMK word sets, "
+                         "indexed as an inverted file (its options: --alpha, --threshold, --idf)")
+    if word_sets.role != "database":
+        raise CommandError(f"{args.encodings!r} was encoded as queries (--queries: "
+                           f"{word_sets.recipe.encoder_params.get('query_assignment')} words per descriptor): "
+                           "index the images encoded without --queries")
+    vocabulary = locate_vocabulary(word_sets.recipe, args.encodings, given=args.vocab)
+    params = {"alpha": 3.0 if args.alpha is None else args.alpha,
+              "threshold": 0.0 if args.threshold is None else args.threshold, "idf": args.idf}
+    ASMKIndex(**params)._check_params()  # before the (long) build
+    recipe = json.dumps(word_sets.recipe.to_json(), indent=1, sort_keys=True).encode()
+    extra = {RECIPE_FILE: recipe, VOCABULARY_FILE: Path(vocabulary).read_bytes()}
+    with tempfile.TemporaryDirectory(prefix=".vladkit-rerank-", dir=Path(args.output).resolve().parent) as scratch:
+        if args.rerank_features:
+            extra.update(_feature_store(args, word_sets.ids, scratch))
+        with _progress(len(word_sets.manifest["shards"]), "counting words", not args.quiet) as bar:
+            stages = ["count"]
+
+            def progress(stage, done, total):
+                # Two passes: the shards' words counted, then the inverted file written
+                # word range by word range (each range reads its slice of every shard).
+                if stage != stages[-1]:
+                    stages.append(stage)
+                    bar.set_description("inverted file (word ranges)")
+                    bar.reset(total=total)
+                bar.update(done - bar.n)
+
+            build_asmk_index(word_sets, args.output, **params, max_memory=args.max_memory, extra_files=extra,
+                             progress=progress)
+    entries = word_sets.manifest["n_entries"]
+    per_image = entries * (4 + word_sets.dtype["signature"].itemsize) / max(len(word_sets), 1)
+    kind = "ASMK*" if word_sets.signature_dtype == np.uint8 else "ASMK"
+    print(f"wrote {args.output}: {len(word_sets)} images, {kind} inverted file of {entries:,} word signatures "
+          f"over {word_sets.n_words:,} words, {per_image:,.0f} bytes per image")
     return EXIT_OK
 
 

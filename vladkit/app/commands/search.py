@@ -14,6 +14,8 @@ from ...pipeline.budget import DEFAULT_MAX_MEMORY, iter_batches
 from ...features.extractors import LocalFeatures
 from ...pipeline.image_encoder import encode_batches
 from ...retrieval.rerank import FeatureStore, rerank
+from ...pipeline.word_sets import QueryEncoding
+from ...retrieval.asmk_index import ASMKIndex
 from ...retrieval.search_folder import VOCABULARY_FILE, load_search_index
 from ..errors import EXIT_FAILED, EXIT_OK, CommandError, UsageError
 from .common import _progress
@@ -36,16 +38,11 @@ def cmd_search(args):
         print(f"vladkit: cannot read {args.images[position]}: {error.reason}", file=sys.stderr)
 
     # The queries are extracted in batches (images in parallel with -j) and searched at once.
-    vectors = np.zeros((len(args.images), encoder.n_features_out_), dtype=np.float32)
-    read = np.zeros(len(args.images), dtype=bool)
-    batches = iter_batches(extractor, args.images, max_memory=args.max_memory, encoder=encoder,
-                           on_unreadable=unreadable)
-    for rows, batch_vectors in encode_batches(encoder, batches):
-        vectors[rows], read[rows] = batch_vectors, True
+    encoded, read = _encode_queries(args, index, extractor, encoder, unreadable)
     answers = []
     if read.any():
         depth = max(args.top, args.rerank)
-        all_scores, all_ids = index.search(vectors[read], k=depth, expand=args.qe, alpha=args.qe_alpha)
+        all_scores, all_ids = _search(index, encoded, read, depth, args)
         queries = [image for image, ok in zip(args.images, read) if ok]
         all_inliers = [None] * len(queries)
         if args.rerank:
@@ -68,6 +65,37 @@ def cmd_search(args):
                 verified = f"  {result['inliers']:4d} inliers" if "inliers" in result else ""
                 print(f"  {rank:3d}  {result['score']:.4f}{verified}  {result['id']}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _encode_queries(args, index, extractor, encoder, unreadable):
+    """The queries encoded as the index's images were: a (n, dim) array of vectors, or for
+    an ASMK index a list of word sets (encoded as queries: the encoder's
+    ``query_assignment`` words per descriptor); and which of them could be read."""
+    asmk = isinstance(index, ASMKIndex)
+    if asmk and args.qe:
+        raise UsageError("--qe (query expansion) averages the vectors of the top results: an ASMK index holds "
+                         "word sets, not vectors (use --rerank)")
+    n = len(args.images)
+    encoded = [None] * n if asmk else np.zeros((n, encoder.n_features_out_), dtype=np.float32)
+    read = np.zeros(n, dtype=bool)
+    encoder = QueryEncoding(encoder) if asmk else encoder
+    batches = iter_batches(extractor, args.images, max_memory=args.max_memory, encoder=encoder,
+                           on_unreadable=unreadable)
+    for rows, batch in encode_batches(encoder, batches):
+        read[rows] = True
+        if asmk:
+            for row, item in zip(rows, batch):
+                encoded[row] = item
+        else:
+            encoded[rows] = batch
+    return encoded, read
+
+
+def _search(index, encoded, read, depth, args):
+    """(scores, ids) of the readable queries' top ``depth`` results."""
+    if isinstance(index, ASMKIndex):
+        return index.search([item for item, ok in zip(encoded, read) if ok], k=depth)
+    return index.search(encoded[read], k=depth, expand=args.qe, alpha=args.qe_alpha)
 
 
 def _rerank_lists(args, index, query_images, ranked):

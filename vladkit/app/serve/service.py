@@ -23,9 +23,11 @@ import numpy as np
 
 from ...pipeline.budget import DEFAULT_MAX_MEMORY, iter_batches
 from ...pipeline.recipe import describe_extractor
+from ...pipeline.word_sets import QueryEncoding
 from ...features.extractors import LocalFeatures
 from ...pipeline.image_encoder import encode_batches
 from ...features.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_size
+from ...retrieval.asmk_index import ASMKIndex
 from ...retrieval.index_files import IndexFileError
 from ...retrieval.rerank import STORE_JSON, FeatureStore, rerank
 from ...retrieval.search_folder import VOCABULARY_FILE, load_search_index
@@ -161,6 +163,8 @@ class SearchService:
         # The command line's loader: the same checks and messages as `vladkit search`.
         self.index, self.recipe = load_search_index(os.fspath(folder))
         self.extractor, self.encoder = self.recipe.build(vocabulary=str(folder / VOCABULARY_FILE), n_jobs=n_jobs)
+        if isinstance(self.index, ASMKIndex):  # queries' word sets: query_assignment words a descriptor
+            self.encoder = QueryEncoding(self.encoder)
         self.extractor.set_params(max_pixels=int(max_pixels))
         self.store = None
         if (folder / STORE_JSON).is_file():
@@ -224,15 +228,18 @@ class SearchService:
         recipe = self.recipe.to_json()
         inner = getattr(self.encoder, "encoder_", self.encoder)
         vocabulary = getattr(inner, "vocabulary_", None)
+        if isinstance(self.index, ASMKIndex):  # an inverted file of word signatures: no vectors
+            shape = {"dim": None, "index_dim": None, "kind": "asmk*" if self.index.binary else "asmk", "pq": None,
+                     "whitening": None, "bytes_per_image": round(self.index.bytes_per_image)}
+        else:
+            shape = {"dim": self.index.dim, "index_dim": self.index.index_dim, "kind": self.index.kind,
+                     "pq": None if self.index.kind == "flat" else self.index.pq,
+                     "whitening": None if self.index.whitening is None else int(self.index.whitening.n_components_),
+                     "bytes_per_image": self.index.bytes_per_vector}
         return {
             "index": self.folder.name,
             "images": len(self.index),
-            "dim": self.index.dim,
-            "index_dim": self.index.index_dim,
-            "kind": self.index.kind,
-            "pq": None if self.index.kind == "flat" else self.index.pq,
-            "whitening": None if self.index.whitening is None else int(self.index.whitening.n_components_),
-            "bytes_per_image": self.index.bytes_per_vector,
+            **shape,
             "encoder": recipe["encoder"]["kind"],
             "encoder_params": recipe["encoder"]["params"],
             "words": None if vocabulary is None else int(vocabulary.n_words_),

@@ -347,8 +347,9 @@ def create_app(index_folder, *, max_upload_bytes=DEFAULT_MAX_UPLOAD_BYTES, max_p
     limits = {"max_upload_bytes": int(max_upload_bytes), "max_pixels": service.max_pixels, "max_top": int(max_top),
               "max_rerank": int(max_rerank) if service.store is not None else 0, "timeout": float(timeout)}
     # Where the page's "re-rank the top" field starts (the API's own default stays 0).
-    default_rerank = min(RECOMMENDED_RERANK.get(service.index.kind, 100), limits["max_rerank"])
-    info = {**service.info(), "default_rerank": default_rerank, "limits": limits}
+    info = service.info()
+    default_rerank = min(RECOMMENDED_RERANK.get(info["kind"], 100), limits["max_rerank"])
+    info = {**info, "default_rerank": default_rerank, "limits": limits}
 
     def endpoint(handler):
         async def wrapped(request):
