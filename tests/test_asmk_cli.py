@@ -220,3 +220,17 @@ def test_serve_searches_an_asmk_index(chain):
     assert "inliers" in reranked["results"][0]
     by_id = service.search_id(ids[0][0], top=1)
     assert by_id["results"][0]["id"] == ids[0][0]
+
+
+def test_encode_word_sets_on_dask_gives_the_same_bytes(chain, tmp_path):
+    pytest.importorskip("distributed", reason="Dask is an optional extra: pip install 'vladkit[dask]'")
+    import subprocess
+    import sys
+
+    output = tmp_path / "dask.asmk"
+    run = subprocess.run([sys.executable, "-m", "vladkit", "encode", str(chain["db"]), "--vocab", str(chain["words"]),
+                          "--encoder", "asmk", "-o", str(output), "-q", "--shard-size", "8", "--batch-size", "4",
+                          "--workers", "2"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    for shard in sorted(chain["sets"].glob("shard-*")):
+        assert (output / shard.name).read_bytes() == shard.read_bytes(), shard.name
