@@ -250,3 +250,21 @@ def test_loading_imports_neither_faiss_nor_scikit_learn(saved):
             "print(sorted({'faiss', 'sklearn'} & set(sys.modules)))")  # scipy: numba's
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_a_query_split_over_threads_answers_as_one_thread(saved, monkeypatch):
+    from vladkit.kernels import asmk as kernels
+    folder, sets = saved
+    index = ASMKIndex.load(folder)
+    queries = sets[:12]
+    alone = [index.search([q], k=25) for q in queries]   # one thread each (few entries)
+    together = index.search(queries, k=25)               # blocks of queries in parallel
+    monkeypatch.setattr(kernels, "SPLIT_ENTRIES", 0)     # each query over image ranges
+    split = [index.search([q], k=25) for q in queries]
+    for row, ((a_scores, a_ids), (s_scores, s_ids)) in enumerate(zip(alone, split)):
+        np.testing.assert_array_equal(a_scores, s_scores)
+        np.testing.assert_array_equal(a_scores[0], together[0][row])
+        assert a_ids == s_ids and a_ids[0] == together[1][row]
+    _rewrite(folder / "entry_images.npy", lambda a: a.__setitem__(slice(None), a[::-1]))
+    with pytest.raises(IndexFileError, match="entry_images.npy"):
+        ASMKIndex.load(folder).search(queries[:1], k=5)

@@ -13,7 +13,7 @@ one dense score per image; the top k come out of the images the query touched on
 
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from ._flags import _FAST
 
@@ -211,13 +211,13 @@ def _selectivity(u, alpha, threshold):
     return -((-u) ** alpha)
 
 
-@njit(cache=True, nogil=True)
-def _popcount64(value):
-    """Set bits of a uint64 (the SWAR count: pairs, nibbles, bytes, then a multiply)."""
-    value = value - ((value >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    value = (value & np.uint64(0x3333333333333333)) + ((value >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    value = (value + (value >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return (value * np.uint64(0x0101010101010101)) >> np.uint64(56)
+@intrinsic
+def _popcount64(typingctx, value):
+    """Set bits of a uint64: LLVM's ctpop, one instruction where the CPU has it (numba
+    compiles for the host CPU); the SWAR count it replaced cost ~1.5 ns an entry more."""
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+    return types.uint64(types.uint64), codegen
 
 
 def selectivity_table(n_bits, alpha, threshold):
@@ -238,6 +238,8 @@ def _match(query, entries, j, table, alpha, threshold):
 def _match_by_dtype(query, entries, j, table, alpha, threshold):
     if query.dtype == types.uint64:
         def words64(query, entries, j, table, alpha, threshold):
+            if query.shape[0] == 2:  # 128 bits (SIFT's): unrolled, ~2 ns an entry less
+                return table[_popcount64(query[0] ^ entries[j, 0]) + _popcount64(query[1] ^ entries[j, 1])]
             h = 0
             for word in range(query.shape[0]):
                 h += _popcount64(query[word] ^ entries[j, word])
@@ -262,20 +264,35 @@ def _match_by_dtype(query, entries, j, table, alpha, threshold):
 
 
 @njit(cache=True, nogil=True)
-def _accumulate(q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights, image_scales,
-                table, alpha, threshold, scores, touched, hits):
-    """Accumulate one query's scores into ``scores`` (zero where not yet touched), marking
-    each image it touches in ``touched`` and listing it, in order of first touch, in
-    ``hits``.
+def _lower_bound(entry_images, first, end, image):
+    """The first position in ``first..end-1`` whose image is >= ``image`` (a list is
+    sorted by image)."""
+    while first < end:
+        middle = (first + end) // 2
+        if entry_images[middle] < image:
+            first = middle + 1
+        else:
+            end = middle
+    return first
+
+
+@njit(cache=True, nogil=True)
+def _accumulate(q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights, table, alpha,
+                threshold, pairs, touched, hits, lo, hi):
+    """Accumulate one query's scores over the images ``lo..hi-1`` into ``pairs[:, 0]``
+    (``pairs[:, 1]`` holds each image's gamma: one cache line for both where a query
+    touches images at random), marking each image it touches in ``touched`` and listing
+    it, in order of first touch, in ``hits``: ``hi - lo + 1`` slots (the last taken by
+    stores after every image of the range is touched).
 
     Returns (the number of images touched, the query's normaliser sum_c w_c over its
     words, -1 or the first word whose inverted list is damaged: an image number out of
-    range or not increasing; nothing of such a list is read, and numba checks no bounds).
+    range or not increasing; numba checks no bounds, so the list is read no further).
     """
     n_touched = 0
     query_norm = 0.0
     n_words = word_offsets.shape[0] - 1
-    n_images = image_scales.shape[0]
+    n_images = pairs.shape[0]
     for t in range(q_words.shape[0]):
         word = q_words[t]
         if word < 0 or word >= n_words:
@@ -284,22 +301,26 @@ def _accumulate(q_words, q_signatures, word_offsets, entry_images, entry_signatu
         weight = word_weights[word]
         query_norm += weight
         first, end = word_offsets[word], word_offsets[word + 1]
+        if lo > 0:
+            first = _lower_bound(entry_images, first, end, lo)
+        if hi < n_images:
+            end = _lower_bound(entry_images, first, end, hi)
         # Checked as the list is read, not when the index is loaded: a check at load would
-        # read every entry (gigabytes at a million images) to answer the first query.
-        previous = -1
+        # read every entry (gigabytes at a million images) before the first answer.
+        previous = lo - 1
+        query = q_signatures[t]
         for j in range(first, end):
             image = entry_images[j]
-            if image <= previous or image >= n_images:
+            if image <= previous or image >= hi:
                 return n_touched, query_norm, word
             previous = image
-        for j in range(first, end):
-            image = entry_images[j]
-            s = _match(q_signatures[t], entry_signatures, j, table, alpha, threshold)
-            if touched[image] == 0:
-                touched[image] = 1
-                hits[n_touched] = image
-                n_touched += 1
-            scores[image] += s * weight * image_scales[image]
+            s = _match(query, entry_signatures, j, table, alpha, threshold)
+            # Without a branch: whether an image is touched for the first time is random,
+            # and a mispredicted branch cost more than the store.
+            hits[n_touched] = image
+            n_touched += 1 - touched[image]
+            touched[image] = 1
+            pairs[image, 0] += s * weight * pairs[image, 1]
     return n_touched, query_norm, -1
 
 
@@ -326,24 +347,24 @@ def _sift_down(values, images, size, position):
 
 
 @njit(cache=True, nogil=True)
-def _select_top(scores, hits, n_touched, query_scale, out_scores, out_images):
-    """The best ``len(out_scores)`` touched images, by score * query_scale decreasing and
-    then image increasing, into ``out_scores``/``out_images``; returns how many were
-    written (min(k, n_touched)). A heap of k: O(n_touched log k), where sorting every
-    touched image (a query touches most of a million-image index) took longer than the
-    scoring."""
+def _select_top(pairs, hits, n_touched, query_scale, out_scores, out_images):
+    """The best ``len(out_scores)`` of the images ``hits[:n_touched]``, by score *
+    query_scale decreasing and then image increasing, into ``out_scores``/``out_images``;
+    returns how many were written (min(k, n_touched)). A heap of k: O(n_touched log k),
+    where sorting every touched image (a query touches most of a million-image index)
+    took longer than the scoring."""
     size = min(out_scores.shape[0], n_touched)
     values = np.empty(size)
     images = np.empty(size, dtype=np.int64)
     for h in range(size):
-        values[h] = scores[hits[h]] * query_scale
+        values[h] = pairs[hits[h], 0] * query_scale
         images[h] = hits[h]
     for position in range(size // 2 - 1, -1, -1):
         _sift_down(values, images, size, position)
     for h in range(size, n_touched):
         image = hits[h]
-        value = scores[image] * query_scale
-        if size > 0 and _better(value, image, values[0], images[0]):
+        value = pairs[image, 0] * query_scale
+        if _better(value, image, values[0], images[0]):
             values[0], images[0] = value, image
             _sift_down(values, images, size, 0)
     for last in range(size - 1, -1, -1):  # pop the worst into the last free slot
@@ -354,65 +375,138 @@ def _select_top(scores, hits, n_touched, query_scale, out_scores, out_images):
 
 
 @njit(cache=True, nogil=True)
+def _fill_untouched(touched, filled, out_scores, out_images):
+    """After the touched images, those the query shares no word with: score 0, in image
+    order."""
+    image = 0
+    while filled < out_scores.shape[0] and image < touched.shape[0]:
+        if touched[image] == 0:
+            out_images[filled] = image
+            out_scores[filled] = 0.0
+            filled += 1
+        image += 1
+
+
+@njit(cache=True, nogil=True)
+def _reset(pairs, touched, hits, n_touched):
+    """Leave the scratch as found: zero only where this query wrote."""
+    for h in range(n_touched):
+        pairs[hits[h], 0] = 0.0
+        touched[hits[h]] = 0
+
+
+@njit(cache=True, nogil=True)
 def _top_images(first, end, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                image_scales, table, alpha, threshold, scores, touched, hits, out_scores, out_images):
-    """One query's top ``len(out_scores)`` images (see :func:`score_queries`), with
-    ``scores``/``touched``/``hits`` a scratch of n_images each, zero on entry and left zero
-    (only the touched images are reset: zeroing a million scores per query cost more than
-    a small query's work). Returns -1, or the word whose list is damaged."""
+                table, alpha, threshold, pairs, touched, hits, out_scores, out_images):
+    """One query's top ``len(out_scores)`` images (see :func:`score_queries`) on one
+    scratch row, zero on entry and left zero (only the touched images are reset: zeroing
+    a million scores per query cost more than a small query's work). Returns -1, or the
+    word whose list is damaged."""
     n_touched, query_norm, damaged = _accumulate(q_words[first:end], q_signatures[first:end], word_offsets,
-                                                 entry_images, entry_signatures, word_weights, image_scales,
-                                                 table, alpha, threshold, scores, touched, hits)
+                                                 entry_images, entry_signatures, word_weights, table, alpha,
+                                                 threshold, pairs, touched, hits, 0, pairs.shape[0])
     if damaged < 0:
         query_scale = 1.0 / np.sqrt(query_norm) if query_norm > 0 else 0.0
-        filled = _select_top(scores, hits, n_touched, query_scale, out_scores, out_images)
-        image = 0
-        while filled < out_scores.shape[0] and image < image_scales.shape[0]:
-            if touched[image] == 0:  # images the query shares no word with, score 0
-                out_images[filled] = image
-                out_scores[filled] = 0.0
-                filled += 1
-            image += 1
-    for h in range(n_touched):
-        scores[hits[h]] = 0.0
-        touched[hits[h]] = 0
+        filled = _select_top(pairs, hits, n_touched, query_scale, out_scores, out_images)
+        _fill_untouched(touched, filled, out_scores, out_images)
+    _reset(pairs, touched, hits, n_touched)
     return damaged
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _score_blocks(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                  image_scales, table, alpha, threshold, scores, touched, hits, out_scores, out_images, damaged):
-    """Queries in ``len(scores)`` contiguous blocks in parallel, block b on scratch row b."""
-    n, blocks = q_offsets.shape[0] - 1, scores.shape[0]
+                  table, alpha, threshold, pairs, touched, hits, out_scores, out_images, damaged):
+    """Queries in ``len(pairs)`` contiguous blocks in parallel, block b on scratch row b."""
+    n, blocks = q_offsets.shape[0] - 1, pairs.shape[0]
     for b in prange(blocks):
         for i in range(b * n // blocks, (b + 1) * n // blocks):
             damaged[i] = _top_images(q_offsets[i], q_offsets[i + 1], q_words, q_signatures, word_offsets,
-                                     entry_images, entry_signatures, word_weights, image_scales, table, alpha,
-                                     threshold, scores[b], touched[b], hits[b], out_scores[i], out_images[i])
+                                     entry_images, entry_signatures, word_weights, table, alpha, threshold,
+                                     pairs[b], touched[b], hits[b], out_scores[i], out_images[i])
 
 
 @njit(cache=True, nogil=True)
 def _score_in_order(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                    image_scales, table, alpha, threshold, scores, touched, hits, out_scores, out_images, damaged):
+                    table, alpha, threshold, pairs, touched, hits, out_scores, out_images, damaged):
     for i in range(q_offsets.shape[0] - 1):
         damaged[i] = _top_images(q_offsets[i], q_offsets[i + 1], q_words, q_signatures, word_offsets,
-                                 entry_images, entry_signatures, word_weights, image_scales, table, alpha,
-                                 threshold, scores[0], touched[0], hits[0], out_scores[i], out_images[i])
+                                 entry_images, entry_signatures, word_weights, table, alpha, threshold,
+                                 pairs[0], touched[0], hits[0], out_scores[i], out_images[i])
 
 
-def score_scratch(blocks, n_images):
-    """A zeroed scratch for :func:`score_queries`: per block of queries run at once, a
-    score (float64), a mark (uint8) and a hit list (int32) per image. Reused across calls
-    (it is left zeroed), so a query pays for the images it touches, not for all of them."""
-    return (np.zeros((blocks, n_images)), np.zeros((blocks, n_images), dtype=np.uint8),
-            np.zeros((blocks, n_images), dtype=np.int32))
+@njit(cache=True, nogil=True, parallel=True)
+def _score_split(q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights, table, alpha,
+                 threshold, pairs, touched, hits, parts, out_scores, out_images):
+    """One query over ``parts`` ranges of images in parallel, on one scratch row (its hit
+    list of ``n_images + parts`` slots: part p's from ``lo + p``, one spare each): each
+    part reads its slice of every list (found by binary search: the lists are sorted by
+    image), so an image's sum is added in the same order as in one thread, and keeps its
+    own top k; the parts' tops are then merged. Returns -1 or a damaged word."""
+    n_images, k = pairs.shape[0], out_scores.shape[0]
+    counts = np.zeros(parts, dtype=np.int64)
+    norms = np.zeros(parts)
+    damaged = np.full(parts, -1, dtype=np.int64)
+    top_scores = np.empty((parts, k))
+    top_images = np.empty((parts, k), dtype=np.int64)
+    filled = np.zeros(parts, dtype=np.int64)
+    for p in prange(parts):
+        lo, hi = p * n_images // parts, (p + 1) * n_images // parts
+        counts[p], norms[p], damaged[p] = _accumulate(q_words, q_signatures, word_offsets, entry_images,
+                                                      entry_signatures, word_weights, table, alpha, threshold,
+                                                      pairs, touched, hits[lo + p:hi + p + 1], lo, hi)
+    query_scale = 1.0 / np.sqrt(norms[0]) if norms[0] > 0 else 0.0
+    for p in prange(parts):
+        lo = p * n_images // parts + p
+        if damaged.max() < 0:
+            filled[p] = _select_top(pairs, hits[lo:], counts[p], query_scale, top_scores[p], top_images[p])
+    if damaged.max() < 0:
+        _merge_tops(top_scores, top_images, filled, out_scores, out_images)
+        _fill_untouched(touched, min(k, filled.sum()), out_scores, out_images)
+    for p in prange(parts):
+        lo = p * n_images // parts + p
+        _reset(pairs, touched, hits[lo:], counts[p])
+    return damaged.max()
+
+
+@njit(cache=True, nogil=True)
+def _merge_tops(top_scores, top_images, filled, out_scores, out_images):
+    """The best ``len(out_scores)`` of the parts' tops (each best first)."""
+    heads = np.zeros(top_scores.shape[0], dtype=np.int64)
+    for slot in range(min(out_scores.shape[0], filled.sum())):
+        best = -1
+        for p in range(top_scores.shape[0]):
+            if heads[p] < filled[p] and (best < 0 or _better(top_scores[p, heads[p]], top_images[p, heads[p]],
+                                                            top_scores[best, heads[best]],
+                                                            top_images[best, heads[best]])):
+                best = p
+        out_scores[slot], out_images[slot] = top_scores[best, heads[best]], top_images[best, heads[best]]
+        heads[best] += 1
+
+
+def score_scratch(blocks, image_scales):
+    """A scratch for :func:`score_queries`, per block of queries run at once: per image its
+    (score, gamma) pair (float64, scores zero, gammas ``image_scales``), a mark (uint8) and
+    a hit list entry (int32; :data:`MAX_PARTS` more for the spare slots of a split
+    query). Reused across calls (it is left as found), so a query pays for the images it
+    touches, not for all of them."""
+    pairs = np.zeros((blocks, len(image_scales), 2))
+    pairs[:, :, 1] = image_scales
+    return (pairs, np.zeros((blocks, len(image_scales)), dtype=np.uint8),
+            np.zeros((blocks, len(image_scales) + MAX_PARTS), dtype=np.int32))
+
+
+#: A single query is split over threads by image range above this many entries to read
+#: (below, waking the worker threads costs more than they save).
+SPLIT_ENTRIES = 1 << 20
+#: At most this many parts of a split query.
+MAX_PARTS = 64
 
 
 def score_queries(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-                  image_scales, table, alpha, threshold, out_scores, out_images, scratch=None):
+                  image_scales, table, alpha, threshold, out_scores, out_images, scratch=None, threads=1):
     """The top k indexed images of each query: in parallel over blocks of queries (one per
-    row of ``scratch``), or in this thread with a one-row scratch (waking sleeping worker
-    threads costs more than one query's work).
+    row of ``scratch``); or one query in this thread, or split over ``threads`` threads by
+    image range when it reads more than :data:`SPLIT_ENTRIES` entries.
 
     Query i's words are ``q_words[q_offsets[i]:q_offsets[i + 1]]`` with their signatures.
     Its score for image x is
@@ -422,22 +516,31 @@ def score_queries(q_offsets, q_words, q_signatures, word_offsets, entry_images, 
     over the words c both hold; gamma(x) = ``image_scales[x]`` = (sum_{c in x} w_c)^(-1/2)
     and gamma(q) likewise over the query's words (0 for an image or query with none).
     Out: ``out_scores`` (n, k) float64, decreasing, and ``out_images`` (n, k) int64; ties
-    in increasing image order; images the query shares no word with follow, score 0.
+    in increasing image order; images the query shares no word with follow, score 0. The
+    same numbers however the work is split: each image's terms are added in query order.
 
-    ``scratch``: from :func:`score_scratch` for ``len(image_scales)`` images (made here if
-    None). Inverted lists must hold increasing image numbers below ``len(image_scales)``.
+    ``scratch``: from :func:`score_scratch` of ``image_scales`` (made here if None).
+    Inverted lists must hold increasing image numbers below ``len(image_scales)``.
 
     Returns
     -------
-    int: -1, or a word whose inverted list breaks that rule (its list is not read; the
-    caller reports the damaged file).
+    int: -1, or a word whose inverted list breaks that rule (the caller reports the
+    damaged file).
     """
     n = len(q_offsets) - 1
     if scratch is None:
-        scratch = score_scratch(1 if n <= 1 else 2, len(image_scales))
+        scratch = score_scratch(1 if n <= 1 else 2, image_scales)
+    if n == 1 and threads > 1 and len(image_scales) >= threads:
+        q_words = q_words[q_offsets[0]:q_offsets[1]]
+        held = q_words[(q_words >= 0) & (q_words < len(word_offsets) - 1)]
+        if int(np.sum(word_offsets[held + 1] - word_offsets[held])) > SPLIT_ENTRIES:
+            return int(_score_split(q_words, q_signatures[q_offsets[0]:q_offsets[1]], word_offsets, entry_images,
+                                    entry_signatures, word_weights, table, alpha, threshold, scratch[0][0],
+                                    scratch[1][0], scratch[2][0], min(threads, MAX_PARTS), out_scores[0],
+                                    out_images[0]))
     damaged = np.full(max(n, 0), -1, dtype=np.int64)
     kernel = _score_in_order if len(scratch[0]) == 1 or n <= 1 else _score_blocks
     kernel(q_offsets, q_words, q_signatures, word_offsets, entry_images, entry_signatures, word_weights,
-           image_scales, table, alpha, threshold, *scratch, out_scores, out_images, damaged)
+           table, alpha, threshold, *scratch, out_scores, out_images, damaged)
     bad = damaged[damaged >= 0]
     return int(bad[0]) if len(bad) else -1

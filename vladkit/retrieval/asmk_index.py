@@ -152,24 +152,25 @@ class StoredIds(Sequence):
 
 
 class _ScratchPool:
-    """Zeroed score scratches (:func:`~vladkit.kernels.asmk.score_scratch`) kept between
-    searches: allocating and zeroing 13 bytes per image for each query costs more than
-    scoring a small one. Each search takes its own, so threads may search at once."""
+    """Score scratches (:func:`~vladkit.kernels.asmk.score_scratch`) kept between
+    searches: allocating and zeroing 21 bytes per image for each query costs more than
+    scoring a small one. Each search takes its own, so threads may search at once; a new
+    pool with each layout (the scratch holds the images' gammas)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._free = []
 
-    def take(self, blocks, n_images):
+    def take(self, blocks, image_scales):
         with self._lock:
             for k, scratch in enumerate(self._free):
-                if scratch[0].shape == (blocks, n_images):
+                if len(scratch[0]) == blocks:
                     return self._free.pop(k)
-        return score_scratch(blocks, n_images)
+        return score_scratch(blocks, image_scales)
 
     def give(self, scratch):
         with self._lock:
-            self._free = [s for s in self._free if s[0].shape[1] == scratch[0].shape[1]][-3:] + [scratch]
+            self._free = self._free[-3:] + [scratch]
 
 
 class ASMKIndex:
@@ -211,6 +212,17 @@ class ASMKIndex:
     @property
     def binary(self):
         return self._signature is not None and self._signature[0] == np.uint8
+
+    @property
+    def bytes_per_image(self):
+        """The inverted file's size over the number of images: per entry its image number
+        (4 bytes) and signature (16 bytes for 128-bit ASMK*), plus the image's normaliser
+        (8 bytes); the word offsets and weights, shared, are left out."""
+        if not len(self) or self._signature is None:
+            return 0.0
+        dtype, shape = self._signature
+        entries = int(self._layout()["word_offsets"][-1])
+        return (entries * (4 + np.dtype(dtype).itemsize * int(np.prod(shape)))) / len(self) + 8
 
     # -- adding ----------------------------------------------------------------------
 
@@ -293,6 +305,7 @@ class ASMKIndex:
             scatter_entries(words, images, signatures, cursor, entry_images, entry_signatures)
         self._arrays = self._weights(offsets, entry_images, entry_signatures)
         self._pending = []
+        self._scratch = _ScratchPool()  # the gammas changed
         return self._arrays
 
     def _weights(self, offsets, entry_images, entry_signatures):
@@ -346,12 +359,13 @@ class ASMKIndex:
         if self.binary and entries.shape[1] % 8 == 0:  # 64 bits at a time
             entries, q_signatures = entries.view(np.uint64), np.ascontiguousarray(q_signatures).view(np.uint64)
         # One query in this thread; more in parallel blocks, one per numba thread.
-        blocks = 1 if n == 1 else max(1, min(n, _numba_threads()))
-        scratch = self._scratch.take(blocks, len(self))
+        threads = _numba_threads()
+        blocks = 1 if n == 1 else max(1, min(n, threads))
+        scratch = self._scratch.take(blocks, arrays["image_scales"])
         try:
             damaged = score_queries(q_offsets, q_words, q_signatures, arrays["word_offsets"], arrays["entry_images"],
                                     entries, arrays["word_weights"], arrays["image_scales"], table, alpha, threshold,
-                                    scores, images, scratch)
+                                    scores, images, scratch, threads)
         finally:
             self._scratch.give(scratch)  # left zeroed by the kernel, even for a damaged list
         if damaged >= 0:
