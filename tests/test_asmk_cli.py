@@ -234,3 +234,26 @@ def test_encode_word_sets_on_dask_gives_the_same_bytes(chain, tmp_path):
     assert run.returncode == 0, run.stderr
     for shard in sorted(chain["sets"].glob("shard-*")):
         assert (output / shard.name).read_bytes() == shard.read_bytes(), shard.name
+
+
+def test_index_build_killed_leaves_nothing_and_a_rerun_starts_clean(chain, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "killed.index"
+    process = subprocess.Popen([sys.executable, "-m", "vladkit", "index", "build", str(chain["sets"]),
+                                "--rerank-features", "-o", str(output), "-q"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not any(
+            p.name.startswith(".killed.index.") for p in tmp_path.iterdir()):
+        time.sleep(0.005)
+    time.sleep(0.2)  # into the extraction of the re-ranking features
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the build ended before it could be killed"
+    assert not output.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".killed.index.")]  # its scratch, left
+    assert cli("index", "build", chain["sets"], "-o", output, "-q")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.index"]  # the scratch removed
+    assert len(ASMKIndex.load(output)) == N_GROUPS

@@ -4,7 +4,10 @@ its re-ranking features.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +21,8 @@ from ...retrieval.index import VectorIndex
 from ...retrieval.rerank import STORE_BIN, STORE_JSON, write_feature_store
 from ...pipeline.word_sets import ShardedWordSets
 from ...retrieval.asmk_build import build_asmk_index
-from ...retrieval.asmk_index import ASMKIndex
+from ...retrieval.asmk_index import ASMKIndex, remove_stale_temporaries
+from ...retrieval.asmk_index import _try_lock as lock_folder
 from ...retrieval.search_folder import RECIPE_FILE, VOCABULARY_FILE
 from ..errors import EXIT_OK, CommandError, UsageError
 from .common import _progress
@@ -91,7 +95,7 @@ def cmd_index_build(args):
     # `vladkit search` can encode query images exactly as the indexed ones.
     recipe = json.dumps(encoded.recipe.to_json(), indent=1, sort_keys=True).encode()
     extra = {RECIPE_FILE: recipe, VOCABULARY_FILE: Path(vocabulary).read_bytes()}
-    with tempfile.TemporaryDirectory(prefix=".vladkit-rerank-", dir=Path(args.output).resolve().parent) as scratch:
+    with _scratch_folder(args.output) as scratch:
         if args.rerank_features:
             extra.update(_feature_store(args, encoded.ids, scratch))
         index.save(args.output, extra_files=extra)
@@ -118,7 +122,7 @@ def _build_asmk_index(args, word_sets):
     ASMKIndex(**params)._check_params()  # before the (long) build
     recipe = json.dumps(word_sets.recipe.to_json(), indent=1, sort_keys=True).encode()
     extra = {RECIPE_FILE: recipe, VOCABULARY_FILE: Path(vocabulary).read_bytes()}
-    with tempfile.TemporaryDirectory(prefix=".vladkit-rerank-", dir=Path(args.output).resolve().parent) as scratch:
+    with _scratch_folder(args.output) as scratch:
         if args.rerank_features:
             extra.update(_feature_store(args, word_sets.ids, scratch))
         with _progress(len(word_sets.manifest["shards"]), "counting words", not args.quiet) as bar:
@@ -141,6 +145,24 @@ def _build_asmk_index(args, word_sets):
     print(f"wrote {args.output}: {len(word_sets)} images, {kind} inverted file of {entries:,} word signatures "
           f"over {word_sets.n_words:,} words, {per_image:,.0f} bytes per image")
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _scratch_folder(output):
+    """A temporary sibling of the output folder for the re-ranking features, named and
+    locked as the index writers' own temporaries: a build killed while it extracts (SIGKILL
+    included) leaves a folder that the next build of the same output removes, and a
+    build running meanwhile keeps its own."""
+    remove_stale_temporaries(output)
+    target = Path(output).resolve()
+    folder = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    lock = lock_folder(folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 def _feature_store(args, images, folder):
