@@ -203,13 +203,15 @@ class ASMKEncoder(TransformerMixin, BaseEstimator):
 
     def _learn_medians(self, sets):
         """t_c: per word, the per-dimension median of x - q_c over the training descriptors
-        whose nearest word is c (exact assignment, as :meth:`transform`'s)."""
+        (a sample of at most ``max_descriptors``) whose nearest word is c, in the exact
+        assignment (whatever the ``quantizer``); 0 for a word none is nearest to."""
         if not any(len(s) for s in sets):
             raise ValueError('binarize="median" learns its medians on training descriptors: X holds none')
         seed = 0 if self.random_state is None else int(np.random.RandomState(self.random_state).randint(2**31 - 1))
         X = np.ascontiguousarray(self.vocabulary_._project(sample_rows(sets, self.max_descriptors, seed)),
                                  dtype=np.float32)
-        labels = self._assign_flat(X, 1)[:, 0]
+        with limit_threads(self.n_jobs):
+            labels = self._assign_flat(X, 1)[:, 0]
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(self.n_words_ + 1))
         residuals = X[order] - self._prepared(np.dtype(np.float32))["centers"][labels[order]]
@@ -297,28 +299,30 @@ class ASMKEncoder(TransformerMixin, BaseEstimator):
         np.cumsum([len(s) for s in sets], out=offsets[1:])
         rows = [s for s in sets if len(s)]
         if len(rows) == 1:
-            X = rows[0].astype(dtype, copy=False)
+            X = rows[0].astype(dtype, copy=False)  # (a query: no copy to concatenate)
+        elif rows:
+            X = np.concatenate(rows).astype(dtype, copy=False)
         else:
-            X = np.concatenate(rows).astype(dtype, copy=False) if rows else np.zeros((0, self.vocabulary_.descriptor_dim_))
+            X = np.zeros((0, self.vocabulary_.descriptor_dim_))
         X = np.ascontiguousarray(self.vocabulary_._project(X), dtype=dtype)
         if not np.isfinite(X).all():
             raise ValueError("descriptors hold NaN or infinite values")
         assignments = self._assign(X, m)
-        words_of = self._prepared(dtype)
+        centers = self._prepared(dtype)["centers"]
         binary = bool(self.binary)
-        signature_dtype = np.uint8 if binary else np.float32
-        medians = self.medians_ if getattr(self, "medians_", None) is not None else np.zeros((0, X.shape[1]), dtype=np.float32)
-        if len(sets) == 1:
-            # One image (a query): aggregated in this thread, into buffers of its size.
-            signatures = np.empty((len(X) * m,) + self.signature_shape_, dtype=signature_dtype)
-            words = np.empty(len(X) * m, dtype=np.int64)
-            count = aggregate_signatures(X, assignments, words_of["centers"], binary, medians, signatures, words)
-            return [WordSignatures(words[:count], signatures[:count])]
-        signatures = np.empty((len(X) * m,) + self.signature_shape_, dtype=signature_dtype)
+        medians = getattr(self, "medians_", None)
+        if medians is None:
+            medians = np.zeros((0, X.shape[1]), dtype=np.float32)  # (plain signs)
+        signatures = np.empty((len(X) * m,) + self.signature_shape_, dtype=np.uint8 if binary else np.float32)
         words = np.empty(len(X) * m, dtype=np.int64)
+        if len(sets) == 1:
+            # One image (a query): aggregated in this thread, in buffers of its size.
+            count = aggregate_signatures(X, assignments, centers, binary, medians, signatures, words)
+            return [WordSignatures(words[:count], signatures[:count])]
         counts = np.zeros(len(sets), dtype=np.int64)
-        aggregate_all(X, offsets, assignments, words_of["centers"], binary, medians, signatures, words, counts)
-        return [WordSignatures(words[first * m:first * m + count].copy(), signatures[first * m:first * m + count].copy())
+        aggregate_all(X, offsets, assignments, centers, binary, medians, signatures, words, counts)
+        return [WordSignatures(words[first * m:first * m + count].copy(),
+                               signatures[first * m:first * m + count].copy())
                 for first, count in zip(offsets[:-1].tolist(), counts.tolist())]
 
     def _assign(self, X, m):
