@@ -252,12 +252,14 @@ def test_loading_imports_neither_faiss_nor_scikit_learn(saved):
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
-def test_a_query_split_over_threads_answers_as_one_thread(saved, monkeypatch):
+@pytest.mark.parametrize("block", [7, 64])
+def test_a_query_in_image_blocks_and_split_over_threads_answers_as_one_pass(saved, monkeypatch, block):
     from vladkit.kernels import asmk as kernels
     folder, sets = saved
     index = ASMKIndex.load(folder)
     queries = sets[:12]
-    alone = [index.search([q], k=25) for q in queries]   # one thread each (few entries)
+    alone = [index.search([q], k=25) for q in queries]   # one thread, one block each
+    monkeypatch.setattr(kernels, "BLOCK_IMAGES", block)  # images a few at a time
     together = index.search(queries, k=25)               # blocks of queries in parallel
     monkeypatch.setattr(kernels, "SPLIT_ENTRIES", 0)     # each query over image ranges
     split = [index.search([q], k=25) for q in queries]
