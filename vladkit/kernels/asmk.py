@@ -8,7 +8,10 @@ two B-bit signatures is u = 1 - 2 h / B, h their Hamming distance (a popcount of
 XOR, 64 bits at a time), and sigma_alpha(u) is looked up in a table of its B + 1 values;
 with float signatures (ASMK) u = q . v of the unit aggregated residuals. The selectivity sigma_alpha(u) = sign(u) |u|^alpha where u >= tau
 (else 0), times the word's weight w_c and the image's normaliser gamma, accumulates into
-one dense score per image; the top k come out of the images the query touched only.
+one score per image, images a block at a time so that the scores stay in cache (at a
+million images they do not fit it), and a large query's image ranges on several threads;
+the top k come out of the images the query touched only, by a heap. The scores' scratch
+is kept between queries and reset where a query wrote, never zeroed whole.
 """
 
 import numpy as np
