@@ -85,7 +85,7 @@ def test_a_small_budget_takes_many_passes_and_the_same_bytes(tmp_path, monkeypat
     monkeypatch.setattr(asmk_build, "_resident_bytes", lambda: 0)
     source = _source(sets, ids)
     largest = max(entries.nbytes for _, entries in source.shards())
-    budget = 8 * len(sets) + 32 * N_WORDS + largest + 60 * 20
+    budget = asmk_build._SLACK + 8 * len(sets) + 32 * N_WORDS + largest + 60 * 20
     seen = []
     stats = build_asmk_index(source, tmp_path / "built", idf=True, max_memory=budget,
                              progress=lambda *args: seen.append(args))
@@ -137,7 +137,7 @@ for first in range(0, n, 100):
     entries["image"] = np.tile(np.arange(100), 20)
     entries["signature"] = rng.integers(0, 256, size=(len(entries), 16))
     shards.append((first, entries))
-budget = 8 * n + 32 * 20 + shards[0][1].nbytes + 8000 * 20
+budget = asmk_build._SLACK + 8 * n + 32 * 20 + shards[0][1].nbytes + 8000 * 20
 build_asmk_index(Slow(shards, [str(i) for i in range(n)], 20), sys.argv[1], max_memory=budget)
 """
 

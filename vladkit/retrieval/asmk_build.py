@@ -36,6 +36,8 @@ __all__ = ["ShardSource", "build_asmk_index", "entry_dtype", "word_set_entries"]
 
 #: Ids encoded and hashed this many at a time.
 _ID_CHUNK = 1 << 16
+#: Bytes of the budget kept for what is not counted: the allocator's slack, file buffers.
+_SLACK = 32 << 20
 
 
 def entry_dtype(signature_dtype, signature_shape):
@@ -184,7 +186,7 @@ def _count(source, layout, progress):
     sizes, shards, previous_end = [], [], 0
     for index, (first, entries) in enumerate(source.shards()):
         first = int(first)
-        words, images, _ = layout.columns(index, first, entries)
+        words, images, signatures = layout.columns(index, first, entries)
         if first < previous_end:
             raise ValueError(f"shard {index}: first image {first}, but images up to {previous_end - 1} came "
                              "before (or it is negative): shards must come in image order")
@@ -193,6 +195,8 @@ def _count(source, layout, progress):
             raise ValueError(f"shard {index} (first image {first}): entry {bad} (word {words[bad]}, image "
                              f"{images[bad]}) is out of range or out of (word, image) order")
         count_words(words, layout.n_words, counts)
+        if index == 0:
+            _warm_kernels(words, images, signatures, layout)
         if len(images):
             previous_end = first + int(images.max()) + 1
         shards.append((first, len(entries)))
@@ -201,6 +205,18 @@ def _count(source, layout, progress):
             progress("count", index + 1, None)
     layout.shards = shards
     return counts, sizes
+
+
+def _warm_kernels(words, images, signatures, layout):
+    """The later passes' kernels compiled (or loaded from numba's cache) for the shards'
+    array types now, on no entries: their code is then part of the resident memory the
+    budget is planned from, not an unplanned addition during the first range."""
+    dtype, shape = layout.signature
+    lo, hi = word_slice(words, 0, 0)
+    out_images, out_signatures = np.empty(0, dtype=np.int32), np.empty((0,) + shape, dtype=dtype)
+    scatter_range(words[lo:hi], images[lo:hi], signatures[lo:hi], 0, 0, np.zeros(0, dtype=np.int64), out_images,
+                  out_signatures)
+    accumulate_norms(out_images, np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
 
 
 def _write_ids(ids, n_images, temporary):
@@ -250,9 +266,10 @@ def _check_unique(ids, hashes):
 def _plan(counts, layout, max_memory, largest_shard):
     """Word ranges ``(start, end)`` whose entries fit the buffer, and the buffer's size in
     entries: what ``max_memory`` leaves after the process's resident memory now, the
-    per-image and per-word arrays still to come, and a shard's worth of mapped pages. A
+    per-image and per-word arrays still to come, a shard's worth of mapped pages and
+    32 MiB of slack. A
     word longer than the buffer is a range of its own, written in pieces."""
-    fixed = _resident_bytes() + 8 * layout.n_images + 32 * layout.n_words + largest_shard
+    fixed = _resident_bytes() + 8 * layout.n_images + 32 * layout.n_words + largest_shard + _SLACK
     buffer_entries = min((int(max_memory) - fixed) // layout.entry_bytes, int(counts.sum()))
     if buffer_entries < 1 and counts.sum():
         raise MemoryError(f"max_memory={max_memory:,} bytes leaves no room for the entries' buffer: "
