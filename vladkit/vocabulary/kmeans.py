@@ -13,6 +13,7 @@ from sklearn.exceptions import ConvergenceWarning
 from .._util.blas import load_faiss
 from .._util.defaults import (FAISS_MAX_ITER, FAISS_THRESHOLD, MINIBATCH_THRESHOLD,  # noqa: F401 (re-exported)
                               SKLEARN_MAX_ITER)
+from .._util.threads import single_threaded_blas
 from ..kernels.nearest import nearest_words, squared_distances
 from .arrays import _checked_arrays, _fitted_vocabulary
 from .base import _check_common, _check_positive_int, _Vocabulary
@@ -301,8 +302,14 @@ def _faiss():
 
 def _assignment_inertia(X, centers):
     """Nearest center of each row of X (products in X's dtype, near ties decided in
-    float64) and the float64 inertia of that assignment."""
-    labels = nearest_words(X, centers, with_distances=False)[0]
+    float64) and the float64 inertia of that assignment.
+
+    BLAS on one thread inside numba's tasks (each makes its block's products): the same
+    words (exact in any blocking), and no BLAS pool fighting numba's on the same cores:
+    measured 2.6x faster (48k RootSIFT x 16k words, 2 loaded cores), 131 s of a 599 s
+    16k-word training before."""
+    with single_threaded_blas():
+        labels = nearest_words(X, centers, with_distances=False)[0]
     inertia = 0.0
     for start in range(0, len(X), 65536):
         rows = slice(start, start + 65536)
