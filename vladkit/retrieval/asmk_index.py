@@ -26,7 +26,6 @@ A folder of a million images or more is written without holding the index in mem
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -37,6 +36,11 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no temporary folder is ever taken for stale
+    fcntl = None
 
 from .._version import __version__
 from ..kernels.asmk import count_words, scatter_entries, score_queries, score_scratch, selectivity_table
@@ -538,8 +542,10 @@ def _temporary_pattern(name):
 
 def _try_lock(path):
     """An open descriptor of folder ``path`` holding its exclusive ``flock``, or None when
-    another process holds it. The lock lasts until the descriptor is closed or the process
-    dies (SIGKILL included): the kernel releases it."""
+    another process holds it (or without flock). The lock lasts until the descriptor is
+    closed or the process dies (SIGKILL included): the kernel releases it."""
+    if fcntl is None:
+        return None
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
