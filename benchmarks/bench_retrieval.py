@@ -157,15 +157,15 @@ CONFIGURATIONS = [
     {"name": "sift-fv64-exact-qe2", "vocabs": [[*FEATURES["sift"], *ENCODINGS["fv64"], *VOCAB_SAMPLE]],
      "encode": [], "index": [], "search": ["--qe", "2"]},
 ] + [
-    # Selective match kernels over an inverted file: ASMK* (128 sign bits per word) and
-    # ASMK (unit float residuals), large k-means codebooks (faiss's k-means), the whole
+    # Selective match kernels over an inverted file: ASMK* ("bits": 128 sign bits per word)
+    # and ASMK ("float": unit residuals), large k-means codebooks (faiss's k-means), the whole
     # sample of the database's sparse RootSIFT.
-    {"name": f"sift-{kind}{words // 1024}k" + ("-rerank100" if rerank else ""),
+    {"name": f"sift-asmk-{signatures}{words // 1024}k" + ("-rerank100" if rerank else ""),
      "vocabs": [[*FEATURES["sift"], "-k", str(words), "--max-descriptors", "1000000", "--seed", "0"]],
-     "encode": ["--encoder", "asmk", *([] if kind == "asmk*" else ["--signatures", "float"])],
+     "encode": ["--encoder", "asmk", *([] if signatures == "bits" else ["--signatures", "float"])],
      "index": ["--rerank-features"] if rerank else [], "search": ["--rerank", "100"] if rerank else []}
-    for kind, words, rerank in (("asmk*", 4096, False), ("asmk", 4096, False), ("asmk*", 16384, False),
-                                ("asmk", 16384, False), ("asmk*", 16384, True), ("asmk*", 65536, False))
+    for signatures, words, rerank in (("bits", 4096, False), ("float", 4096, False), ("bits", 16384, False),
+                                      ("float", 16384, False), ("bits", 16384, True), ("bits", 65536, False))
 ]
 
 

@@ -14,7 +14,7 @@ import pytest
 from vladkit.encoders.asmk import WordSignatures
 from vladkit.retrieval import asmk_build
 from vladkit.retrieval.asmk_build import ShardSource, build_asmk_index, word_set_entries
-from vladkit.retrieval.asmk_index import ASMKIndex, StoredIds, _try_lock
+from vladkit.retrieval.asmk_index import ASMKIndex, StoredIds, lock_folder
 from vladkit.retrieval.index_files import IndexFileError
 
 N_WORDS = 97
@@ -167,7 +167,7 @@ def test_a_killed_build_leaves_nothing_loadable_and_a_rerun_cleans_up(tmp_path):
     # A live writer's temporary folder (its lock held) is left alone; the dead one is not.
     live = tmp_path / ".index.abcd1234.tmp"
     live.mkdir()
-    fd = _try_lock(str(live))
+    fd = lock_folder(str(live))
     try:
         sets = _sets(30)
         build_asmk_index(_source(sets, [str(i) for i in range(30)]), target)

@@ -540,7 +540,7 @@ def _temporary_pattern(name):
     return re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")
 
 
-def _try_lock(path):
+def lock_folder(path):
     """An open descriptor of folder ``path`` holding its exclusive ``flock``, or None when
     another process holds it (or without flock). The lock lasts until the descriptor is
     closed or the process dies (SIGKILL included): the kernel releases it."""
@@ -566,7 +566,7 @@ def remove_stale_temporaries(folder):
         path = os.path.join(parent, entry)
         if not pattern.fullmatch(entry) or os.path.islink(path) or not os.path.isdir(path):
             continue
-        fd = _try_lock(path)
+        fd = lock_folder(path)
         if fd is None:
             continue
         try:
@@ -590,7 +590,7 @@ def index_writer(folder):
     try:
         with files.index_folder_writer(folder, (files.INDEX_FORMAT, ASMK_FORMAT),
                                        set(files._INDEX_FILES) | set(ASMK_FILES)) as temporary:
-            locks.append(_try_lock(temporary))
+            locks.append(lock_folder(temporary))
             yield temporary
     finally:  # after the rename: the lock covers the folder until it is in place
         for fd in locks:

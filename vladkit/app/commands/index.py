@@ -21,8 +21,7 @@ from ...retrieval.index import VectorIndex
 from ...retrieval.rerank import STORE_BIN, STORE_JSON, write_feature_store
 from ...pipeline.word_sets import ShardedWordSets
 from ...retrieval.asmk_build import build_asmk_index
-from ...retrieval.asmk_index import ASMKIndex, remove_stale_temporaries
-from ...retrieval.asmk_index import _try_lock as lock_folder
+from ...retrieval.asmk_index import ASMKIndex, lock_folder, remove_stale_temporaries
 from ...retrieval.search_folder import RECIPE_FILE, VOCABULARY_FILE
 from ..errors import EXIT_OK, CommandError, UsageError
 from .common import _progress
