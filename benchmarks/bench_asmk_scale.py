@@ -95,7 +95,7 @@ def sample_words(rng, cdf, words_of_rank, n_rows, draws):
 
 
 def write_shards(args, folder, cdf, words_of_rank, draws):
-    from vladkit.retrieval.asmk_build import entry_dtype
+    from vladkit.pipeline.word_sets import entry_dtype
     dtype = entry_dtype(np.uint8, (SIGNATURE_BYTES,))
     folder.mkdir(parents=True, exist_ok=True)
     for first in range(0, args.images, args.shard_images):

@@ -13,7 +13,8 @@ import pytest
 
 from vladkit.encoders.asmk import WordSignatures
 from vladkit.retrieval import asmk_build
-from vladkit.retrieval.asmk_build import ShardSource, build_asmk_index, word_set_entries
+from vladkit.pipeline.word_sets import pack_entries
+from vladkit.retrieval.asmk_build import ShardSource, build_asmk_index
 from vladkit.retrieval.asmk_index import ASMKIndex, StoredIds, lock_folder
 from vladkit.retrieval.index_files import IndexFileError
 
@@ -46,7 +47,7 @@ def _source(sets, ids, tmp_path=None, seed=1):
     signature = sets[0].signatures
     while first < len(sets):
         size = int(rng.integers(1, 40))
-        entries = word_set_entries(sets[first:first + size], signature.dtype, signature.shape[1:])
+        entries = pack_entries(sets[first:first + size], signature.dtype, signature.shape[1:])
         if tmp_path is not None and len(shards) % 2:
             path = tmp_path / f"shard{len(shards)}.npy"
             np.save(path, entries)
@@ -104,11 +105,11 @@ def test_images_without_words_only_and_bad_sources(tmp_path):
     sets = _sets(20)
     with pytest.raises(ValueError, match="duplicate ids"):
         build_asmk_index(_source(sets, ["x"] * 20), tmp_path / "dup")
-    unsorted = word_set_entries(sets)[::-1]
+    unsorted = pack_entries(sets, np.uint8, (16,))[::-1]
     with pytest.raises(ValueError, match="out of .word, image. order"):
         build_asmk_index(ShardSource([(0, unsorted)], [str(i) for i in range(20)], N_WORDS), tmp_path / "bad")
     with pytest.raises(ValueError, match="out of range"):
-        build_asmk_index(ShardSource([(0, word_set_entries(sets))], [str(i) for i in range(20)], 50),
+        build_asmk_index(ShardSource([(0, pack_entries(sets, np.uint8, (16,)))], [str(i) for i in range(20)], 50),
                          tmp_path / "bad")
     assert not os.path.exists(tmp_path / "dup") and not os.path.exists(tmp_path / "bad")
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []

@@ -30,33 +30,15 @@ from itertools import islice
 import numpy as np
 
 from ..kernels.asmk import accumulate_norms, check_entries, count_words, scatter_range, word_slice
+from ..pipeline.word_sets import entry_dtype
 from .asmk_index import ASMKIndex, encode_ids, index_metadata, index_writer, write_metadata
 
-__all__ = ["ShardSource", "build_asmk_index", "entry_dtype", "word_set_entries"]
+__all__ = ["ShardSource", "build_asmk_index"]
 
 #: Ids encoded and hashed this many at a time.
 _ID_CHUNK = 1 << 16
 #: Bytes of the budget kept for what is not counted: the allocator's slack, file buffers.
 _SLACK = 32 << 20
-
-
-def entry_dtype(signature_dtype, signature_shape):
-    """The structured dtype of a shard's entries: (word, image, signature)."""
-    return np.dtype([("word", "<i4"), ("image", "<i4"),
-                     ("signature", np.dtype(signature_dtype), tuple(int(v) for v in signature_shape))])
-
-
-def word_set_entries(sets, signature_dtype=np.uint8, signature_shape=(16,)):
-    """The entries of ``sets`` (WordSignatures; image ``i`` is ``sets[i]``), sorted by
-    (word, image): one shard."""
-    counts = [len(s) for s in sets]
-    entries = np.empty(sum(counts), dtype=entry_dtype(signature_dtype, signature_shape))
-    if len(entries):
-        entries["word"] = np.concatenate([s.words for s in sets])
-        entries["image"] = np.repeat(np.arange(len(sets), dtype=np.int32), counts)
-        entries["signature"] = np.concatenate([s.signatures for s in sets])
-        entries = entries[np.argsort(entries["word"], kind="stable")]  # images stay increasing
-    return entries
 
 
 class ShardSource:
@@ -97,7 +79,8 @@ def build_asmk_index(source, folder, *, alpha=3.0, threshold=0.0, idf=False, max
         ``n_images`` (int); ``ids`` (sequence of n_images str, may be lazy); ``n_words``
         (int, the codebook's size); ``signature_dtype`` (``np.uint8`` or ``np.float32``);
         ``signature_shape`` (tuple, e.g. ``(16,)``); and ``shards()``, a fresh iterator of
-        ``(first_image, entries)``: entries a 1-D array of :func:`entry_dtype` (possibly
+        ``(first_image, entries)``: entries a 1-D array of
+        :func:`vladkit.pipeline.word_sets.entry_dtype` (possibly
         memory-mapped), sorted by (word, image), ``image`` numbered within the shard
         (globally ``first_image + image``); shards in image order, the same on every call.
         An image with no words has no entries.
