@@ -161,7 +161,7 @@ def cmd_encode(args):
             _clean_up_failed_encode(folder, created)
             raise
     shape = (f"{len(encodings)} images, {encodings.manifest['n_entries']:,} word signatures"
-             f"{' (as queries)' if args.queries else ''}" if encodings.dim is None
+             f"{' as queries' if args.queries else ''}" if encodings.dim is None
              else f"{len(encodings)} images x {encodings.dim:,}")
     print(f"wrote {args.output}: {shape} ({recipe.encoder}"
           f"{' + spatial pyramid' if recipe.pyramid else ''}, {recipe.extractor})"

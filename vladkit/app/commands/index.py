@@ -125,14 +125,15 @@ def _build_asmk_index(args, word_sets):
         if args.rerank_features:
             extra.update(_feature_store(args, word_sets.ids, scratch))
         with _progress(len(word_sets.manifest["shards"]), "counting words", not args.quiet) as bar:
-            stages = ["count"]
+            bar.unit, stages = "shard", ["count"]
 
             def progress(stage, done, total):
                 # Two passes: the shards' words counted, then the inverted file written
                 # word range by word range (each range reads its slice of every shard).
                 if stage != stages[-1]:
                     stages.append(stage)
-                    bar.set_description("inverted file (word ranges)")
+                    bar.set_description("inverted file")
+                    bar.unit = "word range"
                     bar.reset(total=total)
                 bar.update(done - bar.n)
 
