@@ -67,7 +67,8 @@ class WordSignatures:
     Attributes
     ----------
     words : (n,) int64 ndarray
-        The distinct words, increasing.
+        The distinct words, increasing (from :class:`~vladkit.encoders.smk.SMKEncoder`:
+        one per descriptor and assigned word, repeated, non-decreasing).
     signatures : (n, ceil(D / 8)) uint8 ndarray (binary: sign bits, most significant bit
         first) or (n, D) float32 ndarray (unit aggregated residuals)
     """
