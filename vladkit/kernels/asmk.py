@@ -57,17 +57,23 @@ def aggregate_image(X, assignments, centers, sums, words):
         sums[t, :] = 0
     for i in range(n):
         for a in range(m):
-            word = assignments[i, a]
-            repeated = False
-            for b in range(a):
-                if assignments[i, b] == word:
-                    repeated = True
-            if repeated:
+            if not first_of_its_word(assignments, i, a):
                 continue
+            word = assignments[i, a]
             t = np.searchsorted(words[:count], word)
             for d in range(X.shape[1]):
                 sums[t, d] += X[i, d] - centers[word, d]
     return count
+
+
+@njit(cache=True, nogil=True)
+def first_of_its_word(assignments, i, a):
+    """Whether assignment ``a`` of row ``i`` is the first of the row to name its word (a
+    row listing a word twice counts once for it)."""
+    for b in range(a):
+        if assignments[i, b] == assignments[i, a]:
+            return False
+    return True
 
 
 @njit(cache=True, nogil=True)
@@ -97,32 +103,6 @@ def normalize_signatures(V, out):
         scale = np.sqrt(total) + V.dtype.type(1e-6)
         for d in range(V.shape[1]):
             out[i, d] = V[i, d] / scale
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def aggregate_images(X, offsets, assignments, centers, binary, signatures, words, counts):
-    """Every image's signatures at once, in parallel over images: image i is rows
-    ``offsets[i]:offsets[i + 1]`` of X; its residuals are summed per word
-    (:func:`aggregate_image`, in a scratch of its own) and its signatures written from row
-    ``offsets[i] * m`` of ``signatures`` and ``words``, their number into ``counts[i]``.
-
-    ``binary``: ``signatures`` is (n * m, ceil(D / 8)) uint8, sign bits packed
-    (:func:`pack_signs`); otherwise (n * m, D) float32, unit sums
-    (:func:`normalize_signatures`)."""
-    m = assignments.shape[1]
-    for i in prange(offsets.shape[0] - 1):
-        first, end = offsets[i], offsets[i + 1]
-        sums = np.empty(((end - first) * m, X.shape[1]), dtype=X.dtype)
-        count = aggregate_image(X[first:end], assignments[first:end], centers, sums, words[first * m:end * m])
-        counts[i] = count
-        if binary:
-            pack_signs(sums[:count], signatures[first * m:first * m + count])
-        else:
-            unit = np.empty((count, X.shape[1]), dtype=X.dtype)
-            normalize_signatures(sums[:count], unit)
-            for t in range(count):
-                for d in range(X.shape[1]):
-                    signatures[first * m + t, d] = unit[t, d]
 
 
 @njit(cache=True, nogil=True)

@@ -16,36 +16,9 @@ import numpy as np
 from numba import njit, prange
 
 from ._flags import _FAST
-from .asmk import aggregate_image, normalize_signatures, pack_signs
-from .nearest import _nearest_in_float64, _rank_candidates, _rounding_bound
+from .asmk import aggregate_image, first_of_its_word, normalize_signatures, pack_signs
+from .nearest import _k_smallest, _nearest_in_float64, _rank_candidates, _rounding_bound
 from .products import _block
-
-
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def _smallest(products, centers_sqnorm, values, out):
-    """out = the len(out) words of smallest s_k = ||c_k||^2 - (x.c_k + x.c_k), ascending
-    (ties: the lower word; ``values``: their s, scratch of out's length).
-
-    s_k in the products' dtype (x.c + x.c is exact, so s_k is rounded once, whether or not
-    the compiler fuses anything): with float32 products the loop stays in float32 and
-    vectorises, where ``2 * x.c`` would promote each term to float64. Insertion into a
-    sorted list of len(out), which most words skip at one compare, as
-    :func:`~vladkit.kernels.nearest._k_smallest`."""
-    k = out.shape[0]
-    filled = 0
-    for word in range(products.shape[0]):
-        value = centers_sqnorm[word] - (products[word] + products[word])
-        if filled == k and not value < values[k - 1]:
-            continue
-        j = filled if filled < k else k - 1
-        while j > 0 and value < values[j - 1]:
-            values[j] = values[j - 1]
-            out[j] = out[j - 1]
-            j -= 1
-        values[j] = value
-        out[j] = word
-        if filled < k:
-            filled += 1
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
@@ -87,7 +60,7 @@ def _nearest_word(x, products, centers_sqnorm, centers64, constants):
 def nearest_rows(X, products, centers_sqnorm, centers64, constants, n_candidates, neighbors):
     """Each row's m = ``neighbors.shape[1]`` nearest words in float64, nearest first (ties:
     the lower word), from its products, in this thread. m = 1: :func:`_nearest_word`;
-    m > 1: the ``n_candidates`` smallest scores (:func:`_smallest`) ranked again in
+    m > 1: the ``n_candidates`` smallest scores (:func:`~vladkit.kernels.nearest._k_smallest`) ranked again in
     float64 (:func:`~vladkit.kernels.nearest._rank_candidates`).
 
     Parameters
@@ -109,7 +82,7 @@ def nearest_rows(X, products, centers_sqnorm, centers64, constants, n_candidates
         if k == 1:
             neighbors[i, 0] = _nearest_word(X[i], products[i], centers_sqnorm, centers64, constants)
             continue
-        _smallest(products[i], centers_sqnorm, values, candidates)
+        _k_smallest(products[i], centers_sqnorm, values, candidates)
         _rank_candidates(X[i], centers64, candidates, k, exact, index)
         for j in range(k):
             neighbors[i, j] = index[j]
@@ -151,13 +124,8 @@ def aggregate_signatures(X, assignments, centers, binary, medians, signatures, w
             counts = np.zeros(count, dtype=np.int64)
             for i in range(n):
                 for a in range(m):
-                    word = assignments[i, a]
-                    repeated = False
-                    for b in range(a):
-                        if assignments[i, b] == word:
-                            repeated = True
-                    if not repeated:  # a row counts once per distinct word, as it is summed
-                        counts[np.searchsorted(words[:count], word)] += 1
+                    if first_of_its_word(assignments, i, a):  # counted once per word, as it is summed
+                        counts[np.searchsorted(words[:count], assignments[i, a])] += 1
             # In float64: n_c t_c is not rounded again to X's dtype before the comparison.
             shifted = np.empty((count, X.shape[1]))
             for t in range(count):

@@ -299,13 +299,17 @@ def _k_smallest_blocks(X, centers_t, centers_sqnorm, block, out):
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def _k_smallest(products, centers_sqnorm, values, out):
-    """out = the indices of the len(out) smallest ||c_k||^2 - 2 products[k], ascending
-    (``values``: scratch of out's length): insertion into a sorted list of k, which most
-    words skip at one compare."""
+    """out = the indices of the len(out) smallest ||c_k||^2 - (products[k] + products[k]),
+    ascending (``values``: scratch of out's length): insertion into a sorted list of k,
+    which most words skip at one compare.
+
+    The doubling is a sum, not ``2 *``: exact either way, but an integer factor would
+    promote float32 products to float64, where float32 products and norms keep the loop
+    in float32 (vectorised; the ASMK encoder's candidates, :mod:`.asmk_words`)."""
     k = out.shape[0]
     filled = 0
     for word in range(products.shape[0]):
-        value = centers_sqnorm[word] - 2 * products[word]
+        value = centers_sqnorm[word] - (products[word] + products[word])
         if filled == k and not value < values[k - 1]:
             continue
         # strict comparisons: a word ties behind the lower indices already there
