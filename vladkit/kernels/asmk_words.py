@@ -10,14 +10,12 @@ aggregation is :func:`~vladkit.kernels.asmk.aggregate_image`'s (the reference pa
 arithmetic), with the MATLAB original's median thresholds as an option.
 """
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
 from ._flags import _FAST
 from .asmk import aggregate_image, first_of_its_word, normalize_signatures, pack_signs
-from .nearest import _k_smallest, _nearest_in_float64, _rank_candidates, _rounding_bound
+from .nearest import _k_smallest, _nearest_in_float64, _rank_candidates, _within_reach
 from .products import _block
 
 
@@ -32,19 +30,10 @@ def _nearest_word(x, products, centers_sqnorm, centers64, constants):
     values are vectorised: their minimum, then how many are within reach. The first word
     reaching the minimum is found only when no other is within reach."""
     n_words = products.shape[0]
-    dim = x.shape[0]
     low = centers_sqnorm[0] - (products[0] + products[0])
     for k in range(1, n_words):
         low = min(low, centers_sqnorm[k] - (products[k] + products[k]))
-    total = 0.0
-    for d in range(dim):
-        value = np.float64(x[d])
-        total += value * value
-    norm = math.sqrt(total)
-    radius = constants[0]
-    margin = 2.0 * (_rounding_bound(norm, radius, constants[1], constants[2], dim)
-                    + _rounding_bound(norm, radius, constants[3], constants[4], dim))
-    top = np.float64(low) + (margin + 2.220446049250313e-16 * abs(np.float64(low)))
+    top = _within_reach(x, low, constants)
     near = 0
     for k in range(n_words):
         near += not (np.float64(centers_sqnorm[k] - (products[k] + products[k])) > top)

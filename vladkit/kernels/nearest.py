@@ -120,6 +120,25 @@ def _rounding_bound(norm, radius, unit, tiny, dim):
     return unit * radius * (radius + 2.0 * norm) + (dim + 2) * tiny * (2.0 + norm + radius)
 
 
+@njit(cache=True, nogil=True)
+def _within_reach(x, low, constants):
+    """The largest computed score s~_k = ||c_k||^2 - 2 x.c_k that may still hide the
+    float64 nearest word, given the smallest one, ``low``: s~_b + 2 E + 2 E' (the
+    rounding bounds of the norms and of the product, :func:`_rounding_bound`), compared in
+    float64 (a float32 s~_k converts exactly), plus 2^-52 |s~_b| for this sum's own
+    rounding."""
+    dim = x.shape[0]
+    total = 0.0
+    for d in range(dim):
+        value = np.float64(x[d])
+        total += value * value
+    norm = math.sqrt(total)
+    radius = constants[0]
+    margin = 2.0 * (_rounding_bound(norm, radius, constants[1], constants[2], dim)
+                    + _rounding_bound(norm, radius, constants[3], constants[4], dim))
+    return np.float64(low) + (margin + 2.220446049250313e-16 * abs(np.float64(low)))
+
+
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def nearest_word(x, products, centers_sqnorm, centers64, constants):
     """The float64 nearest word of one row x, from its products x.c (in x's dtype).
@@ -141,7 +160,6 @@ def nearest_word(x, products, centers_sqnorm, centers64, constants):
     ``constants``: :func:`nearest_constants`.
     """
     n_words = products.shape[0]
-    dim = x.shape[0]
     arg = 0
     low = centers_sqnorm[0] - 2 * products[0]
     for k in range(1, n_words):
@@ -149,17 +167,7 @@ def nearest_word(x, products, centers_sqnorm, centers64, constants):
         if value < low:
             low = value
             arg = k
-    total = 0.0
-    for d in range(dim):
-        value = np.float64(x[d])
-        total += value * value
-    norm = math.sqrt(total)
-    radius = constants[0]
-    margin = 2.0 * (_rounding_bound(norm, radius, constants[1], constants[2], dim)
-                    + _rounding_bound(norm, radius, constants[3], constants[4], dim))
-    # s~_k <= s~_b + margin, compared in float64 (a float32 s~_k converts exactly);
-    # 2^-52 |s~_b| more covers the rounding of this sum itself
-    top = np.float64(low) + (margin + 2.220446049250313e-16 * abs(np.float64(low)))
+    top = _within_reach(x, low, constants)
     near = 0  # (a count, not a branch per word: LLVM vectorises it)
     for k in range(n_words):
         near += not (np.float64(centers_sqnorm[k] - 2 * products[k]) > top)
