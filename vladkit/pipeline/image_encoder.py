@@ -180,6 +180,36 @@ def encode_batches(encoder, batches):
             yield indices, vectors
 
 
+def encode_rows(encoder, batches, n_images, progress=None):
+    """Every image of the batches encoded, in input order (:func:`encode_batches`).
+
+    Returns
+    -------
+    encoded : (n_images, dim) float32 ndarray, or for a word-set encoder (ASMK) a list of
+        n_images WordSignatures; the rows of unread images are zeros (None)
+    read : (n_images,) bool ndarray, which images were encoded
+    progress : callable(n), optional
+        Told the number of images finished after each batch (unread ones included).
+    """
+    word_sets = is_word_set_encoder(encoder)
+    encoded = [None] * n_images if word_sets else np.zeros((n_images, encoder.n_features_out_), dtype=np.float32)
+    read = np.zeros(n_images, dtype=bool)
+    done = 0
+    for rows, batch in encode_batches(encoder, batches):
+        read[rows] = True
+        if word_sets:
+            for row, item in zip(rows, batch):
+                encoded[row] = item
+        else:
+            encoded[rows] = batch
+        if progress is not None:
+            progress(rows[-1] + 1 - done)
+            done = rows[-1] + 1
+    if progress is not None and done < n_images:
+        progress(n_images - done)
+    return encoded, read
+
+
 def _tf_idf_encoder(encoder):
     """The BoFEncoder with ``tf_idf`` that is ``encoder`` or that a SpatialPyramid
     ``encoder`` wraps (its fitted one if fitted, else its template), or None."""

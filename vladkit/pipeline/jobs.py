@@ -46,7 +46,7 @@ from .._util.threads import limit_threads
 from .budget import DEFAULT_MAX_MEMORY, iter_batches
 from .recipe import Recipe, load_vocabulary_file
 from ..features.extractors import ImageSkippedWarning
-from .image_encoder import encode_batches, sample_features
+from .image_encoder import encode_batches, encode_rows, sample_features
 from ..features.images import DEFAULT_MAX_PIXELS
 from ..vocabulary.sampling import DescriptorSampler
 from .word_sets import WORD_SET_ENCODERS, QueryEncoding, ShardedWordSets, is_word_set_encoder, pack_entries
@@ -301,29 +301,13 @@ def _encode_shard(settings, shard, vocabulary, progress=None, on_skipped=None):
     unreadable = _unreadable(settings, shard.images, skipped, on_skipped)
 
     word_sets = is_word_set_encoder(encoder)
-    if word_sets:
-        vectors = [None] * len(shard.images)
-        encoder = QueryEncoding(encoder) if settings.queries else encoder
-    else:
-        vectors = np.zeros((len(shard.images), encoder.n_features_out_), dtype=np.float32)
-    encoded = np.zeros(len(shard.images), dtype=bool)
-    done = 0
+    if word_sets and settings.queries:
+        encoder = QueryEncoding(encoder)
     with limit_threads(settings.n_jobs):
         batches = iter_batches(extractor, list(shard.images), max_memory=settings.max_memory,
                                max_images=settings.batch_size, encoder=encoder, on_unreadable=unreadable,
                                streamed=True)
-        for rows, batch_vectors in encode_batches(encoder, batches):
-            encoded[rows] = True
-            if word_sets:
-                for row, item in zip(rows, batch_vectors):
-                    vectors[row] = item
-            else:
-                vectors[rows] = batch_vectors
-            if progress is not None:
-                progress(rows[-1] + 1 - done)
-                done = rows[-1] + 1
-    if progress is not None and done < len(shard.images):
-        progress(len(shard.images) - done)
+        vectors, encoded = encode_rows(encoder, batches, len(shard.images), progress)
     ids = [image for image, ok in zip(shard.images, encoded) if ok]
     if word_sets:
         payload = pack_entries([item for item, ok in zip(vectors, encoded) if ok],

@@ -12,7 +12,7 @@ import numpy as np
 from ..._util.io import json_dumps
 from ...pipeline.budget import DEFAULT_MAX_MEMORY, iter_batches
 from ...features.extractors import LocalFeatures
-from ...pipeline.image_encoder import encode_batches
+from ...pipeline.image_encoder import encode_rows
 from ...retrieval.rerank import FeatureStore, rerank
 from ...pipeline.word_sets import QueryEncoding
 from ...retrieval.asmk_index import ASMKIndex
@@ -75,19 +75,10 @@ def _encode_queries(args, index, extractor, encoder, unreadable):
     if asmk and args.qe:
         raise UsageError("--qe (query expansion) averages the vectors of the top results: an ASMK index holds "
                          "word sets, not vectors (use --rerank)")
-    n = len(args.images)
-    encoded = [None] * n if asmk else np.zeros((n, encoder.n_features_out_), dtype=np.float32)
-    read = np.zeros(n, dtype=bool)
     encoder = QueryEncoding(encoder) if asmk else encoder
     batches = iter_batches(extractor, args.images, max_memory=args.max_memory, encoder=encoder,
                            on_unreadable=unreadable)
-    for rows, batch in encode_batches(encoder, batches):
-        read[rows] = True
-        if asmk:
-            for row, item in zip(rows, batch):
-                encoded[row] = item
-        else:
-            encoded[rows] = batch
+    encoded, read = encode_rows(encoder, batches, len(args.images))
     return encoded, read
 
 
