@@ -30,7 +30,7 @@ import numpy as np
 from ..encoders._base import CHUNK_ROWS
 from ..encoders.asmk import ASMKEncoder, WordSignatures
 from .recipe import EncodingsFileError
-from .sharded import ShardedEncodings, shard_stem
+from .sharded import ShardedEncodings
 
 __all__ = ["QueryEncoding", "ShardedWordSets", "WordSetAccumulation", "entry_dtype", "is_word_set_encoder",
            "pack_entries", "unpack_entries", "word_set_accumulation"]
@@ -213,6 +213,3 @@ class ShardedWordSets(ShardedEncodings):
             for i in np.flatnonzero(positions == position):
                 out[i] = sets[rows[i] - start]
         return out
-
-    def shard_path(self, position):
-        return self.folder / f"{shard_stem(self._shards[position]['number'])}.npy"
