@@ -77,13 +77,12 @@ def test_builder_writes_the_in_memory_index_byte_for_byte(tmp_path, binary, idf)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_small_budget_takes_many_passes_and_the_same_bytes(tmp_path, monkeypatch):
+def test_a_small_budget_takes_many_passes_and_the_same_bytes(tmp_path):
     sets = _sets(250, seed=3, common_word=True)
     ids = [str(i) for i in range(len(sets))]
     ASMKIndex(idf=True).add(sets, ids).save(tmp_path / "memory")
-    # The budget counts the process's resident memory: left out here, so that a budget of
-    # ~60 entries beyond the per-image and per-word arrays is possible.
-    monkeypatch.setattr(asmk_build, "_resident_bytes", lambda: 0)
+    # A budget of ~60 entries beyond the per-image and per-word arrays (the process's own
+    # memory before the build is not counted).
     source = _source(sets, ids)
     largest = max(entries.nbytes for _, entries in source.shards())
     budget = asmk_build._SLACK + 8 * len(sets) + 32 * N_WORDS + largest + 60 * 20
@@ -121,7 +120,7 @@ import numpy as np
 from vladkit.retrieval import asmk_build
 from vladkit.retrieval.asmk_build import ShardSource, build_asmk_index
 
-asmk_build._resident_bytes = lambda: 0  # a budget of 8,000 entries beside the arrays: 10 passes of 2 s
+# (a budget of 8,000 entries beside the arrays: 10 passes of 2 s)
 
 class Slow(ShardSource):
     def shards(self):

@@ -90,8 +90,8 @@ def build_asmk_index(source, folder, *, alpha=3.0, threshold=0.0, idf=False, max
         removed first.
     alpha, threshold, idf : as :class:`~vladkit.retrieval.asmk_index.ASMKIndex`
     max_memory : int, default 2 GiB
-        Bytes the whole process may hold resident: the range buffer gets what the
-        process's present resident memory and the per-image and per-word arrays leave.
+        Bytes the build may hold besides what the process held before it: the range
+        buffer gets what the per-image and per-word arrays leave.
     extra_files : dict of {name: bytes}, optional
     progress : callable(stage, done, total), optional
         Called as each shard is counted (stage ``"count"``) and each word range is written
@@ -192,8 +192,8 @@ def _count(source, layout, progress):
 
 def _warm_kernels(words, images, signatures, layout):
     """The later passes' kernels compiled (or loaded from numba's cache) for the shards'
-    array types now, on no entries: their code is then part of the resident memory the
-    budget is planned from, not an unplanned addition during the first range."""
+    array types now, on no entries: their code is loaded before the ranges' buffer is, not
+    an unplanned addition during the first range."""
     dtype, shape = layout.signature
     lo, hi = word_slice(words, 0, 0)
     out_images, out_signatures = np.empty(0, dtype=np.int32), np.empty((0,) + shape, dtype=dtype)
@@ -248,15 +248,18 @@ def _check_unique(ids, hashes):
 
 def _plan(counts, layout, max_memory, largest_shard):
     """Word ranges ``(start, end)`` whose entries fit the buffer, and the buffer's size in
-    entries: what ``max_memory`` leaves after the process's resident memory now, the
-    per-image and per-word arrays still to come, a shard's worth of mapped pages and
-    32 MiB of slack. A
-    word longer than the buffer is a range of its own, written in pieces."""
-    fixed = _resident_bytes() + 8 * layout.n_images + 32 * layout.n_words + largest_shard + _SLACK
+    entries: what ``max_memory`` leaves after the per-image and per-word arrays, a shard's
+    worth of mapped pages and 32 MiB of slack. A word longer than the buffer is a range of
+    its own, written in pieces.
+
+    The budget is the build's own: what the process held before (its imports, a caller's
+    data) is not counted, so that the same ``max_memory`` builds the same ranges in a
+    fresh command and in a long-lived process (a notebook, a test run)."""
+    fixed = 8 * layout.n_images + 32 * layout.n_words + largest_shard + _SLACK
     buffer_entries = min((int(max_memory) - fixed) // layout.entry_bytes, int(counts.sum()))
     if buffer_entries < 1 and counts.sum():
         raise MemoryError(f"max_memory={max_memory:,} bytes leaves no room for the entries' buffer: "
-                          f"{fixed:,} are needed besides (resident memory, per-image and per-word arrays)")
+                          f"{fixed:,} are needed besides (per-image and per-word arrays, a shard, slack)")
     ranges, start, held = [], 0, 0
     for word, count in enumerate(counts.tolist()):
         if held and held + count > buffer_entries:
@@ -266,18 +269,6 @@ def _plan(counts, layout, max_memory, largest_shard):
     if held or not ranges:
         ranges.append((start, len(counts)))
     return ranges, max(buffer_entries, 0)
-
-
-def _resident_bytes():
-    """This process's resident memory now (VmRSS; 0 where /proc is not mounted)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _write_entries(source, layout, temporary, offsets, weights, ranges, buffer_entries, progress):
