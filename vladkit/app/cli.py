@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.set_defaults(run=lambda args: (vocab.print_help(), EXIT_USAGE)[1])
 
     encode = commands.add_parser(
-        "encode", help="encode the images of a folder into vectors (BoF, VLAD, Fisher, NetVLAD, LLC, SV)",
+        "encode", help="encode the images of a folder (BoF, VLAD, Fisher, NetVLAD, LLC, SV; ASMK word sets)",
         description="Extract local features from the images of FOLDER (recursively) and encode "
                     "each image into one vector with the vocabulary (or NetVLAD parameters), batch "
                     "by batch, in resumable shards (rerun the same command after a crash or a "
