@@ -67,20 +67,26 @@ def word_sets(n_words=8, dim=16, sizes=(40, 0, 1, 300, 7), seed=0):
     return sets, KMeansVocabulary.from_centers(centers.astype(np.float32))
 
 
-def scene15_rootsift(n_words, max_descriptors):
-    """Dense RootSIFT (step 8) of 4 15-Scene images (2 classes x 2) and k-means words on
-    them; skips the test where 15-Scene is missing."""
+def scene15_train_photos(n_classes, per_class):
+    """The first ``per_class`` photos of each of the first ``n_classes`` classes of
+    15-Scene's train/ (sorted); skips the test where 15-Scene is missing."""
     import glob
-
-    from vladkit import DenseSIFT, KMeansVocabulary
 
     paths = sorted(glob.glob(os.path.join(SCENE15, "train", "*", "*.jpg")))
     if not paths:
-        pytest.skip(f"15-Scene is not at {os.path.abspath(SCENE15)} (real dense RootSIFT tests)")
+        pytest.skip(f"15-Scene is not at {os.path.abspath(SCENE15)} (tests on real photos)")
     by_class = {}
     for path in paths:
         by_class.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
-    chosen = [p for name in sorted(by_class)[:2] for p in by_class[name][:2]]
+    return [p for name in sorted(by_class)[:n_classes] for p in by_class[name][:per_class]]
+
+
+def scene15_rootsift(n_words, max_descriptors):
+    """Dense RootSIFT (step 8) of 4 15-Scene images (2 classes x 2) and k-means words on
+    them; skips the test where 15-Scene is missing."""
+    from vladkit import DenseSIFT, KMeansVocabulary
+
+    chosen = scene15_train_photos(2, 2)
     features = DenseSIFT(root=True, step=8, n_jobs=2).transform(chosen)
     vocabulary = KMeansVocabulary(n_words, max_descriptors=max_descriptors, random_state=0).fit(features)
     return features, vocabulary

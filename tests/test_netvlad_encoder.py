@@ -4,7 +4,6 @@ v2 initialisation against soft VLAD, files and their refusals, the scikit-learn 
 streaming conventions (pieces, pyramid, clone, joblib, grid search, budget) and the CLI
 (encode -> index build -> search). Nothing here needs torch."""
 
-import glob
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from conftest import cli, textured_image
+from conftest import cli, scene15_train_photos, textured_image
 from vladkit import (
     DenseSIFT,
     ImageEncoder,
@@ -123,13 +122,7 @@ ALL_OPTIONS = list(all_options())
 @pytest.fixture(scope="module")
 def scene15_features():
     """Dense RootSIFT of 6 15-Scene training images (3 classes x 2), as LocalFeatures."""
-    paths = sorted(glob.glob(os.path.join(SCENE15, "train", "*", "*.jpg")))
-    if not paths:
-        pytest.skip(f"15-Scene is not at {os.path.abspath(SCENE15)} (real dense RootSIFT tests)")
-    by_class = {}
-    for path in paths:
-        by_class.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
-    chosen = [p for name in sorted(by_class)[:3] for p in by_class[name][:2]]
+    chosen = scene15_train_photos(3, 2)
     return DenseSIFT(root=True, step=6, n_jobs=2).transform(chosen)
 
 

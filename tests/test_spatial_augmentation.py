@@ -2,7 +2,6 @@
 positions, the PCA that leaves them as they are, the spatial Fisher vector against a
 numpy reference, and the ways in (pipeline, extractor option, ImageEncoder, recipes, CLI)."""
 
-import glob
 import os
 import warnings
 
@@ -13,7 +12,7 @@ from sklearn.base import clone
 from sklearn.pipeline import make_pipeline
 
 import reference as ref
-from conftest import cli
+from conftest import cli, scene15_train_photos
 from vladkit import (
     SIFT,
     BoFEncoder,
@@ -51,13 +50,7 @@ def expected_columns(features, scale):
 def scene15_images():
     """6 real 15-Scene photos (3 classes x 2) as grey arrays, the last two cropped to
     200 x 150 and 120 x 200 so that width and height differ."""
-    paths = sorted(glob.glob(os.path.join(SCENE15, "train", "*", "*.jpg")))
-    if not paths:
-        pytest.skip(f"15-Scene is not at {os.path.abspath(SCENE15)}")
-    by_class = {}
-    for path in paths:
-        by_class.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
-    chosen = [p for name in sorted(by_class)[:3] for p in by_class[name][:2]]
+    chosen = scene15_train_photos(3, 2)
     images = [cv2.imread(p, cv2.IMREAD_GRAYSCALE) for p in chosen]
     images[-2] = np.ascontiguousarray(images[-2][:, :150])
     images[-1] = np.ascontiguousarray(images[-1][:120, :])

@@ -368,19 +368,10 @@ def test_set_params_refuses_to_change_the_training_of_a_fitted_vocabulary(tmp_pa
 @pytest.fixture(scope="module")
 def rootsift():
     """Dense RootSIFT (step 8) of 8 15-Scene training images, 4 classes x 2."""
-    import glob
-    import os
-
-    from conftest import SCENE15
+    from conftest import scene15_train_photos
     from vladkit import DenseSIFT
 
-    paths = sorted(glob.glob(os.path.join(SCENE15, "train", "*", "*.jpg")))
-    if not paths:
-        pytest.skip(f"15-Scene is not at {os.path.abspath(SCENE15)}")
-    by_class = {}
-    for path in paths:
-        by_class.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
-    chosen = [p for name in sorted(by_class)[:4] for p in by_class[name][:2]]
+    chosen = scene15_train_photos(4, 2)
     features = DenseSIFT(root=True, step=8, n_jobs=2).transform(chosen)
     return chosen, np.concatenate([f.descriptors for f in features])
 

@@ -143,17 +143,8 @@ def word_slice(words, word_start, word_end):
     """``(lo, hi)``: the entries of words ``word_start..word_end-1`` in ``words`` (sorted),
     by binary search: on a memory-mapped shard this reads a few pages, where
     ``np.searchsorted`` would first copy the whole strided column."""
-    bounds = np.empty(2, dtype=np.int64)
-    for b, value in enumerate((word_start, word_end)):
-        lo, hi = 0, words.shape[0]
-        while lo < hi:
-            middle = (lo + hi) // 2
-            if words[middle] < value:
-                lo = middle + 1
-            else:
-                hi = middle
-        bounds[b] = lo
-    return bounds[0], bounds[1]
+    n = words.shape[0]
+    return _lower_bound(words, 0, n, word_start), _lower_bound(words, 0, n, word_end)
 
 
 @njit(cache=True, nogil=True)
@@ -248,8 +239,8 @@ def _match_by_dtype(query, entries, j, table, alpha, threshold):
 
 @njit(cache=True, nogil=True)
 def _lower_bound(entry_images, first, end, image):
-    """The first position in ``first..end-1`` whose image is >= ``image`` (a list is
-    sorted by image)."""
+    """The first position in ``first..end-1`` whose value is >= ``image`` (``end`` if
+    none): a binary search of a sorted run (an inverted list's images, a shard's words)."""
     while first < end:
         middle = (first + end) // 2
         if entry_images[middle] < image:
