@@ -6,7 +6,6 @@ streaming conventions (pieces, pyramid, clone, joblib, grid search, budget) and 
 
 import json
 import math
-import os
 import pickle
 import subprocess
 import sys
@@ -47,7 +46,6 @@ from vladkit.encoders.pyramid import cell_masks
 from vladkit.pipeline.recipe import Recipe
 from vladkit.pipeline.encodings import load_encodings
 
-SCENE15 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scene15")
 OPTIONS = ("normalize_input", "intra_norm", "l2")
 
 

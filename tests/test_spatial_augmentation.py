@@ -2,7 +2,6 @@
 positions, the PCA that leaves them as they are, the spatial Fisher vector against a
 numpy reference, and the ways in (pipeline, extractor option, ImageEncoder, recipes, CLI)."""
 
-import os
 import warnings
 
 import cv2
@@ -35,7 +34,6 @@ from vladkit import (
 from vladkit.pipeline.recipe import describe_extractor, parse_extractor
 from vladkit.pipeline.jobs import encode_images
 
-SCENE15 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scene15")
 
 
 def expected_columns(features, scale):
