@@ -107,7 +107,7 @@ def main(argv=None):
                         help="run one of the two measurements")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("torch") is None:
-        parser.error("needs torch (pip install torch==2.13.0, then pip install '.[torch]')")
+        parser.error("needs torch (pip install torch==2.14.1 torchvision==0.29.1, then pip install '.[torch]')")
     with tempfile.TemporaryDirectory(prefix="netvlad-", dir=args.scratch) as scratch:
         return run(args, parser, Path(scratch))
 

@@ -15,7 +15,7 @@ import pytest
 from vladkit import KMeansVocabulary, VLADEncoder
 
 torch = pytest.importorskip(
-    "torch", reason="torch is not installed (optional: pip install torch==2.13.0, then "
+    "torch", reason="torch is not installed (optional: pip install torch==2.14.1 torchvision==0.29.1, then "
                     "pip install '.[torch]')")
 
 from torch.autograd import gradcheck  # noqa: E402
@@ -119,7 +119,7 @@ def test_import_without_torch_says_how_to_install():
                   "try:\n    import vladkit.netvlad\n"
                   "except ImportError as e:\n    print(e)\nelse:\n    print('imported')")
     assert result.returncode == 0, result.stderr
-    assert "pip install torch==2.13.0" in result.stdout
+    assert "pip install torch==2.14.1 torchvision==0.29.1" in result.stdout
     assert "[torch]" in result.stdout
 
 
@@ -509,9 +509,15 @@ def test_bad_input_is_refused_with_what_was_expected():
                                             itertools.product([True, False], repeat=2)):
         bad = x.clone()
         bad[1, 3, 2] = value
-        other = NetVLAD(4, 8, normalize_input=options[0], bias=options[1])
+        other = NetVLAD(4, 8, normalize_input=options[0], bias=options[1], check_finite=True)
         with pytest.raises(ValueError, match="NaN or inf: set 1, descriptor 3"):
             other(bad)
+        # Without the opt-in check (no host read of the data), NaN propagates, as in torch's
+        # own layers, and only into the set that holds it.
+        quiet = NetVLAD(4, 8, normalize_input=options[0], bias=options[1])
+        out = quiet(bad)
+        assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).all()
+    layer = NetVLAD(4, 8, check_finite=True)
     bad = torch.randn(2, 8, 2, 3)
     bad[1, 5, 1, 2] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf: set 1, descriptor 5"):   # row 1 * 3 + 2

@@ -25,6 +25,7 @@ __all__ = [
     "LAYOUTS",
     "NetVLADFileError",
     "NetVLADParams",
+    "DEFAULT_INIT",
     "init_netvlad",
     "input_normalize",
     "is_netvlad_file",
@@ -38,6 +39,13 @@ FILE_FORMAT = "vladkit-netvlad"
 FILE_FORMAT_VERSION = 1
 LAYOUTS = ("KxD", "DxK")
 INIT_VERSIONS = ("v1", "v2")
+#: The initialisation used when none is given (``init_netvlad``, ``NetVLAD.from_vocabulary``,
+#: ``train_netvlad``, ``vladkit netvlad train --init``): "v2", the paper's formulation
+#: (Eq. 3: w_k = 2 alpha c_k, b_k = -alpha ||c_k||^2, the assignment of soft VLAD
+#: softmax_k(-alpha ||x - c_k||^2)). It has a bias, as ``NetVLAD(K, D)`` built with the
+#: constructor's defaults, so the state_dict of any default layer loads into any other.
+#: MATLAB's "v1" has none; in this project's benchmarks neither trained better.
+DEFAULT_INIT = "v2"
 #: The epsilons of MATLAB's vlad_preL2_intra: inside the square root for the input and
 #: intra norms, added to the norm for the final L2.
 INPUT_EPS = 1e-12
@@ -214,7 +222,7 @@ def input_normalize(X):
     return X / norms.astype(X.dtype)[:, None]
 
 
-def netvlad_alpha(centers, descriptors, version="v1"):
+def netvlad_alpha(centers, descriptors, version=DEFAULT_INIT):
     """The sharpness alpha of NetVLAD's initialisation, computed in float64.
 
     - "v1" (MATLAB's default): c_hat = c / ||c||; per descriptor the dot products
@@ -264,7 +272,7 @@ def netvlad_alpha(centers, descriptors, version="v1"):
     return math.log(_RATIO) * len(X) / gap
 
 
-def init_netvlad(centers, descriptors, version="v1", *, normalize_input=True, intra_norm=True,
+def init_netvlad(centers, descriptors, version=DEFAULT_INIT, *, normalize_input=True, intra_norm=True,
                  l2=True, layout="KxD", metadata=None):
     """NetVLAD parameters initialised from k-means centers (Arandjelovic et al. 2016).
 

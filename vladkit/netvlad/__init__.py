@@ -1,4 +1,6 @@
-"""NetVLAD in PyTorch: the trainable layer (and, in ``training``, its training).
+"""NetVLAD in PyTorch: the trainable layer, the modules of an image-retrieval network around
+it (GeM, PCA whitening, L2 normalisation, :class:`ImageRetrievalModel`, torchvision
+backbones), and (in ``training``) its training.
 
 This subpackage needs torch; ``import vladkit`` never imports it. Without torch, importing
 ``vladkit.netvlad`` raises ImportError with the install instructions. Inference without
@@ -12,14 +14,18 @@ try:
     _importlib.import_module("torch")
 except ImportError as error:  # pragma: no cover - exercised only where torch is absent
     raise ImportError(
-        "vladkit.netvlad needs PyTorch, which is not installed. Install the CPU build first, "
-        "then vladkit's torch extra:\n"
-        "    pip install torch==2.13.0\n"
+        "vladkit.netvlad needs PyTorch, which is not installed. Install torch and a "
+        "torchvision built for it first, then vladkit's torch extra:\n"
+        "    pip install torch==2.14.1 torchvision==0.29.1\n"
         '    pip install "vladkit[torch]"     (or, from a source tree: pip install ".[torch]")\n'
-        "A bare `pip install torch` may download a CUDA build of several GB. "
+        "A bare `pip install torch` may download a CUDA build of several GB (PyTorch's own "
+        "index has CPU builds: pytorch.org, 'Get Started'). "
         "Inference without torch: vladkit.encoders.netvlad.NetVLADEncoder."
     ) from error
 
+from .backbones import BACKBONES, build_backbone
 from .layer import NetVLAD
+from .modules import GeM, ImageRetrievalModel, L2Normalize, PCAWhitening
 
-__all__ = ["NetVLAD"]
+__all__ = ["NetVLAD", "GeM", "PCAWhitening", "L2Normalize", "ImageRetrievalModel", "build_backbone",
+           "BACKBONES"]

@@ -3,10 +3,16 @@
 Memory: the residual sums are the matrix form V = A^T X - (A^T 1) c, never an (N, K, D)
 tensor, and large inputs are processed in chunks of rows, checkpointed under autograd when
 what backward needs would be large (:data:`CHUNK_ELEMENTS`, :data:`CHECKPOINT_BYTES`).
+
+Compilers: ``forward`` has no Python branch on tensor values (no host synchronisation), so
+``torch.compile(fullgraph=True)``, ``torch.export.export`` (with a dynamic number of
+descriptors) and the meta device work; when compiling, exporting or tracing, the set is
+aggregated in one piece (the compiled graph then holds for any N).
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -14,8 +20,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..encoders.netvlad_params import DEFAULT_INIT
+
 __all__ = ["NetVLAD", "LAYOUTS", "INPUT_EPS", "INTRA_EPS", "L2_EPS", "CHUNK_ELEMENTS",
-           "CHECKPOINT_BYTES"]
+           "CHECKPOINT_BYTES", "DEFAULT_INIT"]
+
 
 #: Output layouts: "KxD" (each word's D values together, VLADEncoder's layout) or "DxK"
 #: (MATLAB's: K varies fastest, the flattening of V^T).
@@ -63,11 +72,16 @@ class NetVLAD(nn.Module):
     dim : int
         D, the descriptor dimension.
     bias : bool, default=True
-        Learn a bias b (K,). MATLAB's default layer ("v1" initialisation) has none;
-        "v2" has one.
+        Learn a bias b (K,). The paper's layer (Eq. 3, the "v2" initialisation,
+        :data:`DEFAULT_INIT`) has one; MATLAB's default ("v1") has none.
     normalize_input, intra_norm, l2 : bool, default=True
         Steps 1, 4 and 6 above.
     layout : {"KxD", "DxK"}, default="KxD"
+    check_finite : bool, default=False
+        Raise ValueError naming the set and row when a real row holds NaN or inf. It reads
+        a tensor value on the host, so it synchronises a GPU and breaks a compiled graph:
+        off by default (NaN then propagates, as in torch's own layers); it is skipped while
+        compiling, exporting or tracing.
 
     Attributes
     ----------
@@ -79,39 +93,55 @@ class NetVLAD(nn.Module):
         trained values with :meth:`from_params`.
     metadata : dict
         JSON-able description carried into :meth:`to_params` (descriptor type,
-        initialisation, alpha, ...).
+        initialisation, alpha, ...). It travels in the ``state_dict`` (its
+        ``_extra_state`` entry), so ``load_state_dict`` restores it; a state_dict without
+        that entry (an older file, another port's) leaves it as it is.
 
     Input of :meth:`forward`: ``(B, N, D)`` sets of descriptors with an optional boolean
     mask ``(B, N)`` (True = a real row; padding rows are ignored, whatever they hold), or
-    ``(B, D, H, W)`` feature maps (H * W descriptors each). Output ``(B, K * D)``, the
-    parameters' dtype.
+    ``(B, D, H, W)`` feature maps (H * W descriptors each). Output ``(B, K * D)``.
+
+    Precision: the layer computes in its parameters' dtype, whatever the input's. Under
+    ``torch.autocast`` (CPU bfloat16, CUDA float16) a half-precision input is converted
+    up and autocast is switched off inside, so the softmax, the sums and the norms run in
+    float32, and the output is float32 (as autocast's own float32 ops, softmax and norms,
+    give); a layer converted with ``.half()`` or ``.to(torch.bfloat16)`` computes in that
+    dtype. An input of more precision than the parameters (float64 into a float32 layer)
+    is refused outside autocast, rather than rounded silently.
+
+    Compilers: ``torch.compile(layer, fullgraph=True)``, ``torch.export.export`` (the
+    number of descriptors may be dynamic), the meta device and ``torch.jit.trace`` (the
+    traced graph holds for any N) work; ``torch.jit.script`` is refused, pointing at
+    ``torch.export``.
     """
 
     def __init__(self, n_clusters, dim, *, bias=True, normalize_input=True, intra_norm=True,
-                 l2=True, layout="KxD"):
+                 l2=True, layout="KxD", check_finite=False):
         super().__init__()
         for name, value in (("n_clusters", n_clusters), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            # numbers.Integral: Python and numpy integers (np.int64 from an array's shape).
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name, value in (("bias", bias), ("normalize_input", normalize_input),
-                            ("intra_norm", intra_norm), ("l2", l2)):
+                            ("intra_norm", intra_norm), ("l2", l2), ("check_finite", check_finite)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.n_clusters = n_clusters
-        self.dim = dim
+        self.n_clusters = int(n_clusters)
+        self.dim = int(dim)
         self.normalize_input = normalize_input
         self.intra_norm = intra_norm
         self.l2 = l2
         self.layout = layout
+        self.check_finite = check_finite
         self.metadata = {}
-        self.weight = nn.Parameter(torch.empty(n_clusters, dim))
+        self.weight = nn.Parameter(torch.empty(self.n_clusters, self.dim))
         if bias:
-            self.bias = nn.Parameter(torch.empty(n_clusters))
+            self.bias = nn.Parameter(torch.empty(self.n_clusters))
         else:
             self.register_parameter("bias", None)
-        self.centers = nn.Parameter(torch.empty(n_clusters, dim))
+        self.centers = nn.Parameter(torch.empty(self.n_clusters, self.dim))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -133,16 +163,40 @@ class NetVLAD(nn.Module):
                 f"normalize_input={self.normalize_input}, intra_norm={self.intra_norm}, "
                 f"l2={self.l2}, layout={self.layout!r}")
 
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self):
+        """``{"metadata": ...}``: saved in the state_dict as ``_extra_state``."""
+        return {"metadata": dict(self.metadata)}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or not isinstance(state.get("metadata", {}), dict):
+            raise ValueError(f"NetVLAD's _extra_state must be {{'metadata': dict}}, got {state!r}")
+        self.metadata = dict(state.get("metadata", {}))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state_dict without _extra_state (saved before it existed, or converted from
+        # another port) keeps the layer's metadata rather than failing a strict load.
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "NetVLAD does not support torch.jit.script (TorchScript is in maintenance in "
+            "PyTorch 2): use torch.export.export(layer, (x,)) (a dynamic number of "
+            "descriptors works: dynamic_shapes={'x': {1: torch.export.Dim('n')}}), "
+            "torch.compile, or torch.jit.trace, whose graph holds for any N")
+
     # ------------------------------------------------------------------ forward
     def forward(self, x, mask=None):
         """Encode a batch of descriptor sets.
 
         Parameters
         ----------
-        x : Tensor (B, N, D) or (B, D, H, W), floating, the parameters' dtype
+        x : Tensor (B, N, D) or (B, D, H, W), floating
             Real rows must be finite (masked-out rows may hold anything). A wrong shape,
             dimension, dtype or mask raises TypeError/ValueError saying what was expected;
-            NaN or inf in a real row raises ValueError naming the set and the row.
+            with ``check_finite``, NaN or inf in a real row raises ValueError naming the
+            set and the row.
         mask : bool Tensor (B, N) or None
             For (B, N, D) input only: True marks a real descriptor, False a padding row,
             which contributes nothing. Without a mask a zero row is a descriptor: it still
@@ -150,9 +204,40 @@ class NetVLAD(nn.Module):
 
         Returns
         -------
-        Tensor (B, K * D)
+        Tensor (B, K * D), the parameters' dtype
         """
         x, mask = self._check_input(x, mask)
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # float32 sums and softmax whatever autocast would choose for the matmuls.
+            with torch.autocast(device, enabled=False):
+                return self._encode(x.to(self.weight.dtype), mask)
+        return self._encode(x.to(self.weight.dtype), mask)
+
+    def _encode(self, x, mask):
+        batch = x.shape[0]
+        if _graph_capture():
+            # One piece: a graph captured for one N then holds for every N (a chunk loop
+            # would unroll to the traced number of chunks).
+            sums, masses = self._aggregate(x, mask)
+        else:
+            if self.check_finite:
+                self._check_finite(x, mask)
+            sums, masses = self._aggregate_in_chunks(x, mask)
+        vlad = sums - masses.unsqueeze(-1) * self.centers          # (B, K, D)
+        if self.intra_norm:
+            vlad = vlad / torch.sqrt(vlad.square().sum(dim=-1, keepdim=True) + INTRA_EPS)
+        if self.layout == "DxK":
+            vlad = vlad.transpose(1, 2)
+        vlad = vlad.reshape(batch, self.n_clusters * self.dim)
+        if self.l2:
+            # vector_norm's gradient at 0 is 0 (sqrt(sum(v^2)) would give NaN): an empty
+            # set stays differentiable.
+            vlad = vlad / (torch.linalg.vector_norm(vlad, dim=-1, keepdim=True) + L2_EPS)
+        return vlad
+
+    def _aggregate_in_chunks(self, x, mask):
+        """(A^T X, A^T 1) summed over chunks of rows (see :data:`CHUNK_ELEMENTS`)."""
         batch = x.shape[0]
         rows = max(1, CHUNK_ELEMENTS // max(1, batch * max(self.n_clusters, self.dim)))
         # torch.split, not slicing: the input's gradient is then one concatenation of the
@@ -175,21 +260,7 @@ class NetVLAD(nn.Module):
                 part_sums, part_masses = self._aggregate(x_chunk, mask_chunk)
             sums = part_sums if sums is None else sums + part_sums
             masses = part_masses if masses is None else masses + part_masses
-        # NaN or inf in a real row reaches these sums (0 * inf and 0 * NaN are NaN too), so
-        # checking them is enough; the input is searched only then.
-        if not bool(torch.isfinite(sums).all() & torch.isfinite(masses).all()):
-            self._check_finite(x, mask)
-        vlad = sums - masses.unsqueeze(-1) * self.centers          # (B, K, D)
-        if self.intra_norm:
-            vlad = vlad / torch.sqrt(vlad.square().sum(dim=-1, keepdim=True) + INTRA_EPS)
-        if self.layout == "DxK":
-            vlad = vlad.transpose(1, 2)
-        vlad = vlad.reshape(batch, self.n_clusters * self.dim)
-        if self.l2:
-            # vector_norm's gradient at 0 is 0 (sqrt(sum(v^2)) would give NaN): an empty
-            # set stays differentiable.
-            vlad = vlad / (torch.linalg.vector_norm(vlad, dim=-1, keepdim=True) + L2_EPS)
-        return vlad
+        return sums, masses
 
     def _aggregate(self, x, mask):
         """(A^T X, A^T 1) of one chunk of rows: (B, K, D) and (B, K)."""
@@ -211,9 +282,15 @@ class NetVLAD(nn.Module):
             raise TypeError(f"NetVLAD expects a torch.Tensor (B, N, D) or (B, D, H, W), "
                             f"got {type(x).__name__}")
         dtype = self.weight.dtype
-        if x.dtype != dtype:
-            raise TypeError(f"NetVLAD input has dtype {x.dtype}, expected the parameters' "
-                            f"dtype {dtype} (convert the input, or the layer with .to({x.dtype}))")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"NetVLAD input has dtype {x.dtype}, expected a floating dtype "
+                            f"(the layer computes in its parameters' dtype, {dtype})")
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        if torch.finfo(x.dtype).bits > torch.finfo(dtype).bits and not autocast:
+            raise TypeError(f"NetVLAD input has dtype {x.dtype}, more precise than the "
+                            f"parameters' {dtype}: convert the input, or the layer with "
+                            f".to({x.dtype})")
         if x.ndim == 3:
             if x.shape[2] != self.dim:
                 raise ValueError(f"NetVLAD expected (B, N, D) input with D = {self.dim}, got "
@@ -237,17 +314,22 @@ class NetVLAD(nn.Module):
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask must have dtype torch.bool (True = real descriptor), "
                                 f"got {mask.dtype}")
-            if tuple(mask.shape) != tuple(x.shape[:2]):
+            if mask.ndim != 2:
                 raise ValueError(f"mask must have shape (B, N) = {tuple(x.shape[:2])} for input "
                                  f"of shape {tuple(x.shape)}, got {tuple(mask.shape)}")
+            # torch._check_value, not `if`: sizes may be symbolic (export with a dynamic N), and
+            # an `if` on them would specialise the graph to one size.
+            for axis in (0, 1):
+                torch._check_value(mask.shape[axis] == x.shape[axis], lambda: (
+                    f"mask must have shape (B, N) = {tuple(x.shape[:2])} for input of shape "
+                    f"{tuple(x.shape)}, got {tuple(mask.shape)}"))
             if mask.device != x.device:
                 raise ValueError(f"mask is on {mask.device}, the input on {x.device}")
         return x, mask
 
     @staticmethod
     def _check_finite(x, mask):
-        """Raise ValueError naming the first real row holding NaN or inf, if any (otherwise
-        the non-finite values come from the parameters or an overflow: torch's way, no error)."""
+        """Raise ValueError naming the first real row holding NaN or inf, if any."""
         with torch.no_grad():
             bad = ~torch.isfinite(x).all(dim=-1)
             if mask is not None:
@@ -290,7 +372,7 @@ class NetVLAD(nn.Module):
         return layer
 
     @classmethod
-    def from_vocabulary(cls, vocabulary_or_centers, descriptors, version="v1", random_state=None, *,
+    def from_vocabulary(cls, vocabulary_or_centers, descriptors, version=DEFAULT_INIT, random_state=None, *,
                         bias=None, normalize_input=True, intra_norm=True, l2=True, layout="KxD",
                         n_descriptors=50_000, per_image=100, metadata=None):
         """A layer initialised from k-means words, as Arandjelovic et al.'s code does.
@@ -317,7 +399,7 @@ class NetVLAD(nn.Module):
             ``per_image`` descriptors from each of ceil(n_descriptors / per_image) random
             images (:func:`vladkit.encoders.netvlad_params.sample_descriptors`); an array of more
             than ``n_descriptors`` rows is subsampled uniformly.
-        version : {"v1", "v2"}, default="v1"
+        version : {"v1", "v2"}, default="v2" (:data:`DEFAULT_INIT`)
         random_state : None, int or RandomState
             The sample (and k-means when run here). None gives a fixed sample.
         bias : bool or None
@@ -427,3 +509,8 @@ class NetVLAD(nn.Module):
             layout=self.layout,
             metadata=merged,
         )
+
+
+def _graph_capture():
+    """Whether forward is being compiled, exported or traced (not run eagerly)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()

@@ -202,7 +202,11 @@ class _Trainer:
 
 
 def _state(layer):
-    return {name: value.detach().clone() for name, value in layer.state_dict().items()}
+    """A copy of the layer's state_dict (tensors cloned; the extra state, metadata, copied)."""
+    import copy
+
+    return {name: value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+            for name, value in layer.state_dict().items()}
 
 
 def _mine(queries, cache, squared, group_of, groups, hard, n_negatives, pool, rng):

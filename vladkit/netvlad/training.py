@@ -25,7 +25,7 @@ import torch
 from sklearn.utils import check_random_state
 
 from ..datasets.near_duplicates import attacked_copies, copy_groups, _positive_int
-from ..encoders.netvlad_params import NetVLADParams, sample_descriptors
+from ..encoders.netvlad_params import DEFAULT_INIT, NetVLADParams, sample_descriptors
 from ..vocabulary.kmeans import KMeansVocabulary
 from .layer import NetVLAD
 from .trainer import _Trainer, _Validation, _deterministic_torch, _state
@@ -146,7 +146,7 @@ def _split_validation(group_ids, fraction, rng, keep=1):
 # ------------------------------------------------------------------------- training
 
 
-def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="triplet", epochs=10,
+def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init=DEFAULT_INIT, loss="triplet", epochs=10,
                   lr=1e-3, optimizer="adam", weight_decay=0.0, lr_decay=None, batch_size=8,
                   descriptors_per_step=500, margin=0.1, n_negatives=10, negative_pool=1000,
                   queries_per_epoch=None, classification_weight=1.0, head_lr=None, validation=None,
@@ -215,7 +215,7 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
         its :func:`attacked_copies`); every group needs two sets for the triplet loss.
     n_clusters : int, default=64
         K (ignored when ``init`` is NetVLADParams).
-    init : {"v1", "v2"} or NetVLADParams, default="v1"
+    init : {"v1", "v2"} or NetVLADParams, default="v2" (:data:`~vladkit.encoders.netvlad_params.DEFAULT_INIT`)
     loss : {"triplet", "classification", "triplet+classification"}, default="triplet"
     epochs : int, default=10
         Passes over the training sets (each set a query once per epoch, or once in a
@@ -282,7 +282,8 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
         ``training`` summary: the options above, the number of sets and groups trained on
         (``n_sets``, ``n_groups``: without the held-out ones) and validated on
         (``n_validation_sets``, ``n_validation_groups``), the per-epoch history (mean loss,
-        active queries, validation mAP, seconds) and the epoch returned.
+        active queries, validation mAP) and the epoch returned; no timings (they go to
+        ``log``), so the same inputs, seed and threads give the same bytes once saved.
 
     References
     ----------
@@ -291,7 +292,6 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
     loss and hard negative mining; their ``trainWeakly.m``: margin 0.1, 10 negatives,
     1,000 sampled, the hard-negative cache).
     """
-    start = time.perf_counter()
     sets, dim = _as_sets(descriptor_sets)
     group_ids = _group_ids(groups, len(sets))
     if loss not in LOSSES:
@@ -374,7 +374,7 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
                     if val_sets is not None else None)
         per_epoch = len(train) if queries_per_epoch is None else min(len(train), queries_per_epoch)
         history = [{"epoch": 0, "loss": None, "active": None,
-                    "validation_map": validate() if validate else None, "seconds": 0.0}]
+                    "validation_map": validate() if validate else None}]
         best = (history[0]["validation_map"], 0, _state(layer))
         if validate:
             say(f"epoch 0 (initialisation): validation mAP {best[0]:.4f}")
@@ -391,8 +391,10 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
                     trainer.decay(lr_decay[1])
                 score = validate() if validate else None
                 seconds = time.perf_counter() - epoch_start
+                # No timing in the history: it goes into the file, whose bytes must not
+                # depend on the machine's load (the log line below has the seconds).
                 history.append({"epoch": epoch, "loss": mean_loss, "active": active,
-                                "validation_map": score, "seconds": round(seconds, 3)})
+                                "validation_map": score})
                 line = f"epoch {epoch}/{epochs}: loss {mean_loss:.4f}"
                 if active is not None:
                     line += f", {active}/{per_epoch} queries with a violated margin"
@@ -421,7 +423,7 @@ def train_netvlad(descriptor_sets, groups, *, n_clusters=64, init="v1", loss="tr
         "n_sets": len(train), "n_groups": n_groups,
         "n_validation_sets": None if val_sets is None else len(val_sets),
         "n_validation_groups": None if val_groups is None else len(np.unique(val_groups)),
-        "random_state": seed, "n_threads": n_threads, "seconds": round(time.perf_counter() - start, 3),
+        "random_state": seed, "n_threads": n_threads,
         "history": history,
     }
     extra = dict(metadata or {})
