@@ -314,15 +314,17 @@ class NetVLAD(nn.Module):
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask must have dtype torch.bool (True = real descriptor), "
                                 f"got {mask.dtype}")
+            message = (f"mask must have shape (B, N) = {tuple(x.shape[:2])} for input of shape "
+                       f"{tuple(x.shape)}, got {tuple(mask.shape)}")
             if mask.ndim != 2:
-                raise ValueError(f"mask must have shape (B, N) = {tuple(x.shape[:2])} for input "
-                                 f"of shape {tuple(x.shape)}, got {tuple(mask.shape)}")
-            # torch._check_value, not `if`: sizes may be symbolic (export with a dynamic N), and
-            # an `if` on them would specialise the graph to one size.
-            for axis in (0, 1):
-                torch._check_value(mask.shape[axis] == x.shape[axis], lambda: (
-                    f"mask must have shape (B, N) = {tuple(x.shape[:2])} for input of shape "
-                    f"{tuple(x.shape)}, got {tuple(mask.shape)}"))
+                raise ValueError(message)
+            if _graph_capture():
+                # Sizes may be symbolic (export with a dynamic N): an `if` on them would
+                # specialise the graph to one size; torch._check records the relation.
+                torch._check(mask.shape[0] == x.shape[0])
+                torch._check(mask.shape[1] == x.shape[1])
+            elif tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(message)
             if mask.device != x.device:
                 raise ValueError(f"mask is on {mask.device}, the input on {x.device}")
         return x, mask
