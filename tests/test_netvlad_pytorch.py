@@ -370,3 +370,37 @@ def test_nanne_whole_model_imports_with_its_vgg16_encoder(tmp_path):
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert (ours(images) - pool(encoder(images))).abs().max() < 1e-6
+
+
+# ------------------------------------------------------------------ backbones
+
+
+@pytest.mark.parametrize("name, layer, channels, stride", [
+    ("vgg16", "conv5_3", 512, 16), ("resnet18", "layer4", 512, 32), ("resnet50", "layer3", 1024, 16)])
+def test_backbones_are_torchvision_cut_at_the_named_layer(name, layer, channels, stride):
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed (the torch extra)")
+    from vladkit.netvlad import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone(name, layer=layer)
+    assert (backbone.out_channels, backbone.stride, backbone.name) == (channels, stride, f"{name}/{layer}")
+    with torch.no_grad():
+        maps = backbone(torch.rand(1, 3, 64, 96))
+    assert maps.shape == (1, channels, 64 // stride, 96 // stride)
+    # torchvision's names and shapes: its weights (a state_dict of the whole network) load.
+    full = torchvision.models.get_model(name, weights=None).state_dict()
+    prefix = "features." if name == "vgg16" else ""
+    ours = backbone.state_dict()
+    assert all(full[prefix + key].shape == value.shape for key, value in ours.items())
+    backbone.load_state_dict({key: full[prefix + key] for key in ours})
+    if name == "vgg16":   # the paper's cut: conv5_3 before its ReLU, so negative values remain
+        assert isinstance(backbone[-1], torch.nn.Conv2d) and (maps < 0).any()
+    with pytest.raises(ValueError, match="can be cut at"):
+        build_backbone(name, layer="fc")
+
+
+def test_unknown_backbone_is_refused_with_the_choices():
+    from vladkit.netvlad import build_backbone
+
+    with pytest.raises(ValueError, match="resnet18.*any nn.Module"):
+        build_backbone("alexnet")
