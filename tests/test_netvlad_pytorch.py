@@ -404,3 +404,17 @@ def test_unknown_backbone_is_refused_with_the_choices():
 
     with pytest.raises(ValueError, match="resnet18.*any nn.Module"):
         build_backbone("alexnet")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the GPU path is the same code: "
+                                                          "float16 autocast, compile and export)")
+def test_cuda_float16_autocast_and_compile():
+    layer = _layer(K=16, D=64).cuda()
+    x = torch.randn(4, 500, 64, device="cuda")
+    mask = torch.rand(4, 500, device="cuda") > 0.2
+    exact = layer(x, mask)
+    with torch.autocast("cuda", dtype=torch.float16):
+        mixed = layer(x.half(), mask)
+    assert mixed.dtype == torch.float32 and (mixed - exact).abs().max() < 1e-2
+    torch._dynamo.reset()
+    assert (torch.compile(layer, fullgraph=True)(x, mask) - exact).abs().max() < 1e-5
