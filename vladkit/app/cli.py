@@ -24,7 +24,6 @@ from .._util.defaults import (AUTO_PCA, DEFAULT_MAX_MEMORY, DEFAULT_MAX_PIXELS, 
 from .errors import EXIT_FAILED, EXIT_USAGE, UsageError
 
 
-
 def _positive_float(text):
     try:
         value = float(text)
@@ -546,6 +545,7 @@ validation mAP is kept.""",
     netvlad_train.add_argument("-o", "--output", required=True, metavar="FILE", help="NetVLAD file to write (.npz)")
     netvlad_train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_feature_options(netvlad_train)
+    importlib.import_module("vladkit.app.commands.netvlad_images").add_image_options(netvlad_train)
     netvlad_train.set_defaults(run=("netvlad", "cmd_netvlad_train"))
     netvlad.set_defaults(run=lambda args: (netvlad.print_help(), EXIT_USAGE)[1])
     return parser

@@ -26,7 +26,11 @@ except ImportError as error:  # pragma: no cover - exercised only where torch is
 from .backbones import BACKBONES, build_backbone
 from .layer import NetVLAD
 from .modules import GeM, ImageRetrievalModel, L2Normalize, PCAWhitening
+from .images import ImageGroupsDataset
+from .mining import HardNegativeMiner
+from .image_training import init_netvlad_from_images, train_on_images
 from .ports import model_from_pytorch_netvlad, netvlad_from_pytorch_netvlad
 
 __all__ = ["NetVLAD", "GeM", "PCAWhitening", "L2Normalize", "ImageRetrievalModel", "build_backbone",
-           "BACKBONES", "netvlad_from_pytorch_netvlad", "model_from_pytorch_netvlad"]
+           "BACKBONES", "netvlad_from_pytorch_netvlad", "model_from_pytorch_netvlad",
+           "ImageGroupsDataset", "HardNegativeMiner", "init_netvlad_from_images", "train_on_images"]

@@ -45,6 +45,12 @@ def _check_netvlad_options(args, paths):
 def cmd_netvlad_train(args):
     import time
 
+    from .netvlad_images import _check, cmd_netvlad_train_images
+
+    _check(args)  # the options of training on images (--backbone) against the mode chosen
+    if args.backbone is not None:
+        return cmd_netvlad_train_images(args)
+
     try:  # torch is imported here only: `vladkit --help` and the other commands stay torch-free
         from ...netvlad.training import attacked_copies, train_netvlad
     except ImportError:
