@@ -8,13 +8,17 @@ initialisation on attacked copies of 15-Scene ``train/``, against RootSIFT VLAD.
   *random* weights (no pretrained ones: nothing is downloaded), on ``--image-size``
   (96) px images, so 6 x 6 local descriptors per image; NetVLAD with ``--k`` (32)
   clusters initialised from k-means on the backbone's descriptors
-  (:func:`vladkit.netvlad.init_netvlad_from_images`, "v2").
+  (:func:`vladkit.netvlad.init_netvlad_from_images`, "v2"). BatchNorm keeps its initial
+  statistics (mean 0, variance 1) and is frozen in training (``batchnorm="frozen"``): on a
+  small validation set that start retrieved better than statistics estimated on the images.
 - **Training** (:func:`vladkit.netvlad.train_on_images`): ``--train-photos`` ``train/``
   photos (the same number from each class), each with ``--copies`` attacked copies
   (:class:`vladkit.netvlad.ImageGroupsDataset`, the Copydays-style attacks of
   :data:`vladkit.datasets.ATTACKS`) as its group; the paper's triplet loss (margin 0.1)
-  with hard negatives mined from a cache refreshed every epoch; random resized crops,
-  flips and brightness/contrast jitter; Adam.
+  with hard negatives mined from a cache refreshed every epoch, the epoch of the best
+  validation mAP kept (validation: 3 other ``train/`` photos per class and their copies); random resized crops and
+  brightness/contrast jitter, no flips (the benchmark's distractors are mirrored crops of
+  the originals: a network taught that mirror images match would rank them first); Adam.
 - **Evaluation**: bench_netvlad.py's near-duplicate retrieval, built the same way from
   ``test/`` (``--near-duplicates`` originals, the same number per class, read with
   DenseSIFT's ``max_side``; :func:`vladkit.datasets.near_duplicate_set` with 3 mirrored-crop
@@ -51,10 +55,10 @@ from vladkit.retrieval.metrics import mean_average_precision, recall_at_k
 
 #: The full run's recipe, sized to fit in ~25 minutes on 2 cores (measured: ~12 images
 #: per second forward + backward, ~60 per second forward only, resnet18/layer3 at 96 px).
-RECIPE = dict(loss="triplet", epochs=4, lr=1e-4, batch_size=4, n_negatives=4, negative_pool=300,
-              queries_per_epoch=300)
+RECIPE = dict(loss="triplet", epochs=8, lr=1e-4, batch_size=4, n_negatives=4, negative_pool=300,
+              queries_per_epoch=600, keep_best=True)
 QUICK = dict(loss="triplet", epochs=1, lr=1e-4, batch_size=2, n_negatives=2, negative_pool=20,
-             queries_per_epoch=4)
+             queries_per_epoch=4, keep_best=True)
 
 
 def load():
@@ -72,11 +76,12 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=None, help="working size in pixels (default 96)")
     parser.add_argument("--k", type=int, default=None, help="NetVLAD clusters (default 32)")
     parser.add_argument("--train-photos", type=int, default=None,
-                        help="train/ photos to train on, the same number per class (default 405)")
+                        help="train/ photos to train on, the same number per class (default 450)")
     parser.add_argument("--copies", type=int, default=3, help="attacked copies per training photo (default 3)")
     parser.add_argument("--near-duplicates", type=int, default=600,
                         help="test/ originals in the near-duplicate benchmark (default 600, as bench_netvlad.py)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    parser.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
         parser.error("needs torch and torchvision (pip install torch==2.14.1 torchvision==0.29.1)")
@@ -131,11 +136,13 @@ def run(args, parser):
     quick = args.quick
     size = args.image_size or (64 if quick else 96)
     k = args.k or (8 if quick else 32)
-    n_train = args.train_photos or (30 if quick else 405)
+    n_train = args.train_photos or (30 if quick else 450)
     copies = min(args.copies, 2) if quick else args.copies
     recipe = dict(QUICK if quick else RECIPE)
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
+    if args.lr is not None:
+        recipe["lr"] = args.lr
     data_root = Path(args.data)
     train_all, y_train, classes = labelled_images(data_root / "train")
     test_paths, y_test, _ = labelled_images(data_root / "test")
@@ -143,6 +150,9 @@ def run(args, parser):
         parser.error(f"no images under {data_root}/train and {data_root}/test")
     per_class = max(1, n_train // len(classes))
     train_paths = [train_all[i] for c in range(len(classes)) for i in np.flatnonzero(y_train == c)[:per_class]]
+    # Validation (the epoch kept): the next 3 train/ photos of each class, never trained on.
+    val_paths = [train_all[i] for c in range(len(classes))
+                 for i in np.flatnonzero(y_train == c)[per_class:per_class + (1 if quick else 3)]]
     command = "python benchmarks/bench_netvlad_images.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
     started, load_start = time.perf_counter(), os.getloadavg()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -169,7 +179,9 @@ def run(args, parser):
     query_set = ImageGroupsDataset([image for _, image, _ in data.queries], image_size=size)
     training, _ = timed(f"training set: {len(train_paths)} train/ photos + {copies} copies each",
                         lambda: ImageGroupsDataset(train_paths, image_size=size, copies=copies, augment=True,
-                                                   seed=args.seed))
+                                                   flip=False, seed=args.seed))
+
+    validation = ImageGroupsDataset(val_paths, image_size=size, copies=copies, seed=args.seed + 1)
 
     def evaluate(model):
         database = embed_dataset(model, database_set)
@@ -187,10 +199,11 @@ def run(args, parser):
     rows.append((f"{name}: initialisation", dim, mAP, r1, seconds))
     print(f"  initialisation: mAP {mAP:.3f}, recall@1 {r1:.3f}", flush=True)
     (model, history), train_seconds = timed(
-        "training", lambda: train_on_images(model, training, **recipe, random_state=args.seed,
+        "training", lambda: train_on_images(model, training, **recipe, validation=validation, random_state=args.seed,
                                             n_threads=args.threads, log=lambda line: print("    " + line, flush=True)))
     (dim, (mAP, r1)), seconds = timed("evaluation, trained", lambda: evaluate(model))
-    rows.append((f"{name}: trained on attacked copies", dim, mAP, r1, seconds))
+    kept = max(history, key=lambda h: (h["validation_map"], h["epoch"]))["epoch"]
+    rows.append((f"{name}: trained on attacked copies (epoch {kept} kept)", dim, mAP, r1, seconds))
     print(f"  trained: mAP {mAP:.3f}, recall@1 {r1:.3f}", flush=True)
     vk = 16 if quick else 64
     (dim, (mAP, r1)), seconds = timed(f"RootSIFT VLAD K={vk} (vocabulary, extraction, encoding)",
@@ -200,12 +213,12 @@ def run(args, parser):
     print(f"  RootSIFT VLAD: mAP {mAP:.3f}, recall@1 {r1:.3f}", flush=True)
     total = time.perf_counter() - started
     write(args, command, date, load_start, os.getloadavg(), rows, timings, history, recipe, total, size, k,
-          len(train_paths), copies, len(training), n_photos, data, torch.__version__)
+          len(train_paths), copies, len(training), n_photos, data, torch.__version__, len(val_paths))
     return 0
 
 
 def write(args, command, date, load_start, load_end, rows, timings, history, recipe, total, size, k, n_train,
-          copies, n_items, n_photos, data, torch_version):
+          copies, n_items, n_photos, data, torch_version, n_val):
     lines = [
         f"Training on images, end to end: a CNN with random weights trained through NetVLAD on attacked "
         f"copies of 15-Scene `train/`, evaluated on bench_netvlad.py's held-out near duplicates from `test/`.",
@@ -217,8 +230,9 @@ def write(args, command, date, load_start, load_end, rows, timings, history, rec
         "",
         f"Training: {n_train} `train/` photos ({n_train // 15} per class) and {copies} attacked copies each "
         f"({n_items} items, {n_items // (copies + 1)} groups), {size} x {size} px, random resized crops "
-        f"(50-100% of the area), flips, brightness/contrast ±20%; `train_on_images` recipe `{recipe}` "
-        "(cache refreshed at the start of every epoch).",
+        f"(50-100% of the area), brightness/contrast ±20%, no flips (the distractors are mirrored crops); `train_on_images` recipe `{recipe}` "
+        f"(cache refreshed at the start of every epoch); validation: {n_val} other `train/` photos with "
+        f"{copies} copies each, the epoch of the best validation mAP kept (0: the initialisation).",
         "",
         f"### Near-duplicate retrieval ({n_photos} test/ originals + {len(data.database) - n_photos} "
         f"distractors, {len(data.queries)} attacked queries; exact search)",
@@ -229,8 +243,9 @@ def write(args, command, date, load_start, load_end, rows, timings, history, rec
     lines += [f"| {name} | {dim:,} | {mAP:.3f} | {r1:.3f} | {seconds:.0f} s |" for name, dim, mAP, r1, seconds in rows]
     lines += ["", "Times: the encoding of the benchmark's images for the CNN rows (the training is below); "
               "for VLAD, vocabulary (DenseSIFT over `train/`, k-means) plus extraction and encoding.", "",
-              "### Training loss per epoch", "", "| epoch | mean triplet loss |", "|---|---|"]
-    lines += [f"| {h['epoch']} | {h['loss']:.4f} |" for h in history if h["loss"] is not None]
+              "### Training per epoch", "", "| epoch | mean triplet loss | validation mAP |", "|---|---|---|"]
+    lines += [f"| {h['epoch']} | {'' if h['loss'] is None else format(h['loss'], '.4f')} | "
+              f"{h['validation_map']:.3f} |" for h in history]
     lines += ["", "### Timings", "", "| step | wall time | load average before / after |", "|---|---|---|"]
     lines += [f"| {name} | {seconds:.0f} s | {before:.1f} / {after:.1f} |" for name, seconds, before, after in timings]
     table = "\n".join(lines)

@@ -174,8 +174,8 @@ def cmd_netvlad_train_images(args):
         model, history = train_on_images(
             model, training, loss=args.loss, epochs=args.epochs, lr=args.lr, batch_size=args.minibatch,
             n_negatives=args.negatives, margin=args.margin if args.loss == "triplet" else None,
-            validation=validation, checkpoint=args.checkpoint, resume=args.resume, random_state=seed,
-            n_threads=n_threads, log=say)
+            validation=validation, keep_best=validation is not None, checkpoint=args.checkpoint,
+            resume=args.resume, random_state=seed, n_threads=n_threads, log=say)
     except ValueError as exc:
         raise CommandError(f"cannot train on {args.folder!r}: {exc}") from None
     seconds = time.perf_counter() - start
@@ -189,8 +189,10 @@ def cmd_netvlad_train_images(args):
                      metadata={"training": summary})
     final = history[-1]
     result = f"loss {final['loss']:.4f}" if final["loss"] is not None else "untrained"
-    if final["validation_map"] is not None:
-        result += f", validation mAP {final['validation_map']:.3f} (initialisation {history[0]['validation_map']:.3f})"
+    if final["validation_map"] is not None:  # the best epoch is kept (ties: the later)
+        kept = max(history, key=lambda h: (h["validation_map"], h["epoch"]))
+        result += (f", epoch {kept['epoch']} kept: validation mAP {kept['validation_map']:.3f}, initialisation "
+                   f"{history[0]['validation_map']:.3f}")
     print(f"wrote {Path(args.output)}: {args.backbone}/{layer} + NetVLAD K={args.k} "
           f"({model.pooling.n_features_out:,} dimensions), {size} px, {args.loss} loss, {args.epochs} epochs "
           f"({result}) from {len(paths) - len(skipped)} images"
