@@ -18,6 +18,7 @@ deep metric learning", CVPR 2019.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -202,17 +203,9 @@ def _save_atomically(state, path):
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def train_on_images(model, dataset, *, loss="triplet", epochs=5, lr=1e-4, optimizer="adam", weight_decay=0.0,

@@ -195,14 +195,15 @@ class ImageGroupsDataset(torch.utils.data.Dataset):
         self._images, self.paths = stored, paths
         self.sources = np.asarray(sources, dtype=np.intp)
         if pairs is not None:
-            labels = pair_groups(len(images), pairs)[self.sources]
+            labels = pair_groups(len(images), pairs)[self.sources].tolist()
         elif groups is not None:
-            labels = np.asarray([groups[i] for i in self.sources], dtype=object)
+            labels = [groups[i] for i in self.sources]
         else:
-            labels = self.sources
-        _, ids = np.unique(np.asarray(labels).astype(str) if np.asarray(labels).dtype == object else labels,
-                           return_inverse=True)
-        self.groups = ids.astype(np.intp).reshape(-1)
+            labels = self.sources.tolist()
+        # Group ids 0..G-1 in order of first appearance (labels may be any hashables).
+        numbers_of = {}
+        self.groups = np.asarray([numbers_of.setdefault(label, len(numbers_of)) for label in labels],
+                                 dtype=np.intp)
         self._mean = np.asarray(IMAGENET_MEAN, np.float32) * 255
         self._std = np.asarray(IMAGENET_STD, np.float32) * 255
 

@@ -156,8 +156,8 @@ class HardNegativeMiner:
     random_state : int, default=0
         Seed of the negative pools.
 
-    Attributes (after :meth:`refresh`)
-    ----------------------------------
+    Attributes
+    ----------
     vectors_ : ndarray (n, d) float32
         The cache.
     groups_ : ndarray (n,) of int
