@@ -18,17 +18,15 @@ deep metric learning", CVPR 2019.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._util.io import atomic_output
 from .images import ImageGroupsDataset
 from .layer import NetVLAD
 from .mining import LOSSES, HardNegativeMiner
@@ -191,21 +189,12 @@ def _write(text):
 
 
 def _save_atomically(state, path):
-    """torch.save into a temporary file beside ``path``, then rename it over ``path``: a
-    crash while writing leaves the previous checkpoint whole."""
+    """torch.save through :func:`vladkit._util.io.atomic_output`: a crash while writing
+    leaves the previous checkpoint whole, and the file gets the umask's mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    with atomic_output(path) as stream:
+        torch.save(state, stream)
 
 
 def train_on_images(model, dataset, *, loss="triplet", epochs=5, lr=1e-4, optimizer="adam", weight_decay=0.0,

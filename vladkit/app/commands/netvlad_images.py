@@ -122,7 +122,7 @@ def cmd_netvlad_train_images(args):
     from ..errors import CommandError
 
     try:
-        import torch  # noqa: F401
+        import torch
         from ...netvlad import BACKBONES, build_backbone
         from ...netvlad.image_training import init_netvlad_from_images, save_image_model, train_on_images
         from ...netvlad.images import ImageGroupsDataset
@@ -173,8 +173,6 @@ def cmd_netvlad_train_images(args):
     n_threads = effective_n_jobs(args.jobs)
     seed = args.seed
     try:
-        import torch
-
         torch.manual_seed(seed)  # the backbone's random weights, reproducibly
         backbone = build_backbone(args.backbone, layer=args.layer, weights=args.weights)
         model = init_netvlad_from_images(backbone, training, args.k, n_images=min(500, len(training)),
@@ -203,7 +201,7 @@ def cmd_netvlad_train_images(args):
         result += (f", epoch {kept['epoch']} kept: validation mAP {kept['validation_map']:.3f}, initialisation "
                    f"{history[0]['validation_map']:.3f}")
     print(f"wrote {Path(args.output)}: {args.backbone}/{layer} + NetVLAD K={args.k} "
-          f"({model.pooling.n_features_out:,} dimensions), {size} px, {args.loss} loss, {args.epochs} epochs "
+          f"({model.pooling.n_features_out:,} dimensions), {size} px, {args.loss} loss, {args.epochs} epoch{'' if args.epochs == 1 else 's'} "
           f"({result}) from {len(paths) - len(skipped)} images"
           + (f" ({len(skipped)} skipped)" if skipped else "")
           + (f" and {copies} attacked copies each" if copies else f" in {len(set(labels))} folders")
