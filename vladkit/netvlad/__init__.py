@@ -28,9 +28,10 @@ from .layer import NetVLAD
 from .modules import GeM, ImageRetrievalModel, L2Normalize, PCAWhitening
 from .images import ImageGroupsDataset
 from .mining import HardNegativeMiner
-from .image_training import init_netvlad_from_images, train_on_images
+from .image_training import init_netvlad_from_images, load_image_model, save_image_model, train_on_images
 from .ports import model_from_pytorch_netvlad, netvlad_from_pytorch_netvlad
 
 __all__ = ["NetVLAD", "GeM", "PCAWhitening", "L2Normalize", "ImageRetrievalModel", "build_backbone",
            "BACKBONES", "netvlad_from_pytorch_netvlad", "model_from_pytorch_netvlad",
-           "ImageGroupsDataset", "HardNegativeMiner", "init_netvlad_from_images", "train_on_images"]
+           "ImageGroupsDataset", "HardNegativeMiner", "init_netvlad_from_images", "train_on_images",
+           "save_image_model", "load_image_model"]

@@ -327,7 +327,7 @@ def train_on_images(model, dataset, *, loss="triplet", epochs=5, lr=1e-4, optimi
             optim = torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
         first_epoch, step, history, best = 1, 0, None, None
         if resume and Path(checkpoint).is_file():
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             changed = {key: (state["options"].get(key), value) for key, value in options.items()
                        if state["options"].get(key) != value}
             if changed:
@@ -424,7 +424,7 @@ def load_image_model(path):
     ``layer``, ``n_clusters``, ``dim``, ``image_size``, ``metadata``)."""
     from .backbones import build_backbone
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
     if not isinstance(state, dict) or state.get("format") != _MODEL_FORMAT:
         raise ValueError(f"{path} is not a model written by vladkit netvlad train --backbone "
                          "(save_image_model)")

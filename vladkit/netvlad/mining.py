@@ -264,13 +264,18 @@ class HardNegativeMiner:
         hard_keys = np.fromiter(self.hard_.keys(), dtype=np.intp, count=len(self.hard_))
         hard = (np.stack([self.hard_[q] for q in hard_keys.tolist()]) if len(hard_keys)
                 else np.zeros((0, int(self.n_negatives)), np.intp))
-        return {"vectors": self.vectors_.copy(), "groups": self.groups_.copy(), "last_refresh": self.last_refresh_,
-                "hard_keys": hard_keys, "hard": hard, "rng": self.rng_.bit_generator.state}
+        # Tensors and plain Python values only: the checkpoint then loads with
+        # torch.load(weights_only=True), which runs no pickled code.
+        return {"vectors": torch.from_numpy(self.vectors_.copy()),
+                "groups": torch.from_numpy(np.asarray(self.groups_, np.int64).copy()),
+                "last_refresh": self.last_refresh_, "hard_keys": torch.from_numpy(hard_keys.astype(np.int64)),
+                "hard": torch.from_numpy(hard.astype(np.int64)), "rng": self.rng_.bit_generator.state}
 
     def load_state_dict(self, state):
         if not state:
             return self
         self.rng_ = np.random.default_rng()
         self.rng_.bit_generator.state = state["rng"]
-        self.hard_ = {int(q): np.asarray(v, np.intp) for q, v in zip(state["hard_keys"], state["hard"])}
-        return self.refresh(state["vectors"], state["groups"], state["last_refresh"])
+        keys, hard = np.asarray(state["hard_keys"]), np.asarray(state["hard"])
+        self.hard_ = {int(q): np.asarray(v, np.intp) for q, v in zip(keys, hard)}
+        return self.refresh(np.asarray(state["vectors"]), np.asarray(state["groups"], np.intp), state["last_refresh"])
