@@ -328,7 +328,7 @@ class BaseEncoder(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray (n_images, n_features_out_), float32
+        ndarray ``(n_images, n_features_out_)``, float32
         """
         check_is_fitted(self, "vocabulary_")
         sets = descriptor_sets(X)

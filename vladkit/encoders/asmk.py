@@ -15,7 +15,7 @@ Arithmetic as the reference package ``asmk`` (0.1.1): residuals summed in the
 descriptors' dtype, row after row; a component is a 1 bit when strictly positive. The
 MATLAB original (``gtolias/asmk``, Hamming embedding from yael) instead compares the
 image's *mean* descriptor of the word with a per-word, per-dimension median t_c learnt
-on training descriptors, bits [V(X_c) / |X_c| - t_c > 0] (t_c here the median of the
+on training descriptors, bits ``[V(X_c) / |X_c| - t_c > 0]`` (t_c here the median of the
 training residuals x - q_c; ``binarize="median"``; yael also rotates the descriptors by
 a random orthogonal matrix first, which is not done here). The package's plain signs are
 the default the comparisons are made with.
@@ -99,7 +99,7 @@ class ASMKEncoder(TransformerMixin, BaseEstimator):
         ASMK* (packed sign bits) rather than ASMK (float unit vectors).
     binarize : {"sign", "median"}, default="sign"
         ASMK*'s bits. "sign": b = [V(X_c) > 0] (the package ``asmk``). "median": the
-        MATLAB original's b = [V(X_c) / |X_c| > t_c], |X_c| the image's descriptors
+        MATLAB original's ``b = [V(X_c) / |X_c| > t_c]``, ``|X_c|`` the image's descriptors
         assigned to word c and t_c the per-dimension median of the residuals x - q_c of
         the training descriptors whose nearest word is c (learnt in :meth:`fit`, on at
         most ``max_descriptors`` of them; 0 for a word none is nearest to). Needs X in

@@ -32,7 +32,7 @@ class BoFEncoder(BaseEncoder):
     weights exp(-||x_i - c_k||^2 / (2 sigma^2)) over the ``n_neighbors`` nearest words,
     normalised to sum 1 per descriptor ("soft"; van Gemert et al. 2010). Then, in order:
 
-    1. ``tf_idf``: h_k *= idf_k = ln((1 + n) / (1 + df_k)) + 1, with df_k the number of the n
+    1. ``tf_idf``: ``h_k *= idf_k = ln((1 + n) / (1 + df_k)) + 1``, with df_k the number of the n
        training images in which word k occurs (scikit-learn's smoothed idf), counted on
        all of each image's descriptors (:class:`vladkit.ImageEncoder` counts them in a
        streaming pass over the whole images, not on its descriptor sample);

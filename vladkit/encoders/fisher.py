@@ -40,7 +40,7 @@ class FisherEncoder(BaseEncoder):
     Posteriors below 1e-6 are dropped and components with pi_k < 1e-6 give zero blocks
     (as VLFeat). Output [u_1 .. u_K, v_1 .. v_K], 2 K D values, then (optionally) K
     weight gradients w_k = 1 / (N sqrt(pi_k)) sum_i (q_ik - pi_k) (Sanchez et al. 2013).
-    Then ``power`` (sign(z) |z|^power) and ``l2`` (z / max(||z||, 1e-12)).
+    Then ``power`` (``sign(z) |z|^power``) and ``l2`` (``z / max(||z||, 1e-12)``).
 
     Parameters
     ----------

@@ -60,7 +60,7 @@ class MultiVocabulary(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X):
-        """(n_images, n_features_out_) float32: the scaled concatenation."""
+        """``(n_images, n_features_out_)`` float32: the scaled concatenation."""
         check_is_fitted(self, "encoders_")
         X = list(X)
         limits = [e._float32_limit for e in self.encoders_ if getattr(e, "_float32_limit", None)]

@@ -88,7 +88,7 @@ class SpatialPyramid(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray (n_images, n_features_out_), float32
+        ndarray ``(n_images, n_features_out_)``, float32
         """
         check_is_fitted(self, "encoder_")
         X = list(X)

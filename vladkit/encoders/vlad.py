@@ -36,9 +36,9 @@ class VLADEncoder(BaseEncoder):
 
     1. v_k = sum_i q_ik (x_i - c_k)   [with ``normalize_mass``: v_k = sum_i q_ik x_i / m_k - c_k,
        m_k = sum_i q_ik; a word with m_k = 0 keeps v_k = 0]
-    2. ``power``: v = sign(v) |v|^power (0.5: signed square root)
-    3. ``intra_norm``: v_k = v_k / max(||v_k||, 1e-12) per word (Arandjelovic & Zisserman 2013)
-    4. ``l2``: v = v / max(||v||, 1e-12)
+    2. ``power``: ``v = sign(v) |v|^power`` (0.5: signed square root)
+    3. ``intra_norm``: ``v_k = v_k / max(||v_k||, 1e-12)`` per word (Arandjelovic & Zisserman 2013)
+    4. ``l2``: ``v = v / max(||v||, 1e-12)``
 
     The output is [v_1, ..., v_K], K * D values (D after the vocabulary's PCA, if any).
 

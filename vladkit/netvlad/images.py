@@ -4,7 +4,7 @@ r"""Images as weakly supervised groups, for training a whole network (backbone +
 working resolution and gives ``(image tensor, group id, index)`` items. The groups say
 which images show the same thing, nothing more (the weak supervision of Arandjelović et
 al.): the folders' labels, an unlabelled photo with its attacked copies (Copydays-style
-crops, JPEG, rotation, scaling, blur, contrast: :func:`vladkit.datasets.attacked_copies`),
+crops, JPEG, rotation, scaling, blur, contrast: :func:`vladkit.datasets.near_duplicates.attacked_copies`),
 or the connected components of a list of positive pairs.
 
 References
@@ -95,7 +95,7 @@ class ImageGroupsDataset(torch.utils.data.Dataset):
     Images are read once (unreadable ones are reported and skipped, see ``on_skipped``) and
     kept in memory as uint8 RGB, resized to *cover* the working size (aspect ratio kept):
     about 3 H W bytes per item. Attacked copies are made once, when the dataset is built,
-    reproducibly from ``(seed, index)`` (:func:`vladkit.datasets.attacked_copies`), and
+    reproducibly from ``(seed, index)`` (:func:`vladkit.datasets.near_duplicates.attacked_copies`), and
     cached the same way.
 
     Without augmentation an item is the centre (H, W) window. With ``augment=True``

@@ -140,7 +140,7 @@ class HardNegativeMiner:
       negatives the query had last time (remembered across refreshes);
 
     then the loss is computed on fresh vectors of the tuple :math:`(q, p^*, n_1..n_k)`
-    (:meth:`loss`). The cache is stale between refreshes, which the paper accepts for
+    (:meth:`loss_value`). The cache is stale between refreshes, which the paper accepts for
     speed; ``refresh_every`` steps bounds how stale.
 
     Parameters

@@ -140,7 +140,7 @@ class ImageEncoder(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray (n_images, n_features_out_), float32
+        ndarray ``(n_images, n_features_out_)``, float32
         """
         check_is_fitted(self, "encoder_")
         images = _check_images(X)

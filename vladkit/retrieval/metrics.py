@@ -156,7 +156,7 @@ def _query_ranks(rankings, ground_truth, exclude_query, top=None):
 def mean_average_precision(rankings, ground_truth, exclude_query=True, top=None):
     """Mean over the ground truth's queries of their :func:`average_precision`.
 
-        mAP = (1 / |Q|) sum_{q in Q} AP(ranking_q, positives_q, ignore_q [+ q])
+        ``mAP = (1 / |Q|) sum_{q in Q} AP(ranking_q, positives_q, ignore_q [+ q])``
 
     Parameters
     ----------
@@ -216,7 +216,7 @@ def _check_ks(k):
 def recall_at_k(rankings, ground_truth, k=(1, 5, 10), exclude_query=True, top=None):
     """Fraction of queries with at least one positive in their top k, for each k.
 
-        recall@k = (1 / |Q|) sum_{q in Q} [ min_j r_{q,j} < k ]
+        ``recall@k = (1 / |Q|) sum_{q in Q} [ min_j r_{q,j} < k ]``
 
     with r_{q,j} the 0-based ranks of query q's positives once its ignored ids (and, with
     ``exclude_query``, itself) are removed from its ranking. This is the place-recognition

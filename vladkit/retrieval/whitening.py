@@ -96,7 +96,7 @@ class PCAWhitening(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         The matrix applied: ``diag(lambda + eps)^(-1/2) P`` (``P`` when not whitening).
     n_components_ : int
     n_features_in_ : int
-    feature_names_in_ : (n_features_in_,) ndarray of str
+    feature_names_in_ : ``(n_features_in_,)`` ndarray of str
         The column names, when fitted on a DataFrame whose column names are all strings.
 
     References
