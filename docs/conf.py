@@ -243,7 +243,36 @@ def _skip_foreign_members(app, what, name, obj, skip, options):
     return None
 
 
+# A public constant re-exported by a package (``vladkit.netvlad.BACKBONES``) has its ``#:``
+# doc comment where it is defined (``vladkit/netvlad/backbones.py``): use that one.
+def _data_doc_from_definition(app, what, name, obj, options, lines):
+    if what not in ("data", "attribute"):
+        return
+    import inspect
+
+    own = [line for line in lines if line.strip() and not line.lstrip().startswith("..")]
+    inherited = inspect.cleandoc(type(obj).__doc__ or "")   # dict's, str's: not the constant's
+    if own and "\n".join(own).strip() != "\n".join(
+            line for line in inherited.splitlines() if line.strip()).strip():
+        return
+    from sphinx.pycode import ModuleAnalyzer
+
+    package, _, attr = name.rpartition(".")
+    for module_name, module in sorted(sys.modules.items()):
+        if not module_name.startswith(package + ".") or getattr(module, attr, None) is not obj:
+            continue
+        try:
+            docs = ModuleAnalyzer.for_module(module_name).find_attr_docs()
+        except Exception:  # noqa: BLE001 - a module without source: nothing to read
+            continue
+        if ("", attr) in docs:
+            lines[:] = list(docs[("", attr)])
+            return
+
+
 def setup(app):
+    # Before numpydoc's own handler (priority 500), which then formats the comment.
+    app.connect("autodoc-process-docstring", _data_doc_from_definition, priority=400)
     app.connect("missing-reference", _resolve_public)
     app.connect("missing-reference", _internal_as_code, priority=900)
     app.connect("autodoc-skip-member", _skip_foreign_members)
