@@ -9,7 +9,7 @@ aggregated into Fisher vectors), so it slots into a scikit-learn
 The data ship with the installed packages, nothing is downloaded: eight sample photos (three of them grey textures) of
 scikit-image and scikit-learn (:func:`vladkit.datasets.demo_photos`) each make one class.
 Training images are random crops of the photo (30-70% of its area, rescaled); test images
-are *attacked copies* of it (:func:`vladkit.datasets.attacked_copies`: a crop, JPEG at
+are *attacked copies* of it (:func:`vladkit.datasets.near_duplicates.attacked_copies`: a crop, JPEG at
 quality 8, a rotation, a downscale, a blur, a contrast change, a combination), which the
 classifier never saw.
 """
