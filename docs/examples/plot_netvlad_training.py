@@ -80,7 +80,7 @@ if HAVE_TORCH:
 # The training loss falls towards zero as the margin is met for more and more training
 # queries. The validation mAP of held-out photos does not follow it here: on frozen
 # RootSIFT of 18 training photos the k-means initialisation is already as good as the
-# trained layer (the README's NetVLAD section measures the same on 15-Scene), and
+# trained layer (the user guide's NetVLAD page measures the same on 15-Scene), and
 # ``keep_best=True`` returns the epoch of the best validation mAP.
 
 if HAVE_TORCH:

@@ -13,7 +13,7 @@ with Bag-of-Features, VLAD and Fisher vectors on sparse RootSIFT, and indexes th
 * and product-quantized after the PCA (``VectorIndex("pq", pq="MxB")``: M bytes).
 
 It is a reduced version of ``vladkit demo`` (photos at 320 pixels, smaller vocabularies),
-so that it runs in under a minute on 2 cores; the demo's full table is in the README.
+so that it runs in under a minute on 2 cores; the demo's full table is in the user guide (Install and first steps).
 """
 
 # %%
@@ -101,7 +101,7 @@ print(f"total {time.perf_counter() - start_all:.1f} s")
 # Uncompressed, Fisher vectors and VLAD lead BoF. PCA-whitening to 128 dimensions and a
 # product quantizer shrink them 512-fold (16 KB to 32 bytes) at the cost of a good part of
 # their mAP; at 8 bytes the three are close. On 161 queries, differences of a few points
-# are noise, and the learning set here is small (a few hundred images): the README's
+# are noise, and the learning set here is small (a few hundred images): the user guide's
 # ``vladkit demo`` table, with larger vocabularies and learning set, is the reference.
 
 fig, axis = plt.subplots(figsize=(7, 4.2))
