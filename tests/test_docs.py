@@ -72,11 +72,7 @@ def test_api_reference_names_exist():
 # --- the user guide's code -----------------------------------------------------------------
 
 #: Pages whose Python blocks are not run, and why (each needs what a test cannot have).
-SKIPPED_PAGES = {
-    "scale.md": "connects to a Dask scheduler at tcp://10.0.0.1:8786",
-    "retrieval.md": "uses the reader's own encodings (X_learn, X_database, ...) and a 4096-word "
-                    "vocabulary on 500,000 descriptors",
-}
+SKIPPED_PAGES = {}
 
 
 def _python_blocks(page):
