@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .._util.io import atomic_output
+from ..datasets.near_duplicates import _positive_int
 from .images import ImageGroupsDataset
 from .layer import NetVLAD
 from .mining import LOSSES, HardNegativeMiner
@@ -39,12 +40,6 @@ __all__ = ["calibrate_batchnorm", "embed_dataset", "init_netvlad_from_images", "
 
 _CHECKPOINT_FORMAT = "vladkit.train_on_images/1"
 _MODEL_FORMAT = "vladkit.netvlad.image_model/1"
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 @torch.no_grad()
